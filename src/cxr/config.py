@@ -1,0 +1,118 @@
+"""One typed training configuration; defaults follow the CheXNet-style method."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cxr.errors import ConfigError
+
+NORMALIZATIONS = ("imagenet", "sample")
+
+
+@dataclass
+class TrainConfig:
+    # Input
+    image_size: int = 224
+    normalization: str = "imagenet"  # ImageNet mean/std, or "sample": each image to mean 0 / std 1
+    scale_min: float = 1.0  # random scaling before the centre crop (training only)
+    scale_max: float = 1.15
+    hflip: bool = True
+    # Model
+    weights: str = "imagenet"  # "imagenet", "none", or a local weights file / bundle
+    # Optimisation
+    batch_size: int = 16
+    lr: float = 0.01
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    lr_factor: float = 0.1  # ReduceLROnPlateau on validation loss
+    plateau_patience: int = 1
+    max_epochs: int = 20
+    max_plateaus: int = 3  # stop once the lr has been divided this many times and plateaus again
+    # Runtime
+    seed: int = 0
+    device: str = "auto"  # "auto": CUDA when present, else CPU
+    amp: bool = True  # mixed precision, on CUDA only
+    workers: int = 2
+    channels_last: bool = True  # on CUDA only
+    compile: bool = False
+    drop_missing: bool = False
+    check_images: bool = True  # decode every image once before training starts
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> TrainConfig:
+        if self.normalization not in NORMALIZATIONS:
+            raise ConfigError(
+                f"normalization must be one of {', '.join(NORMALIZATIONS)}, "
+                f"not {self.normalization!r}"
+            )
+        if self.image_size < 32:
+            raise ConfigError(f"image_size must be at least 32 pixels, not {self.image_size}")
+        if not 0 < self.scale_min <= self.scale_max:
+            raise ConfigError("need 0 < scale_min <= scale_max")
+        for name in ("batch_size", "max_epochs"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1")
+        if self.lr <= 0:
+            raise ConfigError("lr must be positive")
+        if self.workers < 0:
+            raise ConfigError("workers must be >= 0")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], *, source: str = "config") -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"{source}: unknown setting(s) {', '.join(unknown)}")
+        defaults = cls()
+        converted = {}
+        for key, value in values.items():
+            default = getattr(defaults, key)
+            if isinstance(default, bool) and not isinstance(value, bool):
+                raise ConfigError(f"{source}: {key} must be true or false, not {value!r}")
+            if isinstance(default, (int, float)) and not isinstance(default, bool):
+                try:
+                    value = type(default)(value)
+                except (TypeError, ValueError):
+                    raise ConfigError(f"{source}: {key} must be a number, not {value!r}") from None
+            converted[key] = value
+        return cls(**converted).validate()
+
+    def updated(self, **overrides: Any) -> TrainConfig:
+        values = self.to_dict()
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return TrainConfig.from_dict(values, source="options")
+
+
+def load_config(path: str | Path) -> TrainConfig:
+    """Read a JSON or TOML config file (keys are TrainConfig's fields)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file ({exc.strerror or exc})") from None
+    try:
+        if path.suffix.lower() == ".toml":
+            if sys.version_info >= (3, 11):
+                import tomllib
+            else:  # pragma: no cover
+                import tomli as tomllib
+            values = tomllib.loads(text)
+        else:
+            values = json.loads(text)
+    except Exception as exc:
+        raise ConfigError(
+            f"{path}: not valid {path.suffix.lstrip('.') or 'JSON'} ({exc})"
+        ) from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a table of settings")
+    values = values.get("train", values)
+    return TrainConfig.from_dict(values, source=str(path))

@@ -1,0 +1,1 @@
+"""Data layer: NIH tables, images, splits, synthetic data, datasets."""

@@ -1,0 +1,33 @@
+"""Typed errors. Library code raises these; the CLI turns them into messages and exit codes."""
+
+
+class CxrError(Exception):
+    """Base class: a problem the user can fix, with a message that says what and where."""
+
+
+class DataError(CxrError):
+    """A table, split or dataset is malformed or inconsistent."""
+
+
+class ImageError(CxrError):
+    """An image file cannot be read or decoded."""
+
+
+class LeakageError(DataError):
+    """A patient appears in more than one split."""
+
+    def __init__(self, message: str, shared: dict | None = None):
+        super().__init__(message)
+        self.shared = shared or {}
+
+
+class ModelError(CxrError):
+    """Weights or a model bundle cannot be loaded."""
+
+
+class CacheError(CxrError):
+    """A preprocessed image cache is missing, stale, truncated or foreign."""
+
+
+class ConfigError(CxrError):
+    """A configuration file or option is invalid."""
