@@ -24,7 +24,8 @@ SAMPLE_IMAGES = NIH_DIR / "images"
 def shared_data() -> Path:
     """The real-data folder ``../shared/data`` (relative to the repository root)."""
     if not (SHARED_DATA / "README.md").is_file():
-        pytest.skip(f"real NIH test data not found at {SHARED_DATA}")
+        # CI lays ../shared beside the clone; a missing folder is a broken setup, not a skip.
+        pytest.fail(f"real NIH test data not found at {SHARED_DATA}")
     return SHARED_DATA
 
 

@@ -449,7 +449,9 @@ def test_csv_with_image_root(tmp_path, sample_csv, sample_images):
     data = load_nih(csv, image_root=sample_images)
     assert data.image_root == sample_images
     assert len(data.table) == 264
-    assert (data.table[PATH_COLUMN] == [str(sample_images / n) for n in data.table["Image Index"]]).all()
+    assert (
+        data.table[PATH_COLUMN] == [str(sample_images / n) for n in data.table["Image Index"]]
+    ).all()
 
 
 def test_csv_without_images_required(sample_csv):

@@ -233,7 +233,7 @@ def _draw_anatomy(rng: np.random.Generator) -> _Anatomy:
         heart_shift=float(rng.normal(0, 0.01)),
         lung_density=float(rng.uniform(0.2, 0.26)),
         texture=float(rng.uniform(0.05, 0.08)),
-        rib_density=float(rng.uniform(0.07, 0.11)),
+        rib_density=float(rng.uniform(0.05, 0.08)),
         rib_phase=float(rng.uniform(-0.01, 0.01)),
         gastric_bubble=bool(rng.random() < 0.6),
     )
@@ -262,7 +262,7 @@ def _lung_radius(a: _Anatomy, side: int, u: np.ndarray, v: np.ndarray) -> np.nda
     # Narrow apex, broad base; the lower half reaches below the dome so the diaphragm cuts it
     # where the lung is still wide, which makes sharp costophrenic angles.
     taper = 0.5 + 0.5 * np.sqrt(np.clip((v - top) / lb, 0.0, 1.0))
-    half_height = np.where(v < a.ly, lb, 1.45 * lb)
+    half_height = np.where(v < a.ly, np.float32(lb), np.float32(1.45 * lb))
     return np.sqrt(((u - lx) / (la * taper)) ** 2 + ((v - a.ly) / half_height) ** 2)
 
 
@@ -287,7 +287,7 @@ def _render_anatomy(a: _Anatomy, size: int, noise: _Noise) -> _Layers:
     spine = _ramp(np.abs(du) - 0.03 * a.sc, 3 * edge)
     vertebrae = 0.75 + 0.25 * np.cos(2 * np.pi * (v - a.ly) / (0.052 * a.sc))
     spine = body * spine * vertebrae
-    density = density + 0.1 * spine
+    density = density + 0.07 * spine
     mediastinum = _ramp(np.abs(du) - 0.07 * a.sc, 6 * edge) * _ramp(a.ly - 0.1 - v, 10 * edge)
     density = density + body * mediastinum * 0.06
 
@@ -314,13 +314,13 @@ def _render_anatomy(a: _Anatomy, size: int, noise: _Noise) -> _Layers:
     d = np.abs(du) / a.sc
     rib_curve = -0.75 * d + 1.9 * d**2
     thickness = max(0.015 * a.sc, 0.8 / size)
-    ribs = np.zeros((size, size), np.float32)
-    lateral = _ramp(d - 0.4, 0.02)
-    for k in range(10):
-        centre = a.ly - 0.28 * a.sc + a.rib_phase + k * 0.06 * a.sc
-        dist = np.abs(v - centre - rib_curve) / thickness
-        band = np.clip(1.0 - dist**2, 0.0, 1.0) * lateral
-        ribs += band * (d > 0.03)
+    lateral = _ramp(d - 0.4, 0.02) * (d > 0.03)
+    # Ten evenly spaced ribs: distance to the nearest one, in units of rib spacing.
+    spacing = 0.06 * a.sc
+    phase = (v - (a.ly - 0.28 * a.sc + a.rib_phase) - rib_curve) / spacing
+    nearest = np.clip(np.round(phase), 0, 9)
+    dist = np.abs(phase - nearest) * (spacing / thickness)
+    ribs = np.clip(1.0 - dist * dist, 0.0, 1.0) * lateral
     clavicle_dist = np.abs(v - (a.ly - 0.26 * a.sc) + 0.18 * d) / (1.2 * thickness)
     ribs += np.clip(1.0 - clavicle_dist**2, 0.0, 1.0) * _ramp(d - 0.3, 0.02) * (d > 0.02)
     ribs = ribs * body * a.rib_density * (0.35 + 0.65 * lung_any)
@@ -330,7 +330,7 @@ def _render_anatomy(a: _Anatomy, size: int, noise: _Noise) -> _Layers:
     hw, hh = a.heart_width, a.heart_height
     hx = a.cx + 0.15 * hw + a.heart_shift
     hy = a.dome[1] - 0.35 * hh
-    half = np.where(u < hx, 0.35 * hw, 0.65 * hw) * 1.0
+    half = np.where(u < hx, np.float32(0.35 * hw), np.float32(0.65 * hw))
     heart_r = np.sqrt(((u - hx) / half) ** 2 + ((v - hy) / hh) ** 2)
     heart = _ramp((heart_r - 1.0) * hh, 5 * edge)
     density = density * (1 - heart) + heart * (0.64 + 0.02 * noise.low) + 0.05 * spine
@@ -405,9 +405,9 @@ def _effusion(a, layers, size, rng):
     side = _side(rng)
     i = a.index(side)
     lateral_x = a.lung_x(side) + side * a.la[i]
-    level = a.dome[i] + a.dome_curve - float(rng.uniform(0.12, 0.2)) * a.sc
+    level = a.dome[i] + a.dome_curve - float(rng.uniform(0.15, 0.24)) * a.sc
     # Fluid climbs the lateral chest wall: a meniscus rising towards it.
-    surface = level + float(rng.uniform(0.05, 0.1)) * ((u - lateral_x) / a.la[i]) ** 2
+    surface = level + float(rng.uniform(0.04, 0.08)) * ((u - lateral_x) / a.la[i]) ** 2
     edge = max(1.5 / size, 0.006)
     space = _ramp((_lung_radius(a, side, u, v) - 1.06) * a.la[i], 2 * edge)
     fluid = _ramp(surface - v, 2 * edge) * space * (side * (u - a.cx) > 0.02)
@@ -427,8 +427,8 @@ def _infiltration(a, layers, size, rng):
         s = float(rng.uniform(0.015, 0.028)) * a.sc
         haze += float(rng.uniform(0.6, 1.0)) * _gauss(u, v, x, y, s, s * 1.2)
     patchy = 0.55 + 0.45 * np.clip(_smooth_noise(rng, size, 24), -1, 1)
-    haze = np.minimum(haze, 1.3) * patchy
-    amp = float(rng.uniform(0.2, 0.26))
+    haze = np.minimum(haze, 1.0) * patchy
+    amp = float(rng.uniform(0.28, 0.34))
     return layers.density + amp * haze * layers.lungs[i]
 
 
@@ -489,7 +489,7 @@ def _pneumothorax(a, layers, size, rng):
     lower = a.ly + float(rng.uniform(0.1, 0.35)) * a.lb[i]
     upper_part = _ramp(v - lower, 6 * edge)
     gap = layers.lungs[i] * _ramp((1.0 - collapsed) * a.la[i], edge) * upper_part
-    density = layers.density - gap * (layers.texture + 0.5 * layers.ribs + 0.07)
+    density = layers.density - gap * (layers.texture + 0.5 * layers.ribs + float(rng.uniform(0.09, 0.12)))
     line_width = max(0.004, 0.9 / size)
     line = np.clip(1 - (np.abs(collapsed - 1.0) * a.la[i] * shrink / line_width) ** 2, 0, 1)
     line = line * layers.lungs[i] * upper_part
@@ -560,7 +560,7 @@ def _fibrosis(a, layers, size, rng):
         gy, gx = np.gradient(field)
         dist = np.abs(field) / (np.sqrt(gx * gx + gy * gy) + 1e-6)
         net = np.maximum(net, np.clip(1 - dist / (2 * half_width), 0, 1))
-    amp = float(rng.uniform(0.28, 0.36))
+    amp = float(rng.uniform(0.34, 0.42))
     return layers.density + amp * net * zone * layers.lungs[i]
 
 

@@ -1,239 +1,23 @@
-"""The ``cxr`` command. Thin: it parses options, calls library code and renders results."""
+"""``cxr train``, ``cxr evaluate`` and ``cxr demo``."""
 
 from __future__ import annotations
 
-import json
-import sys
-from collections.abc import Callable
-from functools import wraps
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
 
+from cxr.cli.common import app, console, friendly_errors, progress_bar, warn
 from cxr.config import TrainConfig
-from cxr.errors import CxrError, LeakageError
-
-app = typer.Typer(
-    help="Chest X-ray diagnosis on NIH ChestX-ray14: data, training, evaluation, explanation.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-)
-data_app = typer.Typer(help="NIH tables: statistics, patient-level splits, synthetic data.")
-app.add_typer(data_app, name="data")
-
-console = Console()
-err_console = Console(stderr=True)
-
-
-def friendly_errors(func: Callable) -> Callable:
-    """Turn the library's typed errors into one readable line and an exit status."""
-
-    @wraps(func)
-    def wrapper(*args, **kwargs):
-        try:
-            return func(*args, **kwargs)
-        # Messages are escaped (a CSV header like 'OriginalImagePixelSpacing[x,y]' or a label
-        # '[bold]' is text, not rich markup) and never wrapped (paths stay whole).
-        except LeakageError as exc:
-            err_console.print(
-                f"[bold red]leakage:[/] {escape(str(exc))}", highlight=False, soft_wrap=True
-            )
-            raise typer.Exit(3) from None
-        except CxrError as exc:
-            err_console.print(
-                f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True
-            )
-            raise typer.Exit(2) from None
-        except KeyboardInterrupt:
-            err_console.print("[yellow]interrupted[/]")
-            raise typer.Exit(130) from None
-
-    return wrapper
-
-
-def warn(message: str) -> None:
-    err_console.print(f"[yellow]warning:[/] {message}", highlight=False)
-
-
-# ---------------------------------------------------------------------------- data
-
-
-@data_app.command("stats")
-@friendly_errors
-def data_stats(
-    data: Annotated[Path, typer.Argument(help="NIH folder, or a Data_Entry CSV (.csv/.csv.gz).")],
-    as_json: Annotated[bool, typer.Option("--json", help="Print the numbers as JSON.")] = False,
-):
-    """Images, patients, views, sex, age and per-label counts and prevalences."""
-    from cxr.data.nih import dataset_stats, find_table, read_table
-
-    table_path = find_table(data)
-    stats = dataset_stats(read_table(table_path))
-    if as_json:
-        sys.stdout.write(json.dumps(stats, indent=2) + "\n")
-        return
-    console.print(f"[bold]{escape(str(table_path))}[/]", soft_wrap=True)
-    console.print(f"images: {stats['images']:,}   patients: {stats['patients']:,}")
-    if "views" in stats:
-        console.print("views: " + ", ".join(f"{k} {v:,}" for k, v in stats["views"].items()))
-    if "sex" in stats:
-        console.print("sex: " + ", ".join(f"{k} {v:,}" for k, v in stats["sex"].items()))
-    if "age_years" in stats:
-        age = stats["age_years"]
-        console.print(f"age (years): {age['min']:g} to {age['max']:g}, median {age['median']:g}")
-    table = Table("label", "images", "prevalence")
-    for name, entry in sorted(stats["labels"].items(), key=lambda kv: -kv[1]["count"]):
-        table.add_row(name, f"{entry['count']:,}", f"{entry['prevalence']:.2%}")
-    console.print(table)
-
-
-def _split_table(split) -> Table:
-    from cxr.labels import PATHOLOGIES
-
-    summary = split.summary()
-    table = Table("set", "images", "patients", *[name[:12] for name in PATHOLOGIES])
-    for set_name, row in summary.iterrows():
-        table.add_row(
-            str(set_name),
-            f"{int(row['images']):,}",
-            f"{int(row['patients']):,}",
-            *[f"{int(row[name]):,}" for name in PATHOLOGIES],
-        )
-    return table
-
-
-@data_app.command("split")
-@friendly_errors
-def data_split(
-    data: Annotated[Path, typer.Argument(help="NIH folder, or a Data_Entry CSV.")],
-    out: Annotated[Path, typer.Option("--out", help="Folder for train.csv, val.csv, test.csv.")],
-    val_patients: Annotated[int | None, typer.Option(help="Validation patients (1672).")] = None,
-    test_patients: Annotated[int | None, typer.Option(help="Test patients (389).")] = None,
-    val_fraction: Annotated[float | None, typer.Option(help="Fraction of patients.")] = None,
-    test_fraction: Annotated[float | None, typer.Option(help="Fraction of patients.")] = None,
-    seed: Annotated[int, typer.Option(help="Seed; the same seed gives the same split.")] = 0,
-    official: Annotated[
-        bool, typer.Option("--official", help="Use NIH's train_val_list / test_list.")
-    ] = False,
-    official_lists: Annotated[
-        Path | None, typer.Option(help="Folder with train_val_list.txt and test_list.txt.")
-    ] = None,
-    drop_missing: Annotated[
-        bool, typer.Option("--drop-missing", help="Drop listed images not found on disk.")
-    ] = False,
-):
-    """Patient-level split with no patient in two sets (or NIH's official lists)."""
-    from cxr.data.split import find_official_lists, split_by_patients, split_official, write_split
-
-    nih = _load_for_split(data, drop_missing)
-    if official or official_lists:
-        search = [official_lists] if official_lists else [nih.table_path.parent, Path(data)]
-        lists = find_official_lists(search)
-        split = split_official(
-            nih.table, lists, val_patients=val_patients, val_fraction=val_fraction, seed=seed
-        )
-    else:
-        split = split_by_patients(
-            nih.table,
-            val_patients=val_patients,
-            test_patients=test_patients,
-            val_fraction=val_fraction,
-            test_fraction=test_fraction,
-            seed=seed,
-        )
-    paths = write_split(split, out)
-    console.print(_split_table(split))
-    console.print(f"no patient in two sets; wrote {', '.join(str(p) for p in paths.values())}")
-
-
-def _load_for_split(data: Path, drop_missing: bool):
-    from cxr.data.nih import load_nih
-
-    # A CSV alone is enough to split; a folder promises images, so they are checked.
-    nih = load_nih(data, require_images=Path(data).is_dir(), drop_missing=drop_missing)
-    if nih.dropped_missing:
-        shown = ", ".join(nih.dropped_missing[:5])
-        warn(f"dropped {len(nih.dropped_missing):,} image(s) not found on disk (first: {shown})")
-    if "path" in nih.table.columns:
-        # Split files stay portable: images are found again from the data folder.
-        nih.table = nih.table.drop(columns=["path"])
-    return nih
-
-
-@data_app.command("check-split")
-@friendly_errors
-def data_check_split(
-    split_dir: Annotated[Path, typer.Argument(help="Folder with train.csv, val.csv, test.csv.")],
-):
-    """Exit non-zero, naming the shared patients, if a patient is in two sets."""
-    from cxr.data.split import check_split, read_split
-
-    frames = read_split(split_dir)
-    check_split(frames)
-    sizes = ", ".join(f"{name} {len(frame):,} images" for name, frame in frames.items())
-    console.print(f"[green]ok[/]: no patient in two sets ({sizes})")
-
-
-@data_app.command("synth")
-@friendly_errors
-def data_synth(
-    out: Annotated[Path, typer.Option("--out", help="Folder to write the dataset into.")],
-    patients: Annotated[int, typer.Option(help="Number of synthetic patients.")] = 400,
-    image_size: Annotated[int, typer.Option(help="Image width and height in pixels.")] = 256,
-    seed: Annotated[int, typer.Option(help="Seed; the same seed gives the same files.")] = 0,
-):
-    """Write a SYNTHETIC dataset in NIH's layout (tables, images, boxes, official lists)."""
-    from cxr.data.synthetic import write_synthetic_dataset
-
-    with _progress() as progress:
-        task = progress.add_task("generating synthetic images", total=None, status="")
-        summary = write_synthetic_dataset(
-            out,
-            patients=patients,
-            image_size=image_size,
-            seed=seed,
-            progress=lambda done, total: progress.update(task, completed=done, total=total),
-        )
-    console.print(
-        f"wrote SYNTHETIC dataset (not NIH data): {summary.images:,} images of "
-        f"{summary.patients:,} patients, {summary.boxes:,} boxes, {image_size} px -> {out}"
-    )
-
-
-def _progress():
-    """A rich progress bar; each task carries a free-text ``status`` (loss, images/s)."""
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    return Progress(
-        TextColumn("[progress.description]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        TextColumn("{task.fields[status]}"),
-        console=err_console,
-    )
-
-
-# ---------------------------------------------------------------------------- train
+from cxr.errors import CxrError
 
 
 class RichTrainCallbacks:
     """Progress bar per epoch (loss, images/s) and a summary line per epoch."""
 
     def __init__(self, quiet: bool = False):
-        self.progress = _progress()
+        self.progress = progress_bar()
         self.task = None
         self.quiet = quiet
 
@@ -327,6 +111,29 @@ def train(
     from cxr.train import train_run
 
     if resume is not None:
+        # A resumed run keeps its method; only when and where it runs may change.
+        runtime = dict(
+            max_epochs=max_epochs,
+            max_plateaus=max_plateaus,
+            workers=workers,
+            device=device,
+            amp=amp,
+            compile=compile,
+        )
+        changed = {k: v for k, v in runtime.items() if v is not None}
+        fixed = [k for k, v in dict(image_size=image_size, lr=lr, weights=weights).items() if v]
+        if fixed or data is not None or split is not None or config is not None:
+            raise CxrError(
+                "--resume continues a run with its own data, split and method; only "
+                "--max-epochs, --max-plateaus, --workers, --device, --amp and --compile apply"
+            )
+        if changed:
+            from cxr.run import RunFolder
+
+            run_folder = RunFolder(resume).require()
+            run_folder.write_json(
+                run_folder.config, run_folder.load_config().updated(**changed).to_dict()
+            )
         with RichTrainCallbacks() as callbacks:
             state = train_run(resume, resume=True, callbacks=callbacks)
         _print_train_end(resume, state)
@@ -446,7 +253,7 @@ def evaluate(
 def _evaluate_with_progress(run, split, device, batch_size, workers) -> dict:
     from cxr.evaluate import evaluate_run
 
-    with _progress() as progress:
+    with progress_bar() as progress:
         task = progress.add_task(f"evaluating {split}", total=None, status="")
         result = evaluate_run(
             run,
@@ -457,3 +264,47 @@ def _evaluate_with_progress(run, split, device, batch_size, workers) -> dict:
             on_batch=lambda n: progress.advance(task, n),
         )
     return result
+
+
+# ---------------------------------------------------------------------------- demo
+
+
+@app.command("demo")
+@friendly_errors
+def demo(
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Folder for the demo (default: a new one).")
+    ] = None,
+    quick: Annotated[bool, typer.Option("--quick", help="A smoke run in under 2 minutes.")] = False,
+):
+    """Synthetic data -> patient split -> train from scratch -> evaluate, all offline on CPU."""
+    import time
+
+    from cxr.demo import run_demo
+
+    if out is None:
+        out = Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
+    if out.exists() and any(out.iterdir()):
+        raise CxrError(f"{out}: already exists and is not empty; choose another --out")
+    started = time.perf_counter()
+    console.print(
+        "[bold]cxr demo[/]: the data below is SYNTHETIC (generated chest-like images), "
+        "not NIH ChestX-ray14."
+    )
+    with RichTrainCallbacks() as callbacks:
+        synth_task = callbacks.progress.add_task("synthetic images", total=None, status="")
+        result = run_demo(
+            out,
+            quick=quick,
+            callbacks=callbacks,
+            on_stage=lambda text: callbacks.progress.console.print(f"[bold]>[/] {text}"),
+            on_synth_progress=lambda done, total: callbacks.progress.update(
+                synth_task, completed=done, total=total
+            ),
+        )
+    evaluation = result["evaluation"]
+    console.print(auroc_table(evaluation, f"SYNTHETIC test split: {evaluation['images']:,} images"))
+    console.print(
+        f"mean test AUROC {evaluation['auroc_mean']:.3f} in {time.perf_counter() - started:.0f} s"
+        f"; run folder: {result['run']}"
+    )

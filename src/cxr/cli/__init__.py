@@ -1,0 +1,9 @@
+"""The ``cxr`` command. Thin: it parses options, calls library code and renders results.
+
+Each area's commands live in their own module and register on the shared typer app.
+"""
+
+from cxr.cli import data, train  # noqa: F401  (registers the commands)
+from cxr.cli.common import app
+
+__all__ = ["app"]

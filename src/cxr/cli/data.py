@@ -1,0 +1,156 @@
+"""``cxr data ...``: statistics, patient-level splits, leakage check, synthetic data."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from cxr.cli.common import console, data_app, friendly_errors, progress_bar, warn
+
+
+@data_app.command("stats")
+@friendly_errors
+def data_stats(
+    data: Annotated[Path, typer.Argument(help="NIH folder, or a Data_Entry CSV (.csv/.csv.gz).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the numbers as JSON.")] = False,
+):
+    """Images, patients, views, sex, age and per-label counts and prevalences."""
+    from cxr.data.nih import dataset_stats, find_table, read_table
+
+    table_path = find_table(data)
+    stats = dataset_stats(read_table(table_path))
+    if as_json:
+        sys.stdout.write(json.dumps(stats, indent=2) + "\n")
+        return
+    console.print(f"[bold]{escape(str(table_path))}[/]", soft_wrap=True)
+    console.print(f"images: {stats['images']:,}   patients: {stats['patients']:,}")
+    if "views" in stats:
+        console.print("views: " + ", ".join(f"{k} {v:,}" for k, v in stats["views"].items()))
+    if "sex" in stats:
+        console.print("sex: " + ", ".join(f"{k} {v:,}" for k, v in stats["sex"].items()))
+    if "age_years" in stats:
+        age = stats["age_years"]
+        console.print(f"age (years): {age['min']:g} to {age['max']:g}, median {age['median']:g}")
+    table = Table("label", "images", "prevalence")
+    for name, entry in sorted(stats["labels"].items(), key=lambda kv: -kv[1]["count"]):
+        table.add_row(name, f"{entry['count']:,}", f"{entry['prevalence']:.2%}")
+    console.print(table)
+
+
+def _split_table(split) -> Table:
+    from cxr.labels import PATHOLOGIES
+
+    summary = split.summary()
+    table = Table("set", "images", "patients", *[name[:12] for name in PATHOLOGIES])
+    for set_name, row in summary.iterrows():
+        table.add_row(
+            str(set_name),
+            f"{int(row['images']):,}",
+            f"{int(row['patients']):,}",
+            *[f"{int(row[name]):,}" for name in PATHOLOGIES],
+        )
+    return table
+
+
+@data_app.command("split")
+@friendly_errors
+def data_split(
+    data: Annotated[Path, typer.Argument(help="NIH folder, or a Data_Entry CSV.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder for train.csv, val.csv, test.csv.")],
+    val_patients: Annotated[int | None, typer.Option(help="Validation patients (1672).")] = None,
+    test_patients: Annotated[int | None, typer.Option(help="Test patients (389).")] = None,
+    val_fraction: Annotated[float | None, typer.Option(help="Fraction of patients.")] = None,
+    test_fraction: Annotated[float | None, typer.Option(help="Fraction of patients.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed; the same seed gives the same split.")] = 0,
+    official: Annotated[
+        bool, typer.Option("--official", help="Use NIH's train_val_list / test_list.")
+    ] = False,
+    official_lists: Annotated[
+        Path | None, typer.Option(help="Folder with train_val_list.txt and test_list.txt.")
+    ] = None,
+    drop_missing: Annotated[
+        bool, typer.Option("--drop-missing", help="Drop listed images not found on disk.")
+    ] = False,
+):
+    """Patient-level split with no patient in two sets (or NIH's official lists)."""
+    from cxr.data.split import find_official_lists, split_by_patients, split_official, write_split
+
+    nih = _load_for_split(data, drop_missing)
+    if official or official_lists:
+        search = [official_lists] if official_lists else [nih.table_path.parent, Path(data)]
+        lists = find_official_lists(search)
+        split = split_official(
+            nih.table, lists, val_patients=val_patients, val_fraction=val_fraction, seed=seed
+        )
+    else:
+        split = split_by_patients(
+            nih.table,
+            val_patients=val_patients,
+            test_patients=test_patients,
+            val_fraction=val_fraction,
+            test_fraction=test_fraction,
+            seed=seed,
+        )
+    paths = write_split(split, out)
+    console.print(_split_table(split))
+    console.print(f"no patient in two sets; wrote {', '.join(str(p) for p in paths.values())}")
+
+
+def _load_for_split(data: Path, drop_missing: bool):
+    from cxr.data.nih import load_nih
+
+    # A CSV alone is enough to split; a folder promises images, so they are checked.
+    nih = load_nih(data, require_images=Path(data).is_dir(), drop_missing=drop_missing)
+    if nih.dropped_missing:
+        shown = ", ".join(nih.dropped_missing[:5])
+        warn(f"dropped {len(nih.dropped_missing):,} image(s) not found on disk (first: {shown})")
+    if "path" in nih.table.columns:
+        # Split files stay portable: images are found again from the data folder.
+        nih.table = nih.table.drop(columns=["path"])
+    return nih
+
+
+@data_app.command("check-split")
+@friendly_errors
+def data_check_split(
+    split_dir: Annotated[Path, typer.Argument(help="Folder with train.csv, val.csv, test.csv.")],
+):
+    """Exit non-zero, naming the shared patients, if a patient is in two sets."""
+    from cxr.data.split import check_split, read_split
+
+    frames = read_split(split_dir)
+    check_split(frames)
+    sizes = ", ".join(f"{name} {len(frame):,} images" for name, frame in frames.items())
+    console.print(f"[green]ok[/]: no patient in two sets ({sizes})")
+
+
+@data_app.command("synth")
+@friendly_errors
+def data_synth(
+    out: Annotated[Path, typer.Option("--out", help="Folder to write the dataset into.")],
+    patients: Annotated[int, typer.Option(help="Number of synthetic patients.")] = 400,
+    image_size: Annotated[int, typer.Option(help="Image width and height in pixels.")] = 256,
+    seed: Annotated[int, typer.Option(help="Seed; the same seed gives the same files.")] = 0,
+):
+    """Write a SYNTHETIC dataset in NIH's layout (tables, images, boxes, official lists)."""
+    from cxr.data.synthetic import write_synthetic_dataset
+
+    with progress_bar() as progress:
+        task = progress.add_task("generating synthetic images", total=None, status="")
+        summary = write_synthetic_dataset(
+            out,
+            patients=patients,
+            image_size=image_size,
+            seed=seed,
+            progress=lambda done, total: progress.update(task, completed=done, total=total),
+        )
+    console.print(
+        f"wrote SYNTHETIC dataset (not NIH data): {summary.images:,} images of "
+        f"{summary.patients:,} patients, {summary.boxes:,} boxes, {image_size} px -> {out}"
+    )
