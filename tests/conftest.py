@@ -92,3 +92,70 @@ def mini_nih(tmp_path: Path, sample_csv: Path, sample_images: Path) -> Path:
     (root / "images_001").mkdir()
     os.symlink(sample_images, root / "images_001" / "images", target_is_directory=True)
     return root
+
+
+# ---------------------------------------------------------------------------- training
+
+
+def tiny_train_config(**overrides):
+    """The smallest configuration that still trains the real DenseNet121 on CPU."""
+    from cxr.config import TrainConfig
+
+    values = dict(
+        weights="none", image_size=32, batch_size=8, workers=0, device="cpu", max_epochs=2
+    )
+    values.update(overrides)
+    return TrainConfig(**values).validate()
+
+
+@pytest.fixture(scope="session")
+def synth_data(tmp_path_factory) -> Path:
+    """A tiny SYNTHETIC dataset in NIH's layout (16 patients, about 46 images of 64 px)."""
+    from cxr.data.synthetic import write_synthetic_dataset
+
+    out = tmp_path_factory.mktemp("synth") / "data"
+    write_synthetic_dataset(out, patients=16, image_size=64, seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def synth_frames(synth_data: Path) -> dict[str, pd.DataFrame]:
+    """A patient-level split of ``synth_data`` (4 val and 4 test patients, 8 train)."""
+    from cxr.data.nih import load_nih
+    from cxr.data.split import split_by_patients
+
+    nih = load_nih(synth_data)
+    split = split_by_patients(nih.table, val_fraction=0.25, test_fraction=0.25, seed=0)
+    return split.frames()
+
+
+@pytest.fixture(scope="session")
+def make_run(synth_data: Path, synth_frames):
+    """``make_run(folder, **config)`` prepares (does not train) a run on ``synth_data``."""
+    from cxr.train import prepare_run
+
+    def make(folder: Path, **overrides) -> Path:
+        prepare_run(
+            folder,
+            {name: frame.copy() for name, frame in synth_frames.items()},
+            tiny_train_config(**overrides),
+            data_source=str(synth_data),
+            split_note={"method": "test"},
+        )
+        return Path(folder)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, make_run) -> Path:
+    """A run trained for 2 epochs without interruption (workers=0).
+
+    Tests only add evaluation outputs (predictions, metrics.json); nothing else changes it.
+    """
+    from cxr.train import train_run
+
+    run = make_run(tmp_path_factory.mktemp("trained") / "run")
+    state = train_run(run)
+    assert state.epoch == 2
+    return run

@@ -54,7 +54,9 @@ def choose_threshold(
         best = int(np.argmax(tpr - fpr))
         return float(min(thresholds[best], 1.0))
     if rule == "sensitivity":
-        fpr, tpr, thresholds = roc_curve(truth, prob)
+        # Every cut, not only the ROC's corners: the highest one reaching the target may lie
+        # on a straight stretch of the curve, which drop_intermediate would leave out.
+        fpr, tpr, thresholds = roc_curve(truth, prob, drop_intermediate=False)
         reaching = np.flatnonzero(tpr >= target_sensitivity)
         return float(min(thresholds[reaching[0]], 1.0))
     if rule == "f1":

@@ -86,6 +86,30 @@ def setup_distributed(device_name: str) -> Distributed:
     )
 
 
+def teardown_distributed() -> None:
+    """Wait for every rank, then leave the process group (no-op without one)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def _sync_buffers(model: torch.nn.Module, dist: Distributed) -> None:
+    """Give every rank rank 0's BatchNorm running statistics.
+
+    DDP broadcasts buffers at the start of each forward, but each rank then updates its own
+    running statistics with its own batch; without this, ranks would validate slightly
+    different models and the gathered predictions would not be those of the saved weights.
+    """
+    if not dist.enabled:
+        return
+    import torch.distributed as dist_module
+
+    for buffer in unwrap(model).buffers():
+        dist_module.broadcast(buffer.data, src=0)
+
+
 def resolve_device(name: str, dist: Distributed) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -124,16 +148,24 @@ def make_loader(
         world_size=dist.world_size,
         pad=pad,
     )
+    # Throughput without changing what is computed: worker processes decode and augment
+    # (each sample seeded by (seed, epoch, index), so results do not depend on the count),
+    # stay alive across epochs, prefetch 4 batches each, and pin memory for async CUDA copies.
     workers = config.workers
+    batch_size = config.batch_size if train else config.batch_size * 2
+    # BatchNorm cannot train on a single value per channel: below 64 pixels DenseNet121's last
+    # feature maps are 1x1, so a last training batch of one image would stop the run.
+    samples = len(sampler)
+    drop_last = train and samples > 1 and samples % batch_size == 1
     loader = DataLoader(
         dataset,
-        batch_size=config.batch_size if train else config.batch_size * 2,
+        batch_size=batch_size,
         sampler=sampler,
         num_workers=workers,
         pin_memory=device.type == "cuda",
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,
-        drop_last=False,
+        drop_last=drop_last,
     )
     return loader, sampler
 
@@ -241,10 +273,23 @@ def train_run(
     if config.compile:
         train_model = torch.compile(train_model)
 
+    train_reader = val_reader = None
+    cache_note = None
+    if config.cache:
+        from cxr.data.cache import open_cache
+
+        cache = open_cache(config.cache, min_size=config.image_size)
+        train_reader, val_reader = cache.reader(train_frame), cache.reader(val_frame)
+        cache_note = {"path": str(cache.root), "image_size": cache.image_size}
+    if use_cuda:
+        torch.backends.cudnn.benchmark = True  # fixed input size: pick the fastest kernels
+
     train_loader, train_sampler = make_loader(
-        train_frame, config, train=True, dist=dist, device=device
+        train_frame, config, train=True, dist=dist, device=device, reader=train_reader
     )
-    val_loader, _ = make_loader(val_frame, config, train=False, dist=dist, device=device, pad=False)
+    val_loader, _ = make_loader(
+        val_frame, config, train=False, dist=dist, device=device, reader=val_reader, pad=False
+    )
     val_labels = label_matrix(val_frame)
 
     writer = None
@@ -258,6 +303,7 @@ def train_run(
                 "device": str(device),
                 "world_size": dist.world_size,
                 "init": init_note,
+                "cache": cache_note,
             },
         )
         writer = _tensorboard_writer(run.tensorboard)
@@ -314,6 +360,7 @@ def train_run(
             images_per_s = sum(t[1] for t in totals) / max(train_seconds, 1e-9)
 
             callbacks.on_validation_start(len(val_frame))
+            _sync_buffers(model, dist)
             val_indices, val_logits = predict_logits(
                 unwrap(model), val_loader, device, amp=amp, on_batch=callbacks.on_validation_step
             )
@@ -443,6 +490,10 @@ def prepare_run(
             f"{run.root}: already holds a run; use `cxr train --resume {run.root}` to continue "
             "it, or choose another --out"
         )
+    # Starting weights that cannot be loaded (offline ImageNet, a missing or refused file) fail
+    # here, before a run folder exists that a retry with other --weights would be refused on.
+    if config.weights not in ("none", "scratch", ""):
+        create_model(config.weights)
     run.root.mkdir(parents=True, exist_ok=True)
     run.write_json(run.config, config.to_dict())
     run.write_split(frames)

@@ -303,7 +303,9 @@ def _render_anatomy(a: _Anatomy, size: int, noise: _Noise) -> _Layers:
         to_hilum = np.sqrt(((u - hilum_x) / 0.2) ** 2 + ((v - a.ly - 0.02) / 0.25) ** 2)
         near = np.clip(1.0 - to_hilum, 0.0, 1.0)
         markings = a.texture * np.maximum(noise.vessels, 0.0) * (0.35 + near)
-        markings = markings + 0.1 * np.exp(-(((u - hilum_x) / 0.035) ** 2 + ((v - a.ly) / 0.05) ** 2))
+        markings = markings + 0.1 * np.exp(
+            -(((u - hilum_x) / 0.035) ** 2 + ((v - a.ly) / 0.05) ** 2)
+        )
         texture += lung * markings
         lung_value = a.lung_density + 0.02 * noise.low
         density = density * (1 - lung) + lung * lung_value
@@ -489,7 +491,9 @@ def _pneumothorax(a, layers, size, rng):
     lower = a.ly + float(rng.uniform(0.1, 0.35)) * a.lb[i]
     upper_part = _ramp(v - lower, 6 * edge)
     gap = layers.lungs[i] * _ramp((1.0 - collapsed) * a.la[i], edge) * upper_part
-    density = layers.density - gap * (layers.texture + 0.5 * layers.ribs + float(rng.uniform(0.09, 0.12)))
+    density = layers.density - gap * (
+        layers.texture + 0.5 * layers.ribs + float(rng.uniform(0.09, 0.12))
+    )
     line_width = max(0.004, 0.9 / size)
     line = np.clip(1 - (np.abs(collapsed - 1.0) * a.la[i] * shrink / line_width) ** 2, 0, 1)
     line = line * layers.lungs[i] * upper_part
@@ -516,7 +520,9 @@ def _consolidation(a, layers, size, rng):
     start = (x0 - side * 0.6 * ra, y0 - 0.3 * rb)
     trunk_angle = math.atan2(0.3 * rb, side * 0.6 * ra) + float(rng.normal(0, 0.3))
     mid = (start[0] + 0.9 * ra * math.cos(trunk_angle), start[1] + 0.9 * ra * math.sin(trunk_angle))
-    ends = [(start[0] + 1.6 * ra * math.cos(trunk_angle), start[1] + 1.6 * ra * math.sin(trunk_angle))]
+    ends = [
+        (start[0] + 1.6 * ra * math.cos(trunk_angle), start[1] + 1.6 * ra * math.sin(trunk_angle))
+    ]
     for turn in (-0.6, 0.6):
         branch = trunk_angle + turn + float(rng.normal(0, 0.15))
         ends.append((mid[0] + 0.7 * ra * math.cos(branch), mid[1] + 0.7 * ra * math.sin(branch)))
@@ -808,7 +814,9 @@ def write_synthetic_dataset(
                 box_lines.append(f"{name},{spelled},{x:g},{y:g},{w:g},{h:g}")
         _write_text(staging / BOX_NAME, "\n".join(box_lines) + "\n")
         is_test = (table["split"] == "test").to_numpy()
-        _write_text(staging / TRAIN_VAL_NAME, "".join(f"{n}\n" for n, t in zip(names, is_test) if not t))
+        _write_text(
+            staging / TRAIN_VAL_NAME, "".join(f"{n}\n" for n, t in zip(names, is_test) if not t)
+        )
         _write_text(staging / TEST_NAME, "".join(f"{n}\n" for n, t in zip(names, is_test) if t))
         counts = {name: int(table[name].sum()) for name in PATHOLOGIES}
         counts[NO_FINDING] = int((flags.sum(axis=1) == 0).sum())
