@@ -20,7 +20,6 @@ from __future__ import annotations
 import gzip
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ import pandas as pd
 from cxr.data.nih import IMAGE_COLUMN, LABELS_COLUMN, PATIENT_COLUMN, prepare_table
 from cxr.errors import DataError, LeakageError
 from cxr.labels import PATHOLOGIES, format_finding_labels
+from cxr.utils import atomic_write_csv
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 DEFAULT_VAL_FRACTION = 0.1
@@ -519,16 +519,10 @@ def write_split(split: Split, out_dir: str | os.PathLike) -> dict[str, Path]:
 
 
 def _write_atomic(frame: pd.DataFrame, path: Path) -> None:
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(handle, "w", encoding="utf-8", newline="") as out:
-            frame.to_csv(out, index=False)
-        os.replace(tmp, path)
-    except BaseException as exc:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            raise DataError(f"{path}: cannot write ({exc})") from None
-        raise
+        atomic_write_csv(frame, path)
+    except OSError as exc:
+        raise DataError(f"{path}: cannot write ({exc})") from None
 
 
 def read_split(directory: str | os.PathLike) -> dict[str, pd.DataFrame]:
