@@ -66,6 +66,13 @@ class RunFolder:
         for name, frame in frames.items():
             atomic_write_csv(frame, self.split_file(name))
 
+    def clear_stale_temp_files(self) -> list[Path]:
+        """Remove what an atomic write killed before its rename left behind."""
+        stale = sorted(self.root.glob(".*.tmp"))
+        for path in stale:
+            path.unlink(missing_ok=True)
+        return stale
+
     def read_metrics(self) -> dict[str, Any]:
         return json.loads(self.metrics.read_text()) if self.metrics.exists() else {}
 

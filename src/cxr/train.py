@@ -220,6 +220,8 @@ def train_run(
     run = RunFolder(run_dir).require()
     config = run.load_config()
     dist = setup_distributed(config.device)
+    if dist.is_main:
+        run.clear_stale_temp_files()
     device = resolve_device(config.device, dist)
     train_frame = require_paths(run.read_split("train"), str(run.split_file("train")))
     val_frame = require_paths(run.read_split("val"), str(run.split_file("val")))
