@@ -41,6 +41,7 @@ class TrainConfig:
     channels_last: bool = True  # on CUDA only
     compile: bool = False
     drop_missing: bool = False
+    cache: str | None = None  # a `cxr data cache` folder to read pre-decoded images from
     check_images: bool = True  # decode every image once before training starts
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -61,6 +62,10 @@ class TrainConfig:
             raise ConfigError("lr must be positive")
         if self.workers < 0:
             raise ConfigError("workers must be >= 0")
+        if self.cache is not None and not isinstance(self.cache, str):
+            raise ConfigError(f"cache must be a folder path, not {self.cache!r}")
+        if self.cache == "":
+            self.cache = None
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -154,3 +154,52 @@ def data_synth(
         f"wrote SYNTHETIC dataset (not NIH data): {summary.images:,} images of "
         f"{summary.patients:,} patients, {summary.boxes:,} boxes, {image_size} px -> {out}"
     )
+
+
+@data_app.command("cache")
+@friendly_errors
+def data_cache(
+    data: Annotated[Path, typer.Argument(help="NIH folder (table + images), or a Data_Entry CSV.")],
+    out: Annotated[Path, typer.Option("--out", help="Cache folder to create or to finish.")],
+    image_size: Annotated[
+        int, typer.Option(help="Stored width and height in pixels (>= the training size).")
+    ] = 256,
+    workers: Annotated[
+        int | None, typer.Option(help="Decoding processes (default: all cores).")
+    ] = None,
+    drop_missing: Annotated[
+        bool, typer.Option("--drop-missing", help="Leave out listed images not on disk.")
+    ] = False,
+):
+    """Decode and resize every image once into a memory-mapped cache for `cxr train --cache`.
+
+    Run it again with the same --out to finish an interrupted build: images already written
+    are not decoded again.
+    """
+    from cxr.data.cache import build_cache
+    from cxr.data.nih import load_nih
+
+    nih = load_nih(data, drop_missing=drop_missing)
+    if nih.dropped_missing:
+        shown = ", ".join(nih.dropped_missing[:5])
+        warn(f"left out {len(nih.dropped_missing):,} image(s) not found on disk (first: {shown})")
+    with progress_bar() as progress:
+        task = progress.add_task(f"caching at {image_size} px", total=len(nih.table), status="")
+        summary = build_cache(
+            nih.table,
+            out,
+            image_size=image_size,
+            workers=workers,
+            source=str(Path(data).resolve()),
+            progress=lambda done, total: progress.update(task, completed=done, total=total),
+        )
+    if summary.decoded == 0:
+        note = "already complete, nothing decoded"
+    elif summary.reused:
+        note = f"resumed: {summary.decoded:,} decoded, {summary.reused:,} already cached"
+    else:
+        note = f"{summary.decoded:,} decoded"
+    console.print(
+        f"cache of {summary.images:,} images at {summary.image_size}x{summary.image_size} px "
+        f"({summary.bytes / 1e9:.2f} GB, {note}) -> {summary.path}"
+    )

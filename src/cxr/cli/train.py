@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -106,10 +107,16 @@ def train(
     drop_missing: Annotated[
         bool, typer.Option("--drop-missing", help="Train without listed images not on disk.")
     ] = False,
+    cache: Annotated[
+        Path | None,
+        typer.Option("--cache", help="Read images from this `cxr data cache` folder."),
+    ] = None,
 ):
-    """Train the CheXNet-style DenseNet121 (weighted BCE, SGD, LR/10 on plateaus)."""
-    from cxr.train import train_run
+    """Train the CheXNet-style DenseNet121 (weighted BCE, SGD, LR/10 on plateaus).
 
+    Under ``torchrun --nproc_per_node=N -m cxr train ...`` it trains with
+    DistributedDataParallel (``--batch-size`` is per process); rank 0 writes the run folder.
+    """
     if resume is not None:
         # A resumed run keeps its method; only when and where it runs may change.
         runtime = dict(
@@ -119,24 +126,28 @@ def train(
             device=device,
             amp=amp,
             compile=compile,
+            cache=None if cache is None else str(Path(cache).resolve()),
         )
         changed = {k: v for k, v in runtime.items() if v is not None}
         fixed = [k for k, v in dict(image_size=image_size, lr=lr, weights=weights).items() if v]
         if fixed or data is not None or split is not None or config is not None:
             raise CxrError(
-                "--resume continues a run with its own data, split and method; only "
-                "--max-epochs, --max-plateaus, --workers, --device, --amp and --compile apply"
+                "--resume continues a run with its own data, split and method; only --max-epochs, "
+                "--max-plateaus, --workers, --device, --amp, --compile and --cache apply"
             )
-        if changed:
-            from cxr.run import RunFolder
+        from cxr.run import RunFolder
 
-            run_folder = RunFolder(resume).require()
-            run_folder.write_json(
-                run_folder.config, run_folder.load_config().updated(**changed).to_dict()
-            )
-        with RichTrainCallbacks() as callbacks:
-            state = train_run(resume, resume=True, callbacks=callbacks)
-        _print_train_end(resume, state)
+        run_folder = RunFolder(resume).require()
+
+        def update_config() -> None:
+            if changed:
+                run_folder.write_json(
+                    run_folder.config, run_folder.load_config().updated(**changed).to_dict()
+                )
+
+        run_device = changed.get("device") or run_folder.load_config().device
+        _main_rank_first(update_config, run_device)
+        _train_and_report(resume, resume=True)
         return
     if data is None or out is None:
         raise CxrError("give DATA and --out RUN to start a run, or --resume RUN to continue one")
@@ -155,12 +166,57 @@ def train(
         amp=amp,
         compile=compile,
         drop_missing=drop_missing or None,
+        cache=None if cache is None else str(Path(cache).resolve()),
     )
     train_config = _train_config(config, overrides)
-    run_dir = start_run(data, out, split, train_config)
-    with RichTrainCallbacks() as callbacks:
-        state = train_run(run_dir, callbacks=callbacks)
-    _print_train_end(run_dir, state)
+    _main_rank_first(lambda: start_run(data, out, split, train_config), train_config.device)
+    _train_and_report(Path(out))
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def _main_rank_first(action, device: str) -> None:
+    """Run ``action`` (which writes the run folder) on rank 0 only.
+
+    Without torchrun this just calls it. Under torchrun the other ranks wait for rank 0 and
+    stop, without repeating its message, if it failed.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        action()
+        return
+    import torch.distributed as torch_dist
+
+    from cxr.train import setup_distributed
+
+    info = setup_distributed(device)
+    failure: BaseException | None = None
+    if info.is_main:
+        try:
+            action()
+        except BaseException as exc:  # every rank must hear of it, or they would wait forever
+            failure = exc
+    outcome = [None if failure is None else str(failure) or type(failure).__name__]
+    torch_dist.broadcast_object_list(outcome, src=0)
+    if failure is not None:
+        raise failure
+    if outcome[0] is not None:
+        raise typer.Exit(2)
+
+
+def _train_and_report(run_dir: Path, *, resume: bool = False) -> None:
+    """Train; progress and the summary are shown by rank 0 only."""
+    from cxr.train import TrainCallbacks, teardown_distributed, train_run
+
+    if _rank() == 0:
+        with RichTrainCallbacks() as callbacks:
+            state = train_run(run_dir, resume=resume, callbacks=callbacks)
+    else:
+        state = train_run(run_dir, resume=resume, callbacks=TrainCallbacks())
+    teardown_distributed()
+    if _rank() == 0:
+        _print_train_end(run_dir, state)
 
 
 def start_run(data: Path, out: Path, split_dir: Path | None, train_config) -> Path:
@@ -197,6 +253,14 @@ def start_run(data: Path, out: Path, split_dir: Path | None, train_config) -> Pa
         split = split_by_patients(nih.table, seed=train_config.seed)
         frames = split.frames()
         note = {"method": split.method, "seed": split.seed}
+    if train_config.cache:
+        # A cache that is stale, incomplete or lacks a training image fails before the run
+        # folder exists, not after.
+        from cxr.data.cache import open_cache
+
+        image_cache = open_cache(train_config.cache, min_size=train_config.image_size)
+        for name in ("train", "val"):
+            image_cache.rows_for(frames[name])
     prepare_run(out, frames, train_config, data_source=os.path.abspath(data), split_note=note)
     return Path(out)
 
@@ -304,6 +368,14 @@ def demo(
         )
     evaluation = result["evaluation"]
     console.print(auroc_table(evaluation, f"SYNTHETIC test split: {evaluation['images']:,} images"))
+    localization = result["localization"]
+    overall = localization["overall"]
+    console.print(
+        f"Grad-CAM pointing game on the planted findings (test split, {overall['findings']} "
+        f"findings): hit rate {overall['pointing_hit_rate']:.2f} inside the box, "
+        f"{overall['pointing_hit_rate_tolerant']:.2f} within {localization['tolerance_px']:g} px "
+        f"(half a feature-map cell); see {localization['path']}"
+    )
     console.print(
         f"mean test AUROC {evaluation['auroc_mean']:.3f} in {time.perf_counter() - started:.0f} s"
         f"; run folder: {result['run']}"

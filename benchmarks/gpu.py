@@ -1,0 +1,160 @@
+"""GPU training images/s at 224 px: batch 64..256, fp32 vs AMP, channels-first vs -last,
+eager vs ``torch.compile``, on in-memory tensors and through the cache pipeline.
+
+Needs a CUDA device; on a CPU-only machine it says so and exits with status 2.
+
+    python benchmarks/gpu.py [--batches 64 128 256] [--steps 20] [--workers 8]
+                             [--no-compile] [--images 264]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+NIH = Path(__file__).resolve().parents[2] / "shared" / "data" / "nih"
+
+
+def measure(model, optimizer, loss_fn, batches, steps, *, amp, channels_last, device) -> float:
+    """Images/s of ``steps`` training steps after 3 warm-up steps (compilation, autotuning)."""
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    scaler = torch.amp.GradScaler("cuda", enabled=amp and dtype == torch.float16)
+    seen = 0
+    for index in range(steps + 3):
+        if index == 3:
+            torch.cuda.synchronize()
+            started = time.perf_counter()
+            seen = 0
+        images, targets = next(batches)
+        images = images.to(device, non_blocking=True)
+        targets = targets.to(device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with torch.autocast("cuda", dtype=dtype, enabled=amp):
+            logits = model(images)
+        loss = loss_fn(logits, targets)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        seen += len(images)
+    torch.cuda.synchronize()
+    return seen / (time.perf_counter() - started)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", type=int, nargs="+", default=[64, 128, 256])
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--workers", type=int, default=8)
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--images", type=int, default=None, help="first N of the 264 images")
+    parser.add_argument("--no-compile", action="store_true", help="skip torch.compile rows")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        print("benchmarks/gpu.py needs a CUDA GPU; none is available here (CPU only).")
+        return 2
+
+    from torch.utils.data import DataLoader
+
+    from cxr.data.cache import build_cache, open_cache
+    from cxr.data.dataset import Augment, EpochSampler, Preprocess, XrayDataset
+    from cxr.data.nih import PATH_COLUMN, label_matrix, load_nih
+    from cxr.loss import WeightedBCELoss
+    from cxr.model import build_model
+
+    device = torch.device("cuda")
+    torch.backends.cudnn.benchmark = True
+    table = load_nih(NIH / "images.csv", image_root=NIH / "images").table
+    table = table.iloc[: args.images] if args.images else table
+    labels = label_matrix(table)
+    loss_fn = WeightedBCELoss.from_labels(labels).to(device)
+    print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {args.image_size} px")
+    rows = []
+    with tempfile.TemporaryDirectory() as folder:
+        cache = open_cache(build_cache(table, Path(folder) / "cache", image_size=256).path)
+        dataset = XrayDataset(
+            table[PATH_COLUMN].tolist(),
+            labels,
+            Preprocess(args.image_size),
+            Augment(),
+            reader=cache.reader(table),
+        )
+        compiles = [False] if args.no_compile else [False, True]
+        for batch, compiled, amp, channels_last, source in itertools.product(
+            args.batches, compiles, [False, True], [False, True], ["memory", "cache"]
+        ):
+            torch.manual_seed(0)
+            model = build_model().to(device)
+            if channels_last:
+                model = model.to(memory_format=torch.channels_last)
+            optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+            step_model = torch.compile(model) if compiled else model
+            step_model.train()
+            if source == "memory":
+                fixed = (
+                    torch.randn(batch, 3, args.image_size, args.image_size),
+                    torch.randint(0, 2, (batch, 14)).float(),
+                )
+                batches = itertools.repeat((fixed[0].to(device), fixed[1].to(device)))
+            else:
+                sampler = EpochSampler(len(dataset), shuffle=True, seed=0)
+                loader = DataLoader(
+                    dataset,
+                    batch_size=batch,
+                    sampler=sampler,
+                    num_workers=args.workers,
+                    pin_memory=True,
+                    persistent_workers=True,
+                    prefetch_factor=4,
+                    drop_last=True,
+                )
+                if len(loader) == 0:
+                    continue
+
+                def forever(loader=loader, sampler=sampler):
+                    for epoch in itertools.count():
+                        sampler.set_epoch(epoch)
+                        for images, targets, _ in loader:
+                            yield images, targets
+
+                batches = forever()
+            try:
+                rate = measure(
+                    step_model,
+                    optimizer,
+                    loss_fn,
+                    batches,
+                    args.steps,
+                    amp=amp,
+                    channels_last=channels_last,
+                    device=device,
+                )
+            except torch.OutOfMemoryError:
+                rate = float("nan")
+            torch.cuda.empty_cache()
+            rows.append((batch, compiled, amp, channels_last, source, rate))
+            print(
+                f"batch {batch:4d}  {'compile' if compiled else 'eager  '}  "
+                f"{'AMP ' if amp else 'fp32'}  {'NHWC' if channels_last else 'NCHW'}  "
+                f"{source:6s}  {rate:9.1f} images/s",
+                flush=True,
+            )
+    print("\n| batch | compile | precision | layout | input | images/s |")
+    print("|---:|---|---|---|---|---:|")
+    for batch, compiled, amp, channels_last, source, rate in rows:
+        print(
+            f"| {batch} | {'yes' if compiled else 'no'} | {'AMP' if amp else 'fp32'} | "
+            f"{'channels_last' if channels_last else 'channels_first'} | {source} | {rate:.1f} |"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
