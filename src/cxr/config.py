@@ -43,6 +43,7 @@ class TrainConfig:
     drop_missing: bool = False
     cache: str | None = None  # a `cxr data cache` folder to read pre-decoded images from
     check_images: bool = True  # decode every image once before training starts
+    skip_bad_images: bool = False  # train without unreadable images (warned) instead of refusing
     extra: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> TrainConfig:

@@ -477,6 +477,38 @@ def _tensorboard_writer(directory: Path):
     return SummaryWriter(log_dir=str(directory))
 
 
+def screen_images(
+    frames: dict[str, pd.DataFrame],
+    *,
+    skip_bad: bool,
+    progress=None,
+) -> tuple[dict[str, pd.DataFrame], list[tuple[str, str]]]:
+    """Decode every image of every split once, before anything trains.
+
+    Unreadable files raise a :class:`DataError` listing them, or, with ``skip_bad``, are
+    dropped from their split and returned so the caller can warn.
+    """
+    from cxr.data.images import find_unreadable
+
+    paths = [p for frame in frames.values() for p in frame[PATH_COLUMN].tolist()]
+    failures = find_unreadable(paths, progress=progress)
+    if not failures:
+        return frames, []
+    if not skip_bad:
+        shown = "; ".join(f"{path}: {reason}" for path, reason in failures[:10])
+        more = f"; and {len(failures) - 10:,} more" if len(failures) > 10 else ""
+        raise DataError(
+            f"{len(failures):,} of {len(paths):,} images cannot be read: {shown}{more}. "
+            "Fix or remove them, or pass --skip-bad-images to train without them"
+        )
+    bad = {path for path, _ in failures}
+    kept = {name: f[~f[PATH_COLUMN].isin(bad)].reset_index(drop=True) for name, f in frames.items()}
+    for name in ("train", "val"):
+        if name in kept and kept[name].empty:
+            raise DataError(f"no readable image is left in the {name} split")
+    return kept, failures
+
+
 def prepare_run(
     run_dir: str | Path,
     frames: dict[str, pd.DataFrame],

@@ -107,6 +107,17 @@ def train(
     drop_missing: Annotated[
         bool, typer.Option("--drop-missing", help="Train without listed images not on disk.")
     ] = False,
+    check_images: Annotated[
+        bool | None,
+        typer.Option(
+            "--check-images/--no-check-images",
+            help="Decode every image once before training (default on; off with --cache).",
+        ),
+    ] = None,
+    skip_bad_images: Annotated[
+        bool,
+        typer.Option("--skip-bad-images", help="Train without unreadable images (warned)."),
+    ] = False,
     cache: Annotated[
         Path | None,
         typer.Option("--cache", help="Read images from this `cxr data cache` folder."),
@@ -166,6 +177,8 @@ def train(
         amp=amp,
         compile=compile,
         drop_missing=drop_missing or None,
+        check_images=check_images,
+        skip_bad_images=skip_bad_images or None,
         cache=None if cache is None else str(Path(cache).resolve()),
     )
     train_config = _train_config(config, overrides)
@@ -253,6 +266,8 @@ def start_run(data: Path, out: Path, split_dir: Path | None, train_config) -> Pa
         split = split_by_patients(nih.table, seed=train_config.seed)
         frames = split.frames()
         note = {"method": split.method, "seed": split.seed}
+    if train_config.check_images and not train_config.cache:
+        frames = _screen_images(frames, train_config.skip_bad_images)
     if train_config.cache:
         # A cache that is stale, incomplete or lacks a training image fails before the run
         # folder exists, not after.
@@ -263,6 +278,22 @@ def start_run(data: Path, out: Path, split_dir: Path | None, train_config) -> Pa
             image_cache.rows_for(frames[name])
     prepare_run(out, frames, train_config, data_source=os.path.abspath(data), split_note=note)
     return Path(out)
+
+
+def _screen_images(frames, skip_bad: bool):
+    from cxr.train import screen_images
+
+    with progress_bar() as progress:
+        task = progress.add_task("checking images", total=None, status="")
+        frames, failures = screen_images(
+            frames,
+            skip_bad=skip_bad,
+            progress=lambda done, total: progress.update(task, completed=done, total=total),
+        )
+    if failures:
+        shown = "; ".join(f"{path}: {reason}" for path, reason in failures[:5])
+        warn(f"training without {len(failures):,} unreadable image(s): {shown}")
+    return frames
 
 
 def _print_train_end(run_dir: Path, state) -> None:
