@@ -117,6 +117,7 @@ def predict_logits(
     device: torch.device,
     *,
     amp: bool = False,
+    amp_dtype: torch.dtype = torch.bfloat16,
     on_batch: Callable[[int], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(indices, logits) for every sample the loader yields, model in eval mode."""
@@ -126,7 +127,7 @@ def predict_logits(
         images = images.to(device, non_blocking=True)
         if device.type == "cuda":
             images = images.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
             logits = model(images)
         outputs.append(logits.float().cpu().numpy())
         indices.append(batch_indices.numpy())

@@ -364,7 +364,12 @@ def train_run(
             callbacks.on_validation_start(len(val_frame))
             _sync_buffers(model, dist)
             val_indices, val_logits = predict_logits(
-                unwrap(model), val_loader, device, amp=amp, on_batch=callbacks.on_validation_step
+                unwrap(model),
+                val_loader,
+                device,
+                amp=amp,
+                amp_dtype=amp_dtype,
+                on_batch=callbacks.on_validation_step,
             )
             parts = _gather(dist, (val_indices, val_logits))
             order = np.concatenate([p[0] for p in parts])
