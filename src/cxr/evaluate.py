@@ -2,15 +2,30 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 from sklearn.metrics import roc_auc_score, roc_curve
 from torch import nn
 
+from cxr.data.dataset import Preprocess, XrayDataset
+from cxr.data.nih import (
+    IMAGE_COLUMN,
+    PATH_COLUMN,
+    PATIENT_COLUMN,
+    attach_image_paths,
+    label_matrix,
+)
+from cxr.errors import DataError
 from cxr.labels import PATHOLOGIES
+from cxr.model import load_bundle
+from cxr.run import RunFolder, read_split_table
+from cxr.utils import atomic_write_csv
 
 THRESHOLD_RULES = ("youden", "sensitivity", "f1")
 DEFAULT_THRESHOLD = 0.5
@@ -156,17 +171,6 @@ def evaluate_run(
     ``split`` is ``test``, ``val`` or the path of a CSV in NIH format with a ``path`` column
     (or image names found below the run's data folder).
     """
-    import json
-    from pathlib import Path
-
-    import pandas as pd
-
-    from cxr.data.dataset import Preprocess, XrayDataset
-    from cxr.data.nih import IMAGE_COLUMN, PATH_COLUMN, PATIENT_COLUMN, attach_image_paths
-    from cxr.errors import DataError
-    from cxr.model import load_bundle
-    from cxr.run import RunFolder, read_split_table
-
     run = RunFolder(run_dir).require()
     if split in ("train", "val", "test"):
         frame = run.read_split(split)
@@ -188,8 +192,6 @@ def evaluate_run(
     )
     bundle = load_bundle(run.root, device=device_obj)
     preprocess = Preprocess(bundle.image_size, bundle.normalization)
-    from cxr.data.nih import label_matrix
-
     labels = label_matrix(frame)
     dataset = XrayDataset(frame[PATH_COLUMN].tolist(), labels, preprocess)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers)
@@ -209,8 +211,6 @@ def evaluate_run(
     for c, label in enumerate(PATHOLOGIES):
         columns[f"call_{label}"] = calls[:, c]
     predictions = pd.DataFrame(columns)
-    from cxr.utils import atomic_write_csv
-
     atomic_write_csv(predictions, run.predictions(name))
 
     result = {

@@ -1,0 +1,154 @@
+"""``cxr predict``, ``cxr export`` and ``cxr serve``: using a trained model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from cxr.cli.common import app, console, err_console, friendly_errors, progress_bar
+from cxr.errors import CxrError
+
+EXIT_SOME_FAILED = 1
+
+
+@app.command("predict")
+@friendly_errors
+def predict(
+    model: Annotated[Path, typer.Argument(help="Run folder, model bundle, or exported .onnx.")],
+    paths: Annotated[
+        list[Path], typer.Argument(help="Image files or folders (searched recursively).")
+    ],
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Write the results to FILE.csv or FILE.json.")
+    ] = None,
+    explain: Annotated[
+        Path | None, typer.Option("--explain", help="Write Grad-CAM overlays into this folder.")
+    ] = None,
+    backend: Annotated[
+        str, typer.Option(help="auto (onnx on CPU, torch on CUDA), torch or onnx.")
+    ] = "auto",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N (torch).")] = "auto",
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 16,
+    workers: Annotated[
+        int | None, typer.Option(help="Decoding processes (default: half the cores, max 4).")
+    ] = None,
+):
+    """Probabilities and positive/negative calls for PNG, JPEG and DICOM files.
+
+    Unreadable files are reported and skipped; the exit status is 1 when any failed.
+    """
+    from cxr.predict import check_out_path, find_images, load_predictor, predict_files
+
+    check_out_path(out)
+    files, errors = find_images(paths)
+    for error in errors:
+        _report(error)
+    if not files:
+        raise CxrError("no PNG, JPEG or DICOM files to predict")
+    predictor = load_predictor(model, backend=backend, device=device)
+    with progress_bar() as progress:
+        task = progress.add_task("predicting", total=len(files), status=predictor.backend)
+        result = predict_files(
+            predictor,
+            files,
+            batch_size=batch_size,
+            workers=workers,
+            explain_dir=explain,
+            on_progress=lambda n: progress.advance(task, n),
+            on_error=lambda error: _report(error, progress.console),
+        )
+    result.errors = errors + result.errors
+    if out is not None:
+        result.write(out)
+        console.print(f"wrote {len(result.files):,} prediction(s) to {out}", highlight=False)
+    else:
+        console.print(_summary_table(result))
+    if explain is not None:
+        count = sum(len(v) for v in result.overlays.values())
+        console.print(f"wrote {count:,} Grad-CAM overlay(s) to {explain}", highlight=False)
+    if result.errors:
+        err_console.print(
+            f"[bold red]{len(result.errors):,} file(s) failed[/], {len(result.files):,} predicted",
+            highlight=False,
+        )
+        raise typer.Exit(EXIT_SOME_FAILED)
+
+
+def _report(error, target=None) -> None:
+    (target or err_console).print(
+        f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True
+    )
+
+
+def _summary_table(result) -> Table:
+    table = Table("file", "positive calls (probability)", "highest", title="predictions")
+    for record in result.records():
+        probabilities = record["probabilities"]
+        positive = ", ".join(f"{n} ({probabilities[n]:.2f})" for n in record["positive"])
+        top = max(probabilities, key=probabilities.get)
+        table.add_row(escape(record["file"]), positive or "none", f"{top} {probabilities[top]:.2f}")
+    return table
+
+
+@app.command("export")
+@friendly_errors
+def export(
+    model: Annotated[Path, typer.Argument(help="Run folder or model bundle.")],
+    onnx: Annotated[Path, typer.Option("--onnx", help="ONNX file to write (dynamic batch).")],
+    check: Annotated[
+        bool, typer.Option("--check/--no-check", help="Compare with PyTorch on onnxruntime.")
+    ] = True,
+):
+    """Export the model to ONNX (input `image` [N,3,S,S] -> `logits` [N,14])."""
+    from cxr.export import export_onnx
+
+    result = export_onnx(model, onnx, check=check)
+    agreement = (
+        f"; onnxruntime agrees with PyTorch (max probability difference "
+        f"{result['max_prob_diff']:.1e})"
+        if "max_prob_diff" in result
+        else ""
+    )
+    console.print(
+        f"wrote {onnx} ({result['bytes'] / 1e6:.1f} MB, opset {result['opset']}){agreement}",
+        highlight=False,
+    )
+
+
+@app.command("serve")
+@friendly_errors
+def serve(
+    model: Annotated[Path, typer.Argument(help="Run folder or model bundle.")],
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    backend: Annotated[str, typer.Option(help="auto, torch or onnx.")] = "auto",
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda (torch).")] = "auto",
+    max_upload_mb: Annotated[float, typer.Option(help="Largest accepted upload.")] = 32.0,
+    max_megapixels: Annotated[float, typer.Option(help="Largest accepted image.")] = 40.0,
+):
+    """HTTP service: POST /v1/predict, POST /v1/explain, GET /healthz, /docs, and a page at /."""
+    import uvicorn
+
+    from cxr.serve import create_app
+
+    application = create_app(
+        model,
+        backend=backend,
+        device=device,
+        max_upload_bytes=int(max_upload_mb * 1024 * 1024),
+        max_pixels=int(max_megapixels * 1_000_000),
+    )
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        err_console.print(
+            f"[yellow]warning:[/] listening on {escape(host)}: the service has no "
+            "authentication; put it behind one before exposing it",
+            highlight=False,
+        )
+    console.print(
+        f"serving on http://{host}:{port}/ (docs at /docs); Ctrl+C stops", highlight=False
+    )
+    uvicorn.run(application, host=host, port=port, log_level="warning", workers=1)

@@ -1,0 +1,103 @@
+"""The page at ``/`` in a real headless Chromium (Debian's ``chromium``, driven by Playwright).
+
+uvicorn serves the app on a free loopback port in a thread of this process; the browser
+uploads a real NIH PNG and must show 14 bars (positive calls marked) and, after a click on a
+pathology, its Grad-CAM overlay.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import uvicorn
+from playwright.sync_api import expect, sync_playwright
+
+from cxr.labels import PATHOLOGIES
+from cxr.serve import create_app
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+THRESHOLDS = [0.0] * 7 + [1.0] * 7  # the first 7 pathologies positive, the last 7 negative
+NIH_PNG = "00001369_000.png"  # an RGBA NIH image with a Cardiomegaly box
+
+
+@pytest.fixture(scope="module")
+def server_url(tmp_path_factory):
+    from cxr.model import build_model, bundle_meta, save_bundle
+
+    torch.manual_seed(0)
+    bundle = tmp_path_factory.mktemp("bundle") / "model"
+    meta = bundle_meta(
+        image_size=64, normalization="imagenet", thresholds=THRESHOLDS, threshold_rule="youden"
+    )
+    save_bundle(bundle, build_model(), meta)
+    app = create_app(bundle, backend="torch", device="cpu")
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))  # bound here, so no other process can take the port meanwhile
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            pytest.fail("uvicorn did not start")
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}/"
+    server.should_exit = True
+    thread.join(timeout=30)
+    sock.close()
+
+
+def test_page_shows_bars_and_overlay(server_url, sample_images: Path):
+    assert Path(CHROMIUM).is_file() or shutil.which("chromium"), (
+        "Debian's chromium is needed: apt-get install chromium"
+    )
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.set_default_timeout(60_000)
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            page.goto(server_url)
+            expect(page).to_have_title("cxr: chest X-ray findings")
+
+            page.set_input_files("#file", str(sample_images / NIH_PNG))
+            rows = page.locator("#bars .bar-row")
+            expect(rows).to_have_count(len(PATHOLOGIES))
+            expect(page.locator("#bars .bar-row.positive")).to_have_count(7)
+            for index, name in enumerate(PATHOLOGIES):
+                row = rows.nth(index)
+                expect(row).to_have_attribute("data-label", name)
+                width = row.locator(".fill").evaluate("e => e.getBoundingClientRect().width")
+                assert width > 0  # a visible bar (an untrained model gives p near 0.5)
+            expect(rows.nth(1).locator(".call")).to_have_text("positive")
+            expect(rows.nth(13).locator(".call")).to_have_text("negative")
+            expect(page.locator("#status")).to_contain_text(f"{NIH_PNG} (1024x1024)")
+
+            rows.nth(1).click()  # Cardiomegaly
+            overlay = page.locator("#overlay")
+            expect(overlay).to_be_visible()
+            expect(overlay).to_have_attribute("data-label", "Cardiomegaly")
+            page.wait_for_function(
+                "() => { const i = document.getElementById('overlay');"
+                " return i.complete && i.naturalWidth > 64; }"
+            )
+            expect(page.locator("#error")).to_have_text("")
+            assert errors == []
+        finally:
+            browser.close()
