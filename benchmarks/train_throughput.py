@@ -1,12 +1,13 @@
-"""Training images/s through the cache pipeline vs the bare model step on in-memory tensors.
+"""Training images/s through the input pipeline vs the bare model step on in-memory tensors.
 
 The bare step is the training loop's own step (DenseNet121 forward, weighted BCE, backward,
 SGD) on one batch already in memory; the pipeline run feeds the same step from a DataLoader
 over the memory-mapped cache with the training transforms. The gap is the input pipeline's
 cost. Measurements alternate (bare, pipeline, bare, pipeline, ...) so that a change in the
-machine's load hits both alike.
+machine's load hits both alike. ``--source png`` decodes the real 1024 px PNGs instead of
+reading the cache (the pipeline of a run without ``--cache``).
 
-    python benchmarks/train_throughput.py [--image-size 64] [--steps 2] [--rounds 4]
+    python benchmarks/train_throughput.py [--source cache|png] [--image-size 64] [--steps 2]
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ NIH = Path(__file__).resolve().parents[2] / "shared" / "data" / "nih"
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--source", choices=("cache", "png"), default="cache")
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--workers", type=int, default=2)
@@ -58,13 +60,16 @@ def main() -> None:
         f"{args.rounds} x {args.steps} timed steps each"
     )
     with tempfile.TemporaryDirectory() as folder:
-        cache = open_cache(build_cache(table, Path(folder) / "cache", image_size=256).path)
+        reader = None
+        if args.source == "cache":
+            cache = open_cache(build_cache(table, Path(folder) / "cache", image_size=256).path)
+            reader = cache.reader(table)
         dataset = XrayDataset(
             table[PATH_COLUMN].tolist(),
             labels,
             Preprocess(args.image_size),
             Augment(),
-            reader=cache.reader(table),
+            reader=reader,
         )
         sampler = EpochSampler(len(dataset), shuffle=True, seed=0)
         loader = DataLoader(
@@ -102,7 +107,7 @@ def main() -> None:
     count = args.rounds * args.steps * args.batch_size
     bare, pipe = count / bare_time, count / pipe_time
     print(f"bare model step (in memory): {bare:8.2f} images/s")
-    print(f"through the cache pipeline:  {pipe:8.2f} images/s")
+    print(f"through the {args.source} pipeline: {pipe:8.2f} images/s")
     print(f"ratio pipeline / bare:       {pipe / bare:8.3f} ({(1 - pipe / bare):+.1%} slower)")
 
 
