@@ -14,8 +14,10 @@ from typing import Any
 from cxr.config import TrainConfig
 from cxr.data.nih import load_nih
 from cxr.data.split import split_by_patients
-from cxr.data.synthetic import write_synthetic_dataset
+from cxr.data.synthetic import BOX_NAME, write_synthetic_dataset
 from cxr.evaluate import evaluate_run
+from cxr.explain import localize_run
+from cxr.report import build_report
 from cxr.train import TrainCallbacks, prepare_run, train_run
 
 
@@ -85,10 +87,16 @@ def run_demo(
     state = train_run(run_dir, callbacks=callbacks)
     on_stage("evaluating on the test split")
     result = evaluate_run(run_dir, "test", device="cpu", on_batch=on_eval_batch)
+    on_stage("localising: Grad-CAM against the planted findings' boxes (test split)")
+    localization = localize_run(run_dir, data_dir / BOX_NAME, split="test")
+    on_stage("writing the evaluation report (test split)")
+    report = build_report(run_dir, "test", device="cpu")
     return {
         "data": data_dir,
         "run": run_dir,
         "synthetic": summary,
         "train_state": state,
         "evaluation": result,
+        "localization": localization,
+        "report": report,
     }

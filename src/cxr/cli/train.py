@@ -411,3 +411,4 @@ def demo(
         f"mean test AUROC {evaluation['auroc_mean']:.3f} in {time.perf_counter() - started:.0f} s"
         f"; run folder: {result['run']}"
     )
+    console.print(f"evaluation report (opens offline): {result['report']['html']}")

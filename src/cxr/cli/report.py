@@ -1,0 +1,214 @@
+"""``cxr report`` (the HTML evaluation report), ``cxr calibrate`` and ``cxr thresholds``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from cxr.cli.common import app, console, friendly_errors, progress_bar
+
+
+def _fmt(value, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+# ---------------------------------------------------------------------------- report
+
+
+def report_table(report: dict, title: str) -> Table:
+    from cxr.labels import PATHOLOGIES
+
+    table = Table("pathology", "AUROC", "95% CI", "AUPRC", "sens.", "spec.", "ECE", title=title)
+    for name in PATHOLOGIES:
+        v = report["per_class"][name]
+        low, high = v["auroc_ci"]
+        table.add_row(
+            name,
+            "undefined" if v["auroc"] is None else f"{v['auroc']:.3f}",
+            "" if low is None else f"{low:.3f}-{high:.3f}",
+            _fmt(v["auprc"]),
+            _fmt(v["sensitivity"], 2),
+            _fmt(v["specificity"], 2),
+            _fmt(v["ece"]),
+        )
+    low, high = report["auroc_mean_ci"]
+    table.add_section()
+    table.add_row(
+        "mean",
+        _fmt(report["auroc_mean"]),
+        "" if low is None else f"{low:.3f}-{high:.3f}",
+        *[""] * 3,
+        _fmt(report["ece_mean"]),
+    )
+    return table
+
+
+def write_report_with_progress(run: Path, **options) -> dict:
+    from cxr.report import build_report
+
+    with progress_bar() as progress:
+        task = progress.add_task("report", total=None, status="")
+        result = build_report(
+            run,
+            on_stage=lambda text: progress.update(task, description=text),
+            on_batch=lambda n: progress.advance(task, n),
+            **options,
+        )
+    return result
+
+
+@app.command("report")
+@friendly_errors
+def report(
+    run: Annotated[Path, typer.Argument(help="Run folder.")],
+    split: Annotated[str, typer.Option(help="test, val or train.")] = "test",
+    resamples: Annotated[
+        int, typer.Option(help="Bootstrap resamples (of patients) for the AUROC intervals.")
+    ] = 1000,
+    seed: Annotated[int, typer.Option(help="Seed of the bootstrap.")] = 0,
+    gallery: Annotated[
+        int, typer.Option(help="Grad-CAM cases per class and kind (true/false positives); 0: none.")
+    ] = 3,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
+    workers: Annotated[int, typer.Option(help="DataLoader worker processes.")] = 2,
+):
+    """Write report.html (self-contained) and its figures; the numbers go to metrics.json.
+
+    Per-class AUROC with a 95% patient-level bootstrap interval, AUPRC, prevalence, the
+    metrics at the validation-chosen thresholds, ROC / precision-recall / reliability plots,
+    score distributions, a Grad-CAM gallery, training curves, the config and the data.
+    """
+    from cxr.errors import CxrError
+
+    if resamples < 1:
+        raise CxrError("--resamples must be at least 1")
+    if gallery < 0:
+        raise CxrError("--gallery must be 0 or more")
+    result = write_report_with_progress(
+        run,
+        split=split,
+        resamples=resamples,
+        seed=seed,
+        gallery=gallery,
+        device=device,
+        batch_size=batch_size,
+        workers=workers,
+    )
+    data = result["report"]
+    title = f"{split}: {data['images']:,} images, {data['patients']:,} patients"
+    if data["data"]["synthetic"]:
+        title = "SYNTHETIC " + title
+    console.print(report_table(data, title))
+    console.print(f"wrote {result['html']} ({len(result['figures'])} figures beside it)")
+
+
+# ---------------------------------------------------------------------------- thresholds
+
+
+def _threshold_table(labels, before, after, title: str) -> Table:
+    table = Table("pathology", "before", "after", title=title)
+    for name, old, new in zip(labels, before, after):
+        table.add_row(name, _fmt(old), _fmt(new))
+    return table
+
+
+@app.command("thresholds")
+@friendly_errors
+def thresholds(
+    run: Annotated[Path, typer.Argument(help="Run folder.")],
+    rule: Annotated[
+        str, typer.Option(help="youden (Youden's J), sensitivity (a target) or f1 (maximum F1).")
+    ] = "youden",
+    target_sensitivity: Annotated[
+        float, typer.Option(help="The sensitivity the 'sensitivity' rule must reach.")
+    ] = 0.9,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
+    workers: Annotated[int, typer.Option(help="DataLoader worker processes.")] = 2,
+):
+    """Refit the per-class thresholds on the validation split with a rule; store them.
+
+    `cxr evaluate`, `cxr predict`, `cxr serve` and `cxr report` use the stored thresholds.
+    """
+    from cxr.calibrate import refit_thresholds, validate_rule
+    from cxr.labels import PATHOLOGIES
+
+    validate_rule(rule, target_sensitivity)
+    with progress_bar() as progress:
+        task = progress.add_task("validation predictions", total=None, status="")
+        result = refit_thresholds(
+            run,
+            rule,
+            target_sensitivity,
+            device=device,
+            batch_size=batch_size,
+            workers=workers,
+            on_batch=lambda n: progress.advance(task, n),
+        )
+    console.print(
+        _threshold_table(
+            PATHOLOGIES,
+            result["previous_thresholds"],
+            result["thresholds"],
+            f"thresholds: {result['threshold_rule']}",
+        )
+    )
+    console.print(
+        f"stored in {run / 'model.json'} (fitted on {result['threshold_fit']['images']:,} "
+        "validation images); re-run `cxr evaluate` or `cxr report` for calls at them"
+    )
+
+
+# ---------------------------------------------------------------------------- calibrate
+
+
+@app.command("calibrate")
+@friendly_errors
+def calibrate(
+    run: Annotated[Path, typer.Argument(help="Run folder.")],
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
+    workers: Annotated[int, typer.Option(help="DataLoader worker processes.")] = 2,
+):
+    """Temperature scaling: fit one temperature on the validation split; store it.
+
+    Probabilities become sigmoid(logit / T). The ranking, hence every AUROC, is unchanged.
+    The thresholds are refitted on the calibrated validation probabilities with the stored
+    rule, so that the positive/negative calls stay consistent.
+    """
+    from cxr.calibrate import calibrate_run
+    from cxr.labels import PATHOLOGIES
+
+    with progress_bar() as progress:
+        task = progress.add_task("validation logits", total=None, status="")
+        result = calibrate_run(
+            run,
+            device=device,
+            batch_size=batch_size,
+            workers=workers,
+            on_batch=lambda n: progress.advance(task, n),
+        )
+    console.print(
+        f"temperature {result['temperature']:.4f} (was {result['previous_temperature']:.4f}), "
+        f"fitted on {result['val_images']:,} validation images: NLL "
+        f"{result['val_nll_before']:.4f} -> {result['val_nll_after']:.4f}, mean ECE "
+        f"{_fmt(result['val_ece_before'])} -> {_fmt(result['val_ece_after'])}",
+        highlight=False,
+    )
+    console.print(
+        _threshold_table(
+            PATHOLOGIES,
+            result["previous_thresholds"],
+            result["thresholds"],
+            f"thresholds refitted on the calibrated validation probabilities: "
+            f"{result['threshold_rule']}",
+        )
+    )
+    console.print(
+        f"stored in {run / 'model.json'}; AUROCs are unchanged (the transform keeps every "
+        "ranking). Re-run `cxr evaluate` or `cxr report` for calibrated probabilities."
+    )
