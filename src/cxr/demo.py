@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cxr.calibrate import calibrate_run
 from cxr.config import TrainConfig
 from cxr.data.nih import load_nih
 from cxr.data.split import split_by_patients
@@ -31,23 +32,38 @@ class DemoSettings:
 def demo_settings(quick: bool) -> DemoSettings:
     """Sized for a 2-core CPU: the full demo in under 10 minutes, --quick in under 2.
 
-    The method's defaults stay (SGD momentum 0.9, lr 0.01, LR/10 on plateaus, weighted BCE,
-    batch 16, DenseNet121); only what a CPU cannot afford shrinks: image size, data size,
+    The method stays (DenseNet121, weighted BCE, SGD momentum 0.9, LR/10 on plateaus, batch
+    16, lowest-val-loss weights); what a CPU cannot afford shrinks: image size, data size,
     epochs, and ImageNet weights (nothing may be downloaded, so training starts from scratch).
+    From scratch, lr 0.01 learns the synthetic findings too slowly for a 10-minute budget
+    (val AUROC 0.73 after 6 epochs at 96 px, against 0.83 with lr 0.05), so the demo starts
+    at 0.05; `cxr train` keeps the method's 0.01.
     """
     if quick:
         return DemoSettings(
             patients=80,
             synth_image_size=96,
             train=TrainConfig(
-                image_size=64, weights="none", max_epochs=2, workers=0, seed=0, device="cpu"
+                image_size=64,
+                weights="none",
+                lr=0.05,
+                max_epochs=2,
+                workers=0,
+                seed=0,
+                device="cpu",
             ),
         )
     return DemoSettings(
         patients=400,
         synth_image_size=128,
         train=TrainConfig(
-            image_size=96, weights="none", max_epochs=12, workers=0, seed=0, device="cpu"
+            image_size=96,
+            weights="none",
+            lr=0.05,
+            max_epochs=14,
+            workers=0,
+            seed=0,
+            device="cpu",
         ),
     )
 
@@ -85,6 +101,8 @@ def run_demo(
     )
     on_stage(f"training DenseNet121 from scratch in {run_dir}")
     state = train_run(run_dir, callbacks=callbacks)
+    on_stage("calibrating on the validation split (prior correction + temperature)")
+    calibration = calibrate_run(run_dir, device="cpu")
     on_stage("evaluating on the test split")
     result = evaluate_run(run_dir, "test", device="cpu", on_batch=on_eval_batch)
     on_stage("localising: Grad-CAM against the planted findings' boxes (test split)")
@@ -96,6 +114,7 @@ def run_demo(
         "run": run_dir,
         "synthetic": summary,
         "train_state": state,
+        "calibration": calibration,
         "evaluation": result,
         "localization": localization,
         "report": report,
