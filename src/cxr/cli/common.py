@@ -19,8 +19,9 @@ app = typer.Typer(
 data_app = typer.Typer(help="NIH tables: statistics, patient-level splits, synthetic data.")
 app.add_typer(data_app, name="data")
 
-console = Console()
-err_console = Console(stderr=True)
+# soft_wrap: messages hold paths, which must stay whole (copyable) at any terminal width.
+console = Console(soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 
 def friendly_errors(func: Callable) -> Callable:

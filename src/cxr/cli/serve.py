@@ -85,7 +85,11 @@ def _report(error, target=None) -> None:
 
 
 def _summary_table(result) -> Table:
-    table = Table("file", "positive calls (probability)", "highest", title="predictions")
+    table = Table(title="predictions")
+    # A file name is what a user searches the table for: wrap it, never cut it with an ellipsis.
+    table.add_column("file", overflow="fold")
+    table.add_column("positive calls (probability)")
+    table.add_column("highest")
     for record in result.records():
         probabilities = record["probabilities"]
         positive = ", ".join(f"{n} ({probabilities[n]:.2f})" for n in record["positive"])
@@ -129,6 +133,9 @@ def serve(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda (torch).")] = "auto",
     max_upload_mb: Annotated[float, typer.Option(help="Largest accepted upload.")] = 32.0,
     max_megapixels: Annotated[float, typer.Option(help="Largest accepted image.")] = 40.0,
+    request_timeout: Annotated[
+        float, typer.Option(help="Seconds before a request is answered 503 (0: no limit).")
+    ] = 60.0,
 ):
     """HTTP service: POST /v1/predict, POST /v1/explain, GET /healthz, /docs, and a page at /."""
     import uvicorn
@@ -141,6 +148,7 @@ def serve(
         device=device,
         max_upload_bytes=int(max_upload_mb * 1024 * 1024),
         max_pixels=int(max_megapixels * 1_000_000),
+        request_timeout_s=request_timeout or None,
     )
     if host not in ("127.0.0.1", "localhost", "::1"):
         err_console.print(
