@@ -85,12 +85,15 @@ def _report(error, target=None) -> None:
 
 
 def _summary_table(result) -> Table:
+    records = list(result.records())
     table = Table(title="predictions")
-    # A file name is what a user searches the table for: wrap it, never cut it with an ellipsis.
-    table.add_column("file", overflow="fold")
+    # A file name is what a user searches the table for: the column takes the longest name
+    # (up to 100 characters) and the calls wrap instead; a longer name folds, never an ellipsis.
+    longest = max((len(r["file"]) for r in records), default=4)
+    table.add_column("file", overflow="fold", min_width=min(longest, 100))
     table.add_column("positive calls (probability)")
-    table.add_column("highest")
-    for record in result.records():
+    table.add_column("highest", no_wrap=True)
+    for record in records:
         probabilities = record["probabilities"]
         positive = ", ".join(f"{n} ({probabilities[n]:.2f})" for n in record["positive"])
         top = max(probabilities, key=probabilities.get)
