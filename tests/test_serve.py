@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import struct
+import threading
 import zlib
 from pathlib import Path
 
@@ -287,3 +288,68 @@ def test_healthz_docs_and_page(client, bundle):
 def test_no_route_serves_server_files(client):
     for url in ("/../../etc/passwd", "/static/../model.json", "/model.json", "/v1/predict/x"):
         assert client.get(url).status_code == 404
+
+
+# ---------------------------------------------------------------------------- time limit, 500s
+
+
+def small_png(size: int = 96) -> bytes:
+    buffer = io.BytesIO()
+    pixels = np.random.default_rng(1).integers(0, 256, (size, size), dtype=np.uint8)
+    Image.fromarray(pixels, mode="L").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_requests_over_the_time_limit_get_503_and_the_service_recovers(
+    predictor, bundle, monkeypatch
+):
+    # The model blocks until the test releases it: the limit expires first, whatever the
+    # machine's speed.
+    release = threading.Event()
+    original = predictor.probabilities
+
+    def stuck(images):
+        release.wait(60)
+        return original(images)
+
+    monkeypatch.setattr(predictor, "probabilities", stuck)
+    client = TestClient(create_app(predictor=predictor, request_timeout_s=0.2))
+    try:
+        response = post(client, small_png(), name="../slow.png")
+    finally:
+        release.set()
+    assert response.status_code == 503
+    assert response.headers["retry-after"] == "5"
+    assert response.json() == {
+        "detail": "slow.png: not answered within the time limit of 0.2 s (the service is busy "
+        "or the image is too slow to process); try again later"
+    }
+    assert_no_server_paths(response.text, bundle)
+    monkeypatch.undo()
+    response = post(client, small_png(), name="fine.png")
+    assert response.status_code == 200 and response.json()["file"] == "fine.png"
+    assert client.get("/healthz").json()["status"] == "ok"
+
+
+def test_unexpected_failures_are_json_500_without_stack_or_paths(
+    predictor, bundle, monkeypatch, caplog
+):
+    def broken(images):
+        raise RuntimeError(f"boom: cannot open {bundle}/model.safetensors")
+
+    monkeypatch.setattr(predictor, "probabilities", broken)
+    client = TestClient(create_app(predictor=predictor), raise_server_exceptions=False)
+    with caplog.at_level("ERROR", logger="cxr.serve"):
+        response = post(client, small_png(), name="x.png")
+    assert response.status_code == 500
+    assert response.json() == {"detail": "x.png: internal error while predicting (RuntimeError)"}
+    assert "boom" not in response.text and "Traceback" not in response.text
+    assert_no_server_paths(response.text, bundle)
+    assert "boom" in caplog.text  # the details are in the server's log
+
+    # Anything outside the upload path too: the app-wide handler answers JSON.
+    monkeypatch.setattr(predictor, "describe", lambda: broken(None))
+    response = client.get("/healthz")
+    assert response.status_code == 500
+    assert response.json() == {"detail": "internal error (RuntimeError); see the server log"}
+    assert_no_server_paths(response.text, bundle)

@@ -53,7 +53,7 @@ from cxr.data.dataset import Preprocess
 from cxr.data.images import decode_gray
 from cxr.errors import DataError, ModelError
 from cxr.labels import PATHOLOGIES, canonical_pathology
-from cxr.utils import atomic_write_bytes, atomic_write_text
+from cxr.utils import atomic_write_bytes, atomic_write_text, npy_bytes
 
 DEFAULT_THRESHOLDS = (0.25, 0.5, 0.75)
 DEFAULT_TOP_K = 3
@@ -490,7 +490,7 @@ def explain_images(
                 title = f"{Path(path).name}: {name}, p = {probs[index]:.2f} ({call})"
                 png, npy = target / f"{name}.png", target / f"{name}.npy"
                 atomic_write_bytes(png, overlay_png(item.gray_crop, maps_i[index], title))
-                np.save(npy, maps_i[index].astype(np.float32))
+                atomic_write_bytes(npy, npy_bytes(maps_i[index].astype(np.float32)))
                 explained.append(
                     {"pathology": name, "probability": float(probs[index]), "call": call,
                      "png": str(png), "npy": str(npy)}

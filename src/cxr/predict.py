@@ -518,6 +518,8 @@ class _Explainer:
     def write(
         self, index: int, image: torch.Tensor, crop: np.ndarray, probabilities: np.ndarray
     ) -> list[str]:
+        from cxr.utils import atomic_write_bytes
+
         labels = self.predictor.labels
         calls = self.predictor.calls(probabilities[None, :])[0]
         classes = [c for c in range(len(labels)) if calls[c]] or [int(np.argmax(probabilities))]
@@ -527,7 +529,7 @@ class _Explainer:
             title = f"{labels[c]}  p={probabilities[c]:.2f}"
             png = overlay(crop, heatmaps[k], title)
             path = self.out / f"{self.stems[index]}_{labels[c]}.png"
-            path.write_bytes(png)
+            atomic_write_bytes(path, png)
             written.append(str(path))
         return written
 

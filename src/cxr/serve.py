@@ -4,20 +4,26 @@
 ``cxr serve``). Uploads are read from memory only, never from a path the client names:
 the request body is capped (413), so is the decoded image's pixel count (413, checked from the
 header before decoding), anything that is not PNG, JPEG or DICOM gets 415, and an image of a
-supported type that cannot be decoded gets 422. Error bodies are ``{"detail": message}``
-with messages naming the upload by its (sanitised) file name only.
+supported type that cannot be decoded gets 422. Decoding and the model run in a bounded thread
+pool under a per-request time limit (503 with ``Retry-After`` when it expires). Error bodies
+are ``{"detail": message}`` with messages naming the upload by its (sanitised) file name only;
+an unexpected failure is logged on the server and answered 500 with the exception's class
+name, never a stack trace or a server path.
 """
 
 from __future__ import annotations
 
+import asyncio
 import io
+import logging
 import os
 import threading
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
 from typing import Any
 
-from fastapi import FastAPI, File, Form, HTTPException, UploadFile
+from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from PIL import Image
 
@@ -34,9 +40,11 @@ from cxr.predict import (
 
 DEFAULT_MAX_UPLOAD_BYTES = 32 * 1024 * 1024
 DEFAULT_MAX_PIXELS = 40_000_000
+DEFAULT_REQUEST_TIMEOUT_S = 60.0
 # Multipart framing around the file: boundaries, part headers, the pathology field.
 _FORM_OVERHEAD = 64 * 1024
 MEDIA_TYPES = "PNG, JPEG or DICOM"
+log = logging.getLogger("cxr.serve")
 
 
 def create_app(
@@ -48,13 +56,20 @@ def create_app(
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     max_parallel_decodes: int = 4,
+    request_timeout_s: float | None = DEFAULT_REQUEST_TIMEOUT_S,
 ) -> FastAPI:
-    """The app for a run folder or bundle (or an already loaded ``predictor``)."""
+    """The app for a run folder or bundle (or an already loaded ``predictor``).
+
+    ``request_timeout_s`` bounds the time from a request's upload being read to its answer
+    (queueing for a worker included); ``None`` or 0 turns the limit off.
+    """
     if predictor is None:
         if model_path is None:
             raise CxrError("create_app needs a model path or a predictor")
         predictor = load_predictor(model_path, backend=backend, device=device)
-    service = _Service(predictor, max_upload_bytes, max_pixels, max_parallel_decodes)
+    service = _Service(
+        predictor, max_upload_bytes, max_pixels, max_parallel_decodes, request_timeout_s
+    )
     app = FastAPI(
         title="cxr",
         version=_version(),
@@ -67,6 +82,14 @@ def create_app(
     app.add_middleware(BodyLimit, limit=max_upload_bytes + _FORM_OVERHEAD)
     labels = predictor.labels
 
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # The details (and the stack) go to the server's log, never to the client.
+        log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
+        return JSONResponse(
+            {"detail": f"internal error ({type(exc).__name__}); see the server log"}, 500
+        )
+
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page() -> HTMLResponse:
         return HTMLResponse(_page_html(), headers={"Cache-Control": "no-store"})
@@ -77,11 +100,14 @@ def create_app(
         return {"status": "ok", "model": predictor.describe()}
 
     @app.post("/v1/predict")
-    def predict(
+    async def predict(
         file: UploadFile = File(..., description=f"An X-ray: {MEDIA_TYPES}."),
     ) -> dict[str, Any]:
         """The 14 probabilities, the positive/negative calls and the thresholds used."""
-        name, data = service.read(file)
+        name, data = await service.read(file)
+        return await service.run(name, "predicting", _predict, name, data)
+
+    def _predict(name: str, data: bytes) -> dict[str, Any]:
         gray, _crop, image = service.prepare(name, data)
         probabilities = predictor.probabilities(image[None])[0]
         calls = predictor.calls(probabilities[None])[0]
@@ -102,7 +128,7 @@ def create_app(
         response_class=Response,
         responses={200: {"content": {"image/png": {}}, "description": "Grad-CAM overlay PNG"}},
     )
-    def explain(
+    async def explain(
         file: UploadFile = File(..., description=f"An X-ray: {MEDIA_TYPES}."),
         pathology: str = Form(..., description="A pathology name (e.g. Effusion) or index 0-13."),
     ) -> Response:
@@ -110,13 +136,17 @@ def create_app(
         index = _pathology_index(labels, pathology)
         if predictor.torch_model is None:
             raise HTTPException(501, "Grad-CAM is not available: the service runs an ONNX file")
-        name, data = service.read(file)
+        name, data = await service.read(file)
+        return await service.run(name, "explaining", _explain, name, data, index)
+
+    def _explain(name: str, data: bytes, index: int) -> Response:
         _gray, crop, image = service.prepare(name, data)
         probability = float(predictor.probabilities(image[None])[0][index])
         try:
             heatmap = explain_heatmaps(predictor, image[None], [index])[0, 0]
         except CxrError as exc:
-            raise HTTPException(500, f"Grad-CAM failed: {exc}") from None
+            log.error("%s: Grad-CAM failed: %s", name, exc)
+            raise HTTPException(500, f"{name}: Grad-CAM failed ({type(exc).__name__})") from None
         png = overlay(crop, heatmap, f"{labels[index]}  p={probability:.2f}")
         return Response(
             png,
@@ -134,21 +164,57 @@ def create_app(
 class _Service:
     """Reads and checks uploads; bounds the memory that parallel decodes can take."""
 
-    def __init__(self, predictor: Predictor, max_upload_bytes, max_pixels, max_parallel_decodes):
+    def __init__(
+        self,
+        predictor: Predictor,
+        max_upload_bytes,
+        max_pixels,
+        max_parallel_decodes,
+        request_timeout_s=DEFAULT_REQUEST_TIMEOUT_S,
+    ):
         self.predictor = predictor
         self.preprocess = predictor.preprocess
         self.max_upload_bytes = int(max_upload_bytes)
         self.max_pixels = int(max_pixels)
-        self.decodes = threading.BoundedSemaphore(max(1, int(max_parallel_decodes)))
+        parallel = max(1, int(max_parallel_decodes))
+        self.decodes = threading.BoundedSemaphore(parallel)
+        self.timeout = float(request_timeout_s) if request_timeout_s else None
+        # Bounded: requests beyond it wait (and time out) instead of starting more threads.
+        self.pool = ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="cxr-serve")
 
-    def read(self, upload: UploadFile) -> tuple[str, bytes]:
+    async def read(self, upload: UploadFile) -> tuple[str, bytes]:
         name = safe_name(os.path.basename((upload.filename or "").replace("\\", "/"))) or "upload"
-        data = upload.file.read(self.max_upload_bytes + 1)
+        data = await upload.read(self.max_upload_bytes + 1)
         if len(data) > self.max_upload_bytes:
             raise HTTPException(
                 413, f"{name}: upload is larger than the limit of {_mib(self.max_upload_bytes)}"
             )
         return name, data
+
+    async def run(self, name: str, doing: str, work, *args):
+        """``work(*args)`` in the pool, within the time limit; failures become JSON errors.
+
+        On expiry the client gets 503 at once; work not yet started is dropped, work already
+        running finishes in its thread (Python threads cannot be killed) and its result is
+        discarded.
+        """
+        future = asyncio.get_running_loop().run_in_executor(self.pool, work, *args)
+        try:
+            return await asyncio.wait_for(future, self.timeout)
+        except (asyncio.TimeoutError, TimeoutError):
+            raise HTTPException(
+                503,
+                f"{name}: not answered within the time limit of {self.timeout:g} s "
+                "(the service is busy or the image is too slow to process); try again later",
+                headers={"Retry-After": "5"},
+            ) from None
+        except HTTPException:
+            raise
+        except Exception as exc:
+            log.error("%s: %s failed", name, doing, exc_info=exc)
+            raise HTTPException(
+                500, f"{name}: internal error while {doing} ({type(exc).__name__})"
+            ) from None
 
     def prepare(self, name: str, data: bytes):
         """(gray image, model crop, normalised tensor) or an HTTP error saying what is wrong."""
@@ -158,10 +224,10 @@ class _Service:
             raise HTTPException(415, f"{name}: {what}")
         size = header_size(data, kind)
         if size is not None and size[0] * size[1] > self.max_pixels:
+            shown = "too many" if size == _TOO_BIG else f"{size[0]}x{size[1]}"
             raise HTTPException(
                 413,
-                f"{name}: image is {size[0]}x{size[1]} pixels, more than the limit of "
-                f"{self.max_pixels:,}",
+                f"{name}: image is {shown} pixels, more than the limit of {self.max_pixels:,}",
             )
         with self.decodes:
             try:
@@ -172,6 +238,9 @@ class _Service:
                 raise HTTPException(413, f"{name}: image has more than {self.max_pixels:,} pixels")
             crop = self.preprocess.crop_resized(gray)
         return gray, crop, self.preprocess.to_tensor(crop)
+
+
+_TOO_BIG = (1 << 31, 1)
 
 
 def sniff(data: bytes) -> str | None:
@@ -187,6 +256,9 @@ def sniff(data: bytes) -> str | None:
 
 def header_size(data: bytes, kind: str) -> tuple[int, int] | None:
     """(width, height) from the header, without decoding pixels; ``None`` if unreadable."""
+    if kind == "png" and data[12:16] == b"IHDR" and len(data) >= 24:
+        # Straight from the first chunk: exact even for sizes PIL refuses to open.
+        return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
     try:
         if kind == "dicom":
             import pydicom
@@ -198,7 +270,7 @@ def header_size(data: bytes, kind: str) -> tuple[int, int] | None:
             with Image.open(io.BytesIO(data)) as image:
                 return image.size
     except Image.DecompressionBombError:
-        return (1 << 31, 1)  # over any sensible limit: PIL refuses to even open it
+        return _TOO_BIG  # over any sensible limit: PIL refuses to even open it
     except Exception:
         return None  # the decoder will say what is wrong
 
@@ -237,8 +309,14 @@ class BodyLimit:
     """ASGI middleware: refuse request bodies over ``limit`` bytes with 413, before parsing.
 
     Reads the body itself (at most ``limit`` bytes are ever held), then replays it to the app;
-    ``Content-Length`` over the limit is refused without reading anything.
+    ``Content-Length`` over the limit is refused without holding any of it. Before a refusal,
+    the rest of the body is read and discarded, up to ``DRAIN_FACTOR`` times the limit: HTTP
+    clients send the whole request before reading the answer, and a server that closes with
+    unread data makes the kernel reset the connection, so the client would see a reset instead
+    of the 413. Bodies beyond that bound are refused at once (memory stays bounded either way).
     """
+
+    DRAIN_FACTOR = 4
 
     def __init__(self, app, limit: int):
         self.app = app
@@ -251,12 +329,12 @@ class BodyLimit:
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None:
             try:
-                too_big = int(declared) > self.limit
+                declared_size = int(declared)
             except ValueError:
                 await JSONResponse({"detail": "invalid Content-Length"}, 400)(scope, receive, send)
                 return
-            if too_big:
-                await self._refuse(scope, receive, send)
+            if declared_size > self.limit:
+                await self._refuse(scope, receive, send, received=0, declared=declared_size)
                 return
         body = bytearray()
         while True:
@@ -264,10 +342,13 @@ class BodyLimit:
             if message["type"] == "http.disconnect":
                 return
             body += message.get("body", b"")
+            more = message.get("more_body", False)
             if len(body) > self.limit:
-                await self._refuse(scope, receive, send)
+                received = len(body)
+                body.clear()
+                await self._refuse(scope, receive, send, received=received, finished=not more)
                 return
-            if not message.get("more_body", False):
+            if not more:
                 break
         replayed = False
 
@@ -280,7 +361,18 @@ class BodyLimit:
 
         await self.app(scope, replay, send)
 
-    async def _refuse(self, scope, receive, send):
+    async def _refuse(
+        self, scope, receive, send, *, received: int, declared: int | None = None, finished=False
+    ):
+        bound = self.DRAIN_FACTOR * self.limit
+        if not finished and (declared is None or declared <= bound):
+            while received <= bound:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return
+                received += len(message.get("body", b""))
+                if not message.get("more_body", False):
+                    break
         response = JSONResponse(
             {"detail": f"request body is larger than the limit of {_mib(self.limit)}"},
             413,

@@ -42,3 +42,14 @@ def atomic_save_torch(obj, path: str | Path) -> None:
 
 def atomic_write_csv(frame, path: str | Path) -> None:
     atomic_write_text(path, frame.to_csv(index=False))
+
+
+def npy_bytes(array) -> bytes:
+    """``array`` in NumPy's ``.npy`` format, for :func:`atomic_write_bytes`."""
+    import io
+
+    import numpy as np
+
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
