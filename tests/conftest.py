@@ -159,3 +159,32 @@ def trained_run(tmp_path_factory, make_run) -> Path:
     state = train_run(run)
     assert state.epoch == 2
     return run
+
+
+# ---------------------------------------------------------------------------- inference
+
+# With these thresholds the first 7 pathologies are always called positive (p >= 0) and the
+# last 7 never (p < 1), whatever the untrained weights say.
+FIXED_CALL_THRESHOLDS = [0.0] * 7 + [1.0] * 7
+
+
+@pytest.fixture(scope="session")
+def untrained_bundle(tmp_path_factory) -> Path:
+    """An untrained DenseNet121 bundle (64 px): enough to test inference plumbing.
+
+    Shared by several test files: tests must not write into it.
+    """
+    import torch
+
+    from cxr.model import build_model, bundle_meta, save_bundle
+
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("bundle") / "model"
+    meta = bundle_meta(
+        image_size=64,
+        normalization="imagenet",
+        thresholds=FIXED_CALL_THRESHOLDS,
+        threshold_rule="youden",
+    )
+    save_bundle(folder, build_model(), meta)
+    return folder

@@ -9,28 +9,19 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
-import torch
+from conftest import FIXED_CALL_THRESHOLDS
 from typer.testing import CliRunner
 
 from cxr.cli import app
 from cxr.export import ONNX_META_KEY, ONNX_WEIGHTS_KEY
 from cxr.predict import find_images, load_predictor, predict_files, weights_digest
 
-THRESHOLDS = [0.0] * 7 + [1.0] * 7
+THRESHOLDS = FIXED_CALL_THRESHOLDS
 
 
 @pytest.fixture(scope="session")
-def bundle(tmp_path_factory) -> Path:
-    """An untrained DenseNet121 bundle (64 px): enough to test the export."""
-    from cxr.model import build_model, bundle_meta, save_bundle
-
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("bundle") / "model"
-    meta = bundle_meta(
-        image_size=64, normalization="imagenet", thresholds=THRESHOLDS, threshold_rule="youden"
-    )
-    save_bundle(folder, build_model(), meta)
-    return folder
+def bundle(untrained_bundle) -> Path:
+    return untrained_bundle
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import FIXED_CALL_THRESHOLDS
 from typer.testing import CliRunner
 
 from cxr.cli import app
@@ -20,21 +21,12 @@ from cxr.predict import FileError, find_images, load_predictor, predict_files
 
 DICOM_NAME = "1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"
 # The first 7 pathologies are always positive (p >= 0), the last 7 never (p < 1).
-THRESHOLDS = [0.0] * 7 + [1.0] * 7
+THRESHOLDS = FIXED_CALL_THRESHOLDS
 
 
 @pytest.fixture(scope="session")
-def bundle(tmp_path_factory) -> Path:
-    """An untrained DenseNet121 bundle (64 px): enough to test the plumbing."""
-    from cxr.model import build_model, bundle_meta, save_bundle
-
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("bundle") / "model"
-    meta = bundle_meta(
-        image_size=64, normalization="imagenet", thresholds=THRESHOLDS, threshold_rule="youden"
-    )
-    save_bundle(folder, build_model(), meta)
-    return folder
+def bundle(untrained_bundle) -> Path:
+    return untrained_bundle
 
 
 @pytest.fixture(scope="session")

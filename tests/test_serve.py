@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+from conftest import FIXED_CALL_THRESHOLDS
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -21,22 +21,13 @@ from cxr.predict import load_predictor
 from cxr.serve import BodyLimit, create_app
 
 DICOM_NAME = "1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"
-THRESHOLDS = [0.0] * 7 + [1.0] * 7
+THRESHOLDS = FIXED_CALL_THRESHOLDS
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory) -> Path:
-    """An untrained DenseNet121 bundle (64 px): enough to test the plumbing."""
-    from cxr.model import build_model, bundle_meta, save_bundle
-
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("bundle") / "model"
-    meta = bundle_meta(
-        image_size=64, normalization="imagenet", thresholds=THRESHOLDS, threshold_rule="youden"
-    )
-    save_bundle(folder, build_model(), meta)
-    return folder
+@pytest.fixture(scope="session")
+def bundle(untrained_bundle) -> Path:
+    return untrained_bundle
 
 
 @pytest.fixture(scope="module")
