@@ -20,19 +20,19 @@ import argparse
 import io
 import os
 import socket
-import struct
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import zlib
 from collections import Counter
 from pathlib import Path
 
 import httpx
 import numpy as np
 from PIL import Image
+
+from cxr.testing import png_bytes, png_claiming_size
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGES = ROOT.parent / "shared" / "data" / "nih" / "images"
@@ -45,31 +45,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def header_only_png(width: int, height: int) -> bytes:
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return (
-            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-        )
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-        + chunk(b"IEND", b"")
-    )
-
-
 def payloads() -> tuple[list[tuple[str, dict, int]], list[tuple[str, dict, int]]]:
     """(valid, malformed): (class, httpx keyword arguments, expected status)."""
     rng = np.random.default_rng(0)
-    noise = png(Image.fromarray(rng.integers(0, 256, (256, 256), dtype=np.uint8), mode="L"))
+    noise = png_bytes(Image.fromarray(rng.integers(0, 256, (256, 256), dtype=np.uint8), mode="L"))
     ramp = (np.arange(200 * 150, dtype=np.uint32).reshape(150, 200) % 4096).astype(np.uint16)
     jpeg = io.BytesIO()
     Image.fromarray(rng.integers(0, 256, (300, 240), dtype=np.uint8)).save(jpeg, format="JPEG")
@@ -80,9 +59,9 @@ def payloads() -> tuple[list[tuple[str, dict, int]], list[tuple[str, dict, int]]
 
     valid = [
         ("png", upload("noise.png", noise), 200),
-        ("png16", upload("ramp16.png", png(Image.fromarray(ramp))), 200),
+        ("png16", upload("ramp16.png", png_bytes(Image.fromarray(ramp))), 200),
         ("jpeg", upload("scan.jpg", jpeg.getvalue()), 200),
-        ("1x1", upload("one.png", png(Image.new("L", (1, 1), 90))), 200),
+        ("1x1", upload("one.png", png_bytes(Image.new("L", (1, 1), 90))), 200),
     ]
     valid += [
         ("nih", upload(p.name, p.read_bytes()), 200) for p in sorted(IMAGES.glob("*.png"))[:8]
@@ -91,7 +70,7 @@ def payloads() -> tuple[list[tuple[str, dict, int]], list[tuple[str, dict, int]]
         ("text", upload("notes.png", b"not an image\n" * 10), 415),
         ("empty", upload("empty.png", b""), 415),
         ("truncated", upload("cut.png", noise[: len(noise) // 2]), 422),
-        ("bomb", upload("bomb.png", header_only_png(60_000, 60_000)), 413),
+        ("bomb", upload("bomb.png", png_claiming_size(60_000, 60_000)), 413),
         ("oversize-file", upload("big.png", noise[:4000] + b"\0" * limit), 413),
         ("oversize-body", upload("huge.png", b"\0" * (limit + 200_000)), 413),
         ("no-file-field", {"data": {"pathology": "Mass"}}, 422),

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
-import struct
 import time
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +16,7 @@ from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, ge
 
 from cxr.data.images import MAX_PIXELS, decode_gray, is_dicom_bytes, scale_to_uint8
 from cxr.errors import ImageError
+from cxr.testing import png_claiming_size
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 RGBA_NAMES = ["00001369_000", "00002578_000", "00004934_000", "00005224_000", "00005813_000"]
@@ -259,20 +258,9 @@ def test_missing_file_and_folder(tmp_path):
         decode_gray(tmp_path)
 
 
-def png_claiming(width: int, height: int) -> bytes:
-    """A tiny valid PNG whose IHDR is patched to claim ``width`` x ``height`` (CRC fixed)."""
-    buffer = io.BytesIO()
-    Image.new("L", (4, 4)).save(buffer, "PNG")
-    data = bytearray(buffer.getvalue())
-    assert data[12:16] == b"IHDR"
-    data[16:24] = struct.pack(">II", width, height)
-    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
-    return bytes(data)
-
-
 def test_decompression_bomb_is_refused_quickly(tmp_path):
     path = tmp_path / "bomb.png"
-    path.write_bytes(png_claiming(60_000, 60_000))
+    path.write_bytes(png_claiming_size(60_000, 60_000))
     assert path.stat().st_size < 200
     start = time.perf_counter()
     with pytest.raises(ImageError) as info:
@@ -289,7 +277,7 @@ def test_image_over_own_pixel_limit(tmp_path):
     assert MAX_PIXELS < 8000 * 6000
     start = time.perf_counter()
     with pytest.raises(ImageError) as info:
-        decode_gray(png_claiming(8000, 6000), name="big.png")
+        decode_gray(png_claiming_size(8000, 6000), name="big.png")
     assert time.perf_counter() - start < 1.0
     message = str(info.value)
     assert message.startswith("big.png: image is 8000x6000 pixels")

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
-import struct
 import threading
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +17,7 @@ from cxr.data.images import decode_gray
 from cxr.labels import PATHOLOGIES
 from cxr.predict import load_predictor
 from cxr.serve import BodyLimit, create_app
+from cxr.testing import png_claiming_size
 
 DICOM_NAME = "1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"
 THRESHOLDS = FIXED_CALL_THRESHOLDS
@@ -193,21 +192,6 @@ def test_body_limit_counts_chunked_bodies_without_content_length():
     ]
 
 
-def png_header_only(width: int, height: int) -> bytes:
-    """A PNG whose header claims ``width x height`` (a decompression bomb's first bytes)."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return (
-            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-        )
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    idat = zlib.compress(b"\0" * 64)
-    return (
-        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
-    )
-
-
 def test_images_over_the_pixel_limit_get_413(small_client, shared_data, bundle):
     response = post(small_client, shared_data / "misc" / "nih_downscaled" / "00000002_000.png")
     assert response.status_code == 200  # 128 x 128
@@ -216,12 +200,12 @@ def test_images_over_the_pixel_limit_get_413(small_client, shared_data, bundle):
     assert response.json()["detail"] == (
         "16747_3_1.jpg: image is 1036x885 pixels, more than the limit of 300,000"
     )
-    response = post(small_client, png_header_only(600, 600), name="big.png")
+    response = post(small_client, png_claiming_size(600, 600), name="big.png")
     assert response.status_code == 413
     assert response.json()["detail"] == (
         "big.png: image is 600x600 pixels, more than the limit of 300,000"
     )
-    response = post(small_client, png_header_only(100_000, 100_000), name="bomb.png")
+    response = post(small_client, png_claiming_size(100_000, 100_000), name="bomb.png")
     assert response.status_code == 413
     assert "bomb.png: image is" in response.json()["detail"]
     assert_no_server_paths(response.text, bundle)

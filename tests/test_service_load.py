@@ -12,9 +12,7 @@ from __future__ import annotations
 import gc
 import io
 import socket
-import struct
 import threading
-import zlib
 from collections import Counter
 from pathlib import Path
 
@@ -26,6 +24,7 @@ import uvicorn
 from PIL import Image
 
 from cxr.serve import create_app
+from cxr.testing import png_bytes, png_claiming_size
 
 REQUESTS = 120
 CLIENTS = 8
@@ -33,31 +32,10 @@ MAX_UPLOAD = 50_000
 RSS_MARGIN_MB = 150
 
 
-def _png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def _bomb(width: int, height: int) -> bytes:
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return (
-            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-        )
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", header)
-        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-        + chunk(b"IEND", b"")
-    )
-
-
 def request_mix() -> list[tuple[str, dict, int]]:
     """(kind, httpx keyword arguments, expected status), valid and malformed interleaved."""
     rng = np.random.default_rng(0)
-    noise = _png(Image.fromarray(rng.integers(0, 256, (96, 96), dtype=np.uint8), mode="L"))
+    noise = png_bytes(Image.fromarray(rng.integers(0, 256, (96, 96), dtype=np.uint8), mode="L"))
     ramp = (np.arange(80 * 60, dtype=np.uint32).reshape(60, 80) * 13).astype(np.uint16)
     jpeg = io.BytesIO()
     Image.fromarray(rng.integers(0, 256, (72, 90), dtype=np.uint8)).save(jpeg, format="JPEG")
@@ -67,15 +45,15 @@ def request_mix() -> list[tuple[str, dict, int]]:
 
     valid = [
         ("png", upload("scan.png", noise), 200),
-        ("png16", upload("scan16.png", _png(Image.fromarray(ramp))), 200),
+        ("png16", upload("scan16.png", png_bytes(Image.fromarray(ramp))), 200),
         ("jpeg", upload("scan.jpg", jpeg.getvalue()), 200),
-        ("tiny", upload("one.png", _png(Image.new("L", (1, 1), 50))), 200),
+        ("tiny", upload("one.png", png_bytes(Image.new("L", (1, 1), 50))), 200),
     ]
     malformed = [
         ("text", upload("notes.png", b"not an image at all\n"), 415),
         ("empty", upload("empty.png", b""), 415),
         ("truncated", upload("cut.png", noise[: len(noise) // 2]), 422),
-        ("bomb", upload("bomb.png", _bomb(60_000, 60_000)), 413),
+        ("bomb", upload("bomb.png", png_claiming_size(60_000, 60_000)), 413),
         ("oversize-file", upload("big.png", noise + b"\0" * MAX_UPLOAD), 413),
         ("oversize-body", upload("huge.png", b"\0" * (MAX_UPLOAD + 80_000)), 413),
         ("no-file-field", {"data": {"pathology": "Mass"}}, 422),

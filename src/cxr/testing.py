@@ -1,0 +1,34 @@
+"""Generators of awkward inputs, shared by the test suite and the benchmarks.
+
+They live in the package (not in tests/) so that benchmarks and users' own tests can build
+the same corpus without committed binaries.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+from PIL import Image
+
+
+def png_bytes(image: Image.Image | np.ndarray) -> bytes:
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(image)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def png_claiming_size(width: int, height: int) -> bytes:
+    """A tiny valid PNG whose header claims ``width`` x ``height`` pixels (CRC correct).
+
+    What a decompression bomb's first bytes look like: a decoder that trusts the header
+    allocates width x height before it finds out the pixel data is missing.
+    """
+    data = bytearray(png_bytes(Image.new("L", (4, 4))))
+    data[16:24] = struct.pack(">II", width, height)  # IHDR's width and height
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))  # over type + data
+    return bytes(data)
