@@ -514,6 +514,67 @@ def screen_images(
     return kept, failures
 
 
+def create_run(
+    data: str | Path,
+    out: str | Path,
+    config: TrainConfig,
+    *,
+    split_dir: str | Path | None = None,
+    on_image_check=None,
+) -> list[str]:
+    """Everything before the first step: resolve the images of ``data``, make the
+    patient-level split (or read ``split_dir``), decode every image once, check the cache,
+    and create the run folder. Returns warnings for the caller to show (dropped images)."""
+    from cxr.data.nih import attach_image_paths, load_nih
+    from cxr.data.split import read_split, split_by_patients
+
+    out, data = Path(out), Path(data)
+    if RunFolder(out).config.exists():
+        raise DataError(
+            f"{out}: already holds a run; use `cxr train --resume {out}` to continue it, "
+            "or choose another --out"
+        )
+    notes: list[str] = []
+    if split_dir is not None:
+        root = data if data.is_dir() else data.parent
+        frames = {}
+        for name, frame in read_split(split_dir).items():
+            nih = attach_image_paths(
+                frame.drop(columns=[PATH_COLUMN], errors="ignore"),
+                root,
+                drop_missing=config.drop_missing,
+                table_path=Path(split_dir) / f"{name}.csv",
+            )
+            if nih.dropped_missing:
+                notes.append(f"{name}: dropped {len(nih.dropped_missing):,} image(s) not on disk")
+            frames[name] = nih.table
+        split_note = {"method": "given", "from": os.path.abspath(split_dir)}
+    else:
+        nih = load_nih(data, drop_missing=config.drop_missing)
+        if nih.dropped_missing:
+            notes.append(f"dropped {len(nih.dropped_missing):,} image(s) not found on disk")
+        split = split_by_patients(nih.table, seed=config.seed)
+        frames = split.frames()
+        split_note = {"method": split.method, "seed": split.seed}
+    if config.cache:
+        # A cache that is stale, incomplete or lacks a training image fails before the run
+        # folder exists, not after. Its build decoded every image, so no second check.
+        from cxr.data.cache import open_cache
+
+        image_cache = open_cache(config.cache, min_size=config.image_size)
+        for name in ("train", "val"):
+            image_cache.rows_for(frames[name])
+    elif config.check_images:
+        frames, failures = screen_images(
+            frames, skip_bad=config.skip_bad_images, progress=on_image_check
+        )
+        if failures:
+            shown = "; ".join(f"{path}: {reason}" for path, reason in failures[:5])
+            notes.append(f"training without {len(failures):,} unreadable image(s): {shown}")
+    prepare_run(out, frames, config, data_source=os.path.abspath(data), split_note=split_note)
+    return notes
+
+
 def prepare_run(
     run_dir: str | Path,
     frames: dict[str, pd.DataFrame],

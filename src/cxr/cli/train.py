@@ -233,67 +233,21 @@ def _train_and_report(run_dir: Path, *, resume: bool = False) -> None:
 
 
 def start_run(data: Path, out: Path, split_dir: Path | None, train_config) -> Path:
-    """Resolve images, make or read the split, and create the run folder."""
-    import os
-
-    from cxr.data.nih import attach_image_paths, load_nih
-    from cxr.data.split import read_split, split_by_patients
-    from cxr.train import prepare_run
-
-    if Path(out).joinpath("config.json").exists():
-        raise CxrError(
-            f"{out}: already holds a run; use `cxr train --resume {out}` to continue it, "
-            "or choose another --out"
-        )
-    if split_dir is not None:
-        root = Path(data) if Path(data).is_dir() else Path(data).parent
-        frames = {}
-        for name, frame in read_split(split_dir).items():
-            nih = attach_image_paths(
-                frame.drop(columns=["path"], errors="ignore"),
-                root,
-                drop_missing=train_config.drop_missing,
-                table_path=Path(split_dir) / f"{name}.csv",
-            )
-            if nih.dropped_missing:
-                warn(f"{name}: dropped {len(nih.dropped_missing):,} image(s) not on disk")
-            frames[name] = nih.table
-        note = {"method": "given", "from": os.path.abspath(split_dir)}
-    else:
-        nih = load_nih(data, drop_missing=train_config.drop_missing)
-        if nih.dropped_missing:
-            warn(f"dropped {len(nih.dropped_missing):,} image(s) not found on disk")
-        split = split_by_patients(nih.table, seed=train_config.seed)
-        frames = split.frames()
-        note = {"method": split.method, "seed": split.seed}
-    if train_config.check_images and not train_config.cache:
-        frames = _screen_images(frames, train_config.skip_bad_images)
-    if train_config.cache:
-        # A cache that is stale, incomplete or lacks a training image fails before the run
-        # folder exists, not after.
-        from cxr.data.cache import open_cache
-
-        image_cache = open_cache(train_config.cache, min_size=train_config.image_size)
-        for name in ("train", "val"):
-            image_cache.rows_for(frames[name])
-    prepare_run(out, frames, train_config, data_source=os.path.abspath(data), split_note=note)
-    return Path(out)
-
-
-def _screen_images(frames, skip_bad: bool):
-    from cxr.train import screen_images
+    """Create the run folder (split, image check, cache check), showing progress and warnings."""
+    from cxr.train import create_run
 
     with progress_bar() as progress:
         task = progress.add_task("checking images", total=None, status="")
-        frames, failures = screen_images(
-            frames,
-            skip_bad=skip_bad,
-            progress=lambda done, total: progress.update(task, completed=done, total=total),
+        notes = create_run(
+            data,
+            out,
+            train_config,
+            split_dir=split_dir,
+            on_image_check=lambda done, total: progress.update(task, completed=done, total=total),
         )
-    if failures:
-        shown = "; ".join(f"{path}: {reason}" for path, reason in failures[:5])
-        warn(f"training without {len(failures):,} unreadable image(s): {shown}")
-    return frames
+    for note in notes:
+        warn(note)
+    return Path(out)
 
 
 def _print_train_end(run_dir: Path, state) -> None:
