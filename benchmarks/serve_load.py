@@ -12,10 +12,6 @@ p99 latency, requests/s and the number of errors (anything but 200). Weights are
 from __future__ import annotations
 
 import argparse
-import os
-import socket
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -23,15 +19,10 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+from _serve import running_server
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGES = ROOT.parent / "shared" / "data" / "nih" / "images"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def phase(url: str, payloads: list[tuple[str, bytes]], requests: int, clients: int) -> dict:
@@ -99,24 +90,7 @@ def main() -> None:
             model = Path(tmp) / "bundle"
             meta = bundle_meta(image_size=args.size, normalization="imagenet")
             save_bundle(model, build_model(), meta)
-        port = free_port()
-        command = [sys.executable, "-m", "cxr", "serve", str(model), "--host", "127.0.0.1"]
-        command += ["--port", str(port), "--backend", args.backend]
-        env = dict(os.environ, CXR_CACHE_DIR=tmp)
-        server = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL)
-        try:
-            base = f"http://127.0.0.1:{port}"
-            deadline = time.monotonic() + 300
-            while True:
-                if server.poll() is not None:
-                    sys.exit(f"cxr serve exited with status {server.returncode}")
-                try:
-                    health = httpx.get(f"{base}/healthz", timeout=2).json()
-                    break
-                except httpx.HTTPError:
-                    if time.monotonic() > deadline:
-                        sys.exit("cxr serve did not start within 300 s")
-                    time.sleep(0.5)
+        with running_server(model, args.backend, tmp) as (_, base, health):
             model_info = health["model"]
             print(
                 f"backend {model_info['backend']}, {model_info['image_size']} px, "
@@ -133,13 +107,6 @@ def main() -> None:
                 )
                 for problem in result["errors"][:5]:
                     print(f"    error: {problem}")
-        finally:
-            server.terminate()
-            try:
-                server.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait()
 
 
 if __name__ == "__main__":

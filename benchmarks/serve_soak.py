@@ -18,9 +18,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import os
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -30,6 +27,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+from _serve import running_server
 from PIL import Image
 
 from cxr.testing import png_bytes, png_claiming_size
@@ -37,12 +35,6 @@ from cxr.testing import png_bytes, png_claiming_size
 ROOT = Path(__file__).resolve().parents[1]
 IMAGES = ROOT.parent / "shared" / "data" / "nih" / "images"
 MAX_UPLOAD_MB = 2
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def payloads() -> tuple[list[tuple[str, dict, int]], list[tuple[str, dict, int]]]:
@@ -155,25 +147,11 @@ def main() -> int:
             save_bundle(
                 model, build_model(), bundle_meta(image_size=args.size, normalization="imagenet")
             )
-        port = free_port()
-        command = [sys.executable, "-m", "cxr", "serve", str(model), "--host", "127.0.0.1"]
-        command += ["--port", str(port), "--backend", args.backend]
-        command += ["--max-upload-mb", str(MAX_UPLOAD_MB)]
-        env = dict(os.environ, CXR_CACHE_DIR=tmp)
-        server = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL)
-        try:
-            base = f"http://127.0.0.1:{port}"
-            deadline = time.monotonic() + 300
-            while True:
-                if server.poll() is not None:
-                    sys.exit(f"cxr serve exited with status {server.returncode}")
-                try:
-                    health = httpx.get(f"{base}/healthz", timeout=2).json()
-                    break
-                except httpx.HTTPError:
-                    if time.monotonic() > deadline:
-                        sys.exit("cxr serve did not start within 300 s")
-                    time.sleep(0.5)
+        with running_server(model, args.backend, tmp, ["--max-upload-mb", str(MAX_UPLOAD_MB)]) as (
+            server,
+            base,
+            health,
+        ):
             info = health["model"]
             url = f"{base}/v1/predict"
             load(url, (valid + malformed) * 2, 4)  # warm-up: every class twice
@@ -183,13 +161,6 @@ def main() -> int:
             wall = time.perf_counter() - started
             healthy = httpx.get(f"{base}/healthz", timeout=10).status_code == 200
             rss_after, rss_peak = rss_mb(server.pid)
-        finally:
-            server.terminate()
-            try:
-                server.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait()
 
     print(
         f"{len(results)} requests from {args.clients} clients in {wall:.1f} s "
