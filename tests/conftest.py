@@ -188,3 +188,18 @@ def untrained_bundle(tmp_path_factory) -> Path:
     )
     save_bundle(folder, build_model(), meta)
     return folder
+
+
+# ---------------------------------------------------------------------------- browser
+
+# Debian's chromium (installed by .ci/run), never a downloaded browser. Without the
+# background-networking flags it keeps trying to reach hosts this sandbox cannot.
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]

@@ -16,21 +16,13 @@ from pathlib import Path
 import pytest
 import torch
 import uvicorn
+from conftest import CHROMIUM, CHROMIUM_ARGS, FIXED_CALL_THRESHOLDS
 from playwright.sync_api import expect, sync_playwright
 
 from cxr.labels import PATHOLOGIES
 from cxr.serve import create_app
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
-THRESHOLDS = [0.0] * 7 + [1.0] * 7  # the first 7 pathologies positive, the last 7 negative
+THRESHOLDS = FIXED_CALL_THRESHOLDS  # the first 7 pathologies positive, the last 7 negative
 NIH_PNG = "00001369_000.png"  # an RGBA NIH image with a Cardiomegaly box
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import CHROMIUM, CHROMIUM_ARGS
 from playwright.sync_api import sync_playwright
 from sklearn.metrics import average_precision_score, roc_auc_score
 from typer.testing import CliRunner
@@ -22,15 +23,6 @@ from cxr.labels import PATHOLOGIES
 from cxr.report import BASELINES, REPORT_KEY, build_report, data_origin
 from cxr.run import RunFolder
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 RUN_FILES = ("config.json", "run.json", "log.csv", "model.json", "model.safetensors")
 PROB = [f"prob_{name}" for name in PATHOLOGIES]
 TRUE = [f"true_{name}" for name in PATHOLOGIES]
