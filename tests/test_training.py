@@ -42,7 +42,7 @@ from cxr.model import (
     save_bundle,
 )
 from cxr.run import RunFolder
-from cxr.train import load_checkpoint, train_run
+from cxr.train import cpu_has_native_bf16, load_checkpoint, mixed_precision, train_run
 
 # Losses and metrics a resumed run must reproduce exactly (not the timings).
 LOG_VALUES = ["epoch", "train_loss", "val_loss", "val_auroc_mean", "lr", "next_lr", "best"]
@@ -59,6 +59,22 @@ def _text(result) -> str:
 
 
 # ---------------------------------------------------------------------------- loss
+
+
+def test_mixed_precision_is_bf16_only_where_the_hardware_computes_it(monkeypatch):
+    import cxr.train as train
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: True)
+    assert mixed_precision(True, cpu) == (True, torch.bfloat16)
+    assert mixed_precision(False, cpu) == (False, torch.float32)
+    monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: False)  # emulated: slower
+    assert mixed_precision(True, cpu) == (False, torch.float32)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert mixed_precision(True, torch.device("cuda", 0)) == (True, torch.float16)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert mixed_precision(True, torch.device("cuda", 0)) == (True, torch.bfloat16)
+    assert isinstance(cpu_has_native_bf16(), bool)
 
 
 def test_class_weights_are_the_opposite_class_fractions():
@@ -196,6 +212,9 @@ def test_trained_run_keeps_its_lowest_val_loss_epoch(trained_run: Path):
     assert meta["val_loss"] == pytest.approx(log["val_loss"].min(), rel=1e-12)
     assert meta["image_size"] == 32 and meta["normalization"] == "imagenet"
     assert meta["labels"] == list(PATHOLOGIES) and len(meta["thresholds"]) == 14
+    info = json.loads((trained_run / "run.json").read_text())
+    expected = "bfloat16 autocast" if cpu_has_native_bf16() else "float32"
+    assert info["precision"] == expected  # amp is on by default, bf16 only where native
 
 
 # ---------------------------------------------------------------------------- resume

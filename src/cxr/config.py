@@ -36,9 +36,9 @@ class TrainConfig:
     # Runtime
     seed: int = 0
     device: str = "auto"  # "auto": CUDA when present, else CPU
-    amp: bool = True  # mixed precision, on CUDA only
+    amp: bool = True  # mixed precision: CUDA, and bf16 on CPUs that compute it natively
     workers: int = 2
-    channels_last: bool = True  # on CUDA only
+    channels_last: bool = True  # NHWC memory layout (faster convolutions on CUDA and CPU)
     compile: bool = False
     drop_missing: bool = False
     cache: str | None = None  # a `cxr data cache` folder to read pre-decoded images from

@@ -32,8 +32,8 @@ class RichTrainCallbacks:
     def on_start(self, info):
         resumed = f", resuming after epoch {info['start_epoch']}" if info["start_epoch"] else ""
         self.progress.console.print(
-            f"training on {info['device']} (processes: {info['world_size']}, AMP: "
-            f"{info['amp']}): {info['train_images']:,} train / {info['val_images']:,} val "
+            f"training on {info['device']} (processes: {info['world_size']}, "
+            f"{info['precision']}): {info['train_images']:,} train / {info['val_images']:,} val "
             f"images{resumed}"
         )
 
@@ -100,7 +100,12 @@ def train(
     workers: Annotated[int | None, typer.Option(help="DataLoader worker processes.")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N.")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed for split, init and shuffling.")] = None,
-    amp: Annotated[bool | None, typer.Option("--amp/--no-amp", help="AMP on CUDA.")] = None,
+    amp: Annotated[
+        bool | None,
+        typer.Option(
+            "--amp/--no-amp", help="Mixed precision: on CUDA, and bf16 on CPUs with native bf16."
+        ),
+    ] = None,
     compile: Annotated[
         bool | None, typer.Option("--compile/--no-compile", help="torch.compile the model.")
     ] = None,
