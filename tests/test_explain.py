@@ -19,6 +19,8 @@ from cxr.cli import app
 from cxr.data.dataset import Preprocess
 from cxr.errors import DataError
 from cxr.explain import (
+    _Head,
+    _stitched_cams,
     box_mask,
     choose_pathologies,
     gradcam,
@@ -147,6 +149,74 @@ def test_the_logit_really_depends_on_the_region_only():
         assert torch.allclose(model(images), model(changed))
         changed[..., 8:24, 40:56] = 5.0  # inside region 0
         assert not torch.allclose(model(images)[:, 0], model(changed)[:, 0])
+
+
+class StrideModel(nn.Module):
+    """DenseNet121's geometry without its weights: one feature cell per 32 x 32 pixels.
+
+    Each cell is a weighted sum of its pixels (``kernel``, 32 x 32), ReLU'd, average-pooled
+    and read by a 1 -> 1 classifier, so the class logit's Grad-CAM is the cell values.
+    """
+
+    def __init__(self, kernel: torch.Tensor):
+        super().__init__()
+        conv = nn.Conv2d(3, 1, kernel_size=32, stride=32, bias=False)
+        with torch.no_grad():
+            conv.weight.copy_(kernel.expand(1, 3, 32, 32) / 3)
+        self.features = nn.Sequential(conv)
+        self.classifier = nn.Linear(1, 1, bias=False)
+        with torch.no_grad():
+            self.classifier.weight.fill_(1.0)
+
+
+def test_shift_and_stitch_samples_the_map_where_it_says():
+    # Each cell averages the two pixels either side of its centre, so on a ramp image (each
+    # pixel's value is its centre's x coordinate) a cell's class activation is the x of its
+    # centre. The stitched map, before min-max scaling, must then be the ramp itself: a sample
+    # put at the wrong place, or a pass on another scale, shows.
+    kernel = torch.zeros(32, 32)
+    kernel[15:17, 15:17] = 0.25
+    model = StrideModel(kernel).eval()
+    size = 128
+    ramp = torch.arange(size, dtype=torch.float32) + 0.5
+    images = ramp.expand(1, 3, size, size).clone()
+    inner = slice(16, size - 16)  # between the outermost samples (held constant beyond)
+    for shifts in (2, 4, 8):
+        raw = _stitched_cams(model, _Head(model.classifier), images, [0], shifts)[0, 0]
+        assert raw.shape == (size, size)
+        np.testing.assert_allclose(
+            raw[:, inner].numpy(),
+            ramp[inner].expand(size, -1).numpy(),
+            atol=1e-3,
+            err_msg=f"shifts={shifts}",
+        )
+
+
+@pytest.mark.parametrize("spot", [(40, 72), (24, 104), (96, 40)])
+def test_shift_and_stitch_points_inside_a_finding_smaller_than_a_cell(spot):
+    # An 8 px bright spot on black, and cells that weigh their pixels by closeness to their
+    # centre: plain Grad-CAM can only point at a cell centre (every 32 px), none of which is
+    # on these spots; 4 shifts per axis sample every 8 px, which brings the maximum onto them.
+    centre = torch.arange(32, dtype=torch.float32) - 15.5
+    kernel = torch.exp(-(centre[:, None] ** 2 + centre[None, :] ** 2) / (2 * 10.0**2))
+    model = StrideModel(kernel).eval()
+    size, (x, y) = 128, spot
+    images = torch.zeros(1, 3, size, size)
+    images[..., y - 4 : y + 4, x - 4 : x + 4] = 1.0
+    box = (x - 4, y - 4, 8, 8)
+    plain = gradcam(model, images, [0])[0, 0]
+    stitched = gradcam(model, images, [0], shifts=4)[0, 0]
+    assert not score_heatmap(plain, [box])["hit"]
+    assert score_heatmap(stitched, [box])["hit"]
+    # Same logits whatever the density: they come from the unshifted image.
+    _, logits_plain = gradcam_with_logits(model, images, [0])
+    _, logits_stitched = gradcam_with_logits(model, images, [0], shifts=4)
+    np.testing.assert_array_equal(logits_plain, logits_stitched)
+
+
+def test_shifts_must_keep_whole_pixels():
+    with pytest.raises(ValueError, match="shifts"):
+        gradcam(RegionModel(), torch.rand(1, 3, 64, 64), [0], shifts=3)
 
 
 def test_gradcam_uses_eval_mode_and_restores_train_mode():
@@ -492,6 +562,35 @@ def test_localize_run_on_synthetic_boxes(tmp_path: Path, make_run, synth_data: P
     everything = localize(bundle, synth_data / "BBox_List_2017.csv", synth_data)
     assert everything["images_scored"] == boxes["image"].nunique()
     assert everything["overall"]["findings"] > report["overall"]["findings"]
+
+
+def test_cli_localize_and_explain_with_shift_and_stitch(
+    tmp_path: Path, bundle_dir: Path, real_boxes: Path, sample_images: Path
+):
+    out = tmp_path / "localization.json"
+    result = CliRunner().invoke(
+        app,
+        ["localize", str(bundle_dir), "--boxes", str(real_boxes), "--images", str(sample_images),
+         "--out", str(out), "--shifts", "2"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "sampled every 16 px (shift-and-stitch)" in result.output
+    report = json.loads(out.read_text())
+    assert report["shifts"] == 2 and report["sample_spacing_px"] == 16.0
+    assert report["overall"]["findings"] == 10
+    image = str(sample_images / "00026911_000.png")
+    explained = tmp_path / "explained"
+    result = CliRunner().invoke(
+        app,
+        ["explain", str(bundle_dir), image, "--out", str(explained), "--pathology", "Mass",
+         "--shifts", "4"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert json.loads((explained / "explanations.json").read_text())["shifts"] == 4
+    _check_heatmap(explained / "00026911_000" / "Mass.npy", 64)
+    for command in (["localize", str(bundle_dir)], ["explain", str(bundle_dir), image]):
+        result = CliRunner().invoke(app, [*command, "--out", str(tmp_path / "x"), "--shifts", "3"])
+        assert result.exit_code == 2 and "--shifts must be one of 1, 2, 4, 8" in result.output
 
 
 def test_localize_without_any_image_found_is_an_error(tmp_path: Path, bundle_dir, real_boxes):

@@ -61,6 +61,8 @@ DEFAULT_TOP_K = 3
 # that layer can point to. Its maximum is always at a cell centre, so at 96 px (3x3 cells) a
 # box that holds no cell centre cannot be hit exactly however good the model is.
 DEFAULT_TOLERANCE_PX = 16.0
+FEATURE_STRIDE = 32  # input pixels per cell of DenseNet121's final feature map
+SHIFT_CHOICES = (1, 2, 4, 8)  # shift-and-stitch densities that keep the geometry whole pixels
 EXPLAIN_MODES = ("positive", "all")
 LOCALIZATION_NAME = "localization.json"
 EXPLANATIONS_NAME = "explanations.json"
@@ -102,18 +104,19 @@ def _plain(model: nn.Module) -> nn.Module:
 
 
 def gradcam_with_logits(
-    model: nn.Module, images: torch.Tensor, class_indices: Sequence[int]
+    model: nn.Module, images: torch.Tensor, class_indices: Sequence[int], *, shifts: int = 1
 ) -> tuple[np.ndarray, np.ndarray]:
     """Grad-CAM maps ``[B, K, S, S]`` (float32, [0, 1]) and the logits ``[B, classes]``.
 
     ``model`` is DenseNet-shaped (``features`` -> ReLU -> global average pool ->
     ``classifier``), as :func:`cxr.model.build_model` makes it; the logits are the model's own
-    output for ``images``, from the same forward pass.
+    output for ``images``, from the same forward pass. ``shifts`` > 1 samples the map
+    ``shifts`` times more densely per axis by shift-and-stitch (see :func:`_stitched_cams`).
     """
-    from captum.attr import LayerAttribution, LayerGradCam
-
     if images.ndim != 4:
         raise ValueError(f"images must be [B, 3, S, S], got shape {tuple(images.shape)}")
+    if shifts not in SHIFT_CHOICES:
+        raise ValueError(f"shifts must be one of {SHIFT_CHOICES}, not {shifts!r}")
     classes = [int(c) for c in class_indices]
     net = _plain(model)
     batch, height, width = images.shape[0], images.shape[-2], images.shape[-1]
@@ -124,9 +127,9 @@ def gradcam_with_logits(
         with torch.inference_mode(False):
             device = next(net.parameters()).device
             pixels = images.detach().to(device).clone()
+            head = _Head(net.classifier)
             with torch.no_grad():
                 feature_map = F.relu(net.features(pixels))
-                head = _Head(net.classifier)
                 logits = head(feature_map).float()
             if not classes or batch == 0:
                 empty = np.zeros((batch, len(classes), height, width), dtype=np.float32)
@@ -134,26 +137,93 @@ def gradcam_with_logits(
             for index in classes:
                 if not 0 <= index < logits.shape[1]:
                     raise ValueError(f"class index {index} outside 0..{logits.shape[1] - 1}")
-            # One row per (image, class) pair, so one captum call covers every map.
-            repeated = feature_map.repeat_interleave(len(classes), dim=0)
-            targets = classes * batch
-            cam = LayerGradCam(head, head.feature_map).attribute(
-                repeated, target=targets, relu_attributions=True
-            )
-            cam = LayerAttribution.interpolate(cam.detach().float(), (height, width), "bilinear")
-            maps = _normalise(cam.reshape(batch, len(classes), height, width))
+            if shifts == 1:
+                cam = _raw_cams(head, feature_map, classes)
+                cam = F.interpolate(cam, (height, width), mode="bilinear", align_corners=False)
+            else:
+                cam = _stitched_cams(net, head, pixels, classes, shifts)
+            maps = _normalise(cam)
             return maps.cpu().numpy().astype(np.float32), logits.cpu().numpy()
     finally:
         net.train(was_training)
 
 
-def gradcam(model: nn.Module, images: torch.Tensor, class_indices: Sequence[int]) -> np.ndarray:
+def _raw_cams(head: _Head, feature_map: torch.Tensor, classes: list[int]) -> torch.Tensor:
+    """captum's Grad-CAM, ReLU'd, at the feature map's resolution: ``[B, K, h, w]``."""
+    from captum.attr import LayerGradCam
+
+    batch = feature_map.shape[0]
+    # One row per (image, class) pair, so one captum call covers every map.
+    repeated = feature_map.repeat_interleave(len(classes), dim=0)
+    cam = LayerGradCam(head, head.feature_map).attribute(
+        repeated, target=classes * batch, relu_attributions=True
+    )
+    return cam.detach().float().reshape(batch, len(classes), *cam.shape[-2:])
+
+
+def _stitched_cams(
+    net: nn.Module, head: _Head, pixels: torch.Tensor, classes: list[int], shifts: int
+) -> torch.Tensor:
+    """Grad-CAM sampled every ``32 / shifts`` input pixels instead of every 32, ``[B, K, S, S]``.
+
+    The final feature map has one cell per 32 x 32 pixels, so a plain Grad-CAM's maximum can
+    only sit on a cell centre. Shift-and-stitch (Long et al. 2015, "Fully Convolutional
+    Networks", section 3.2) runs the backbone once per sub-cell offset, here by cropping
+    ``m * 32 / shifts`` pixels off the top and/or left (cropping, not padding: a padded band
+    is an input the model never saw, and it lit up maps at the image's edge), and interleaves
+    the cells of the ``shifts ** 2`` maps into one map ``shifts`` times denser per axis. Each
+    pass's map is multiplied by its cell count, which makes it the class activation map
+    ``ReLU(sum_k w_ck A_k)`` for this GAP + linear head, so passes with one cell fewer stay on
+    the same scale. No library implements this for Grad-CAM, hence here. Cost: ``shifts ** 2``
+    backbone passes.
+    """
+    batch, _, height, width = pixels.shape
+    step = FEATURE_STRIDE // shifts
+    fine = None
+    for row_shift in range(shifts):
+        for col_shift in range(shifts):
+            top, left = row_shift * step, col_shift * step
+            with torch.no_grad():
+                feature_map = F.relu(net.features(pixels[..., top:, left:]))
+            cam = _raw_cams(head, feature_map, classes)
+            cam = cam * (cam.shape[-2] * cam.shape[-1])
+            if fine is None:  # the unshifted pass has the most cells: it sets the grid
+                size_h = (cam.shape[-2] - 1) * shifts + 1
+                size_w = (cam.shape[-1] - 1) * shifts + 1
+                fine = cam.new_zeros(batch, len(classes), size_h, size_w)
+            # Cell k of the pass cropped by m steps is centred on input pixel
+            # 32 k + 16 + m * step: fine sample k * shifts + m, every `step` pixels from 16.
+            rows = fine[..., row_shift::shifts, :].shape[-2]
+            cols = fine[..., col_shift::shifts].shape[-1]
+            fine[..., row_shift::shifts, col_shift::shifts] = cam[..., :rows, :cols]
+    vertical = _linear_weights(height, fine.shape[-2], step).to(fine)
+    horizontal = _linear_weights(width, fine.shape[-1], step).to(fine)
+    return torch.einsum("yi,bkij,xj->bkyx", vertical, fine, horizontal)
+
+
+def _linear_weights(pixels: int, samples: int, step: int) -> torch.Tensor:
+    """``[pixels, samples]``: linear interpolation from samples at ``16 + i * step`` to pixel
+    centres, held constant beyond the outermost samples (as bilinear upsampling does)."""
+    position = (torch.arange(pixels, dtype=torch.float64) + 0.5 - FEATURE_STRIDE / 2) / step
+    position = position.clamp(0, samples - 1)
+    lower = position.floor().long().clamp(max=samples - 1)
+    upper = (lower + 1).clamp(max=samples - 1)
+    fraction = (position - lower).float()
+    weights = torch.zeros(pixels, samples)
+    weights[torch.arange(pixels), lower] += 1 - fraction
+    weights[torch.arange(pixels), upper] += fraction
+    return weights
+
+
+def gradcam(
+    model: nn.Module, images: torch.Tensor, class_indices: Sequence[int], *, shifts: int = 1
+) -> np.ndarray:
     """Grad-CAM for each image and class: ``[B, len(class_indices), S, S]`` float32 in [0, 1].
 
     The model is evaluated in eval mode (its previous mode is restored afterwards); flat maps
     are all zeros; no parameter's ``.grad`` is touched.
     """
-    return gradcam_with_logits(model, images, class_indices)[0]
+    return gradcam_with_logits(model, images, class_indices, shifts=shifts)[0]
 
 
 def _normalise(maps: torch.Tensor) -> torch.Tensor:
@@ -447,6 +517,7 @@ def explain_images(
     mode: str = "positive",
     top_k: int = DEFAULT_TOP_K,
     batch_size: int = 8,
+    shifts: int = 1,
     on_image: Callable[[dict], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Probabilities, calls and Grad-CAM overlays (``.png``) + maps (``.npy``) per image.
@@ -455,7 +526,7 @@ def explain_images(
     [0, 1], aligned with the model's ``S`` x ``S`` crop) and ``out_dir/explanations.json``;
     returns one dict per image in input order. ``pathologies`` names the classes to explain;
     otherwise ``mode`` is ``positive`` (the classes called positive, else the top ``top_k``)
-    or ``all``.
+    or ``all``. ``shifts`` > 1 samples the maps more densely (:func:`gradcam_with_logits`).
     """
     labels = bundle.labels
     thresholds = bundle.thresholds
@@ -475,7 +546,7 @@ def explain_images(
         # The classes each image needs are known only after the forward pass; the backbone
         # runs once (under no_grad) and the head's gradients for all classes are cheap.
         every = list(range(len(labels)))
-        maps, logits = gradcam_with_logits(bundle.model, images, every)
+        maps, logits = gradcam_with_logits(bundle.model, images, every, shifts=shifts)
         probabilities = _probabilities(logits, bundle.temperature)
         for item, (path, folder), maps_i, probs in zip(prepared, batch, maps, probabilities):
             chosen, reason = choose_pathologies(
@@ -510,7 +581,12 @@ def explain_images(
             results.append(record)
             if on_image:
                 on_image(record)
-    summary = {"model_image_size": bundle.image_size, "images": results}
+    summary = {
+        "model_image_size": bundle.image_size,
+        "shifts": shifts,
+        "sample_spacing_px": FEATURE_STRIDE / shifts,
+        "images": results,
+    }
     atomic_write_text(out_dir / EXPLANATIONS_NAME, json.dumps(summary, indent=2) + "\n")
     return results
 
@@ -537,6 +613,7 @@ def localize(
     thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
     tolerance: float = DEFAULT_TOLERANCE_PX,
     batch_size: int = 8,
+    shifts: int = 1,
     only: Iterable[str] | None = None,
     on_batch: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
@@ -546,7 +623,8 @@ def localize(
     paths, or is a folder searched recursively (NIH's ``images_*/images`` layout works).
     ``only`` restricts scoring to those image names (e.g. a test split). A finding is one
     (image, pathology) pair; several boxes of one pathology on one image count as one finding
-    scored against their union. Boxes are mapped with each image's own size.
+    scored against their union. Boxes are mapped with each image's own size. ``shifts`` > 1
+    scores shift-and-stitch maps, sampled every ``32 / shifts`` pixels instead of every 32.
     """
     from cxr.data.nih import index_images
 
@@ -583,7 +661,7 @@ def localize(
             {labels.index(p) for name in batch for p in grouped[name]["pathology"].unique()}
         )
         images_t = torch.stack([p.tensor for p in prepared]).to(device)
-        maps, logits = gradcam_with_logits(bundle.model, images_t, needed)
+        maps, logits = gradcam_with_logits(bundle.model, images_t, needed, shifts=shifts)
         probabilities = _probabilities(logits, bundle.temperature)
         for name, item, maps_i, probs in zip(batch, prepared, maps, probabilities):
             height, width = item.original_size
@@ -613,7 +691,9 @@ def localize(
     result = {
         "boxes_file": source,
         "image_size": bundle.image_size,
-        "feature_map": bundle.image_size // 32,
+        "feature_map": bundle.image_size // FEATURE_STRIDE,
+        "shifts": shifts,
+        "sample_spacing_px": FEATURE_STRIDE / shifts,
         "thresholds": [float(t) for t in thresholds],
         "tolerance_px": float(tolerance),
         "images_with_boxes": len(names),
@@ -645,6 +725,7 @@ def localize_run(
     thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
     tolerance: float = DEFAULT_TOLERANCE_PX,
     batch_size: int = 8,
+    shifts: int = 1,
     out: str | os.PathLike | None = None,
     on_batch: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
@@ -687,6 +768,7 @@ def localize_run(
         thresholds=thresholds,
         tolerance=tolerance,
         batch_size=batch_size,
+        shifts=shifts,
         only=only,
         on_batch=on_batch,
     )

@@ -35,6 +35,14 @@ def _thresholds(values: list[float] | None) -> tuple[float, ...]:
     return tuple(sorted(set(values)))
 
 
+def _check_shifts(shifts: int) -> None:
+    from cxr.explain import SHIFT_CHOICES
+
+    if shifts not in SHIFT_CHOICES:
+        choices = ", ".join(map(str, SHIFT_CHOICES))
+        raise CxrError(f"--shifts must be one of {choices}, not {shifts}")
+
+
 # ---------------------------------------------------------------------------- explain
 
 
@@ -56,6 +64,13 @@ def explain(
     ] = False,
     all_: Annotated[bool, typer.Option("--all", help="Explain all 14 pathologies.")] = False,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 8,
+    shifts: Annotated[
+        int,
+        typer.Option(
+            help="Shift-and-stitch: sample the map every 32/N px instead of every 32 px "
+            "(1, 2, 4 or 8; costs N*N backbone passes)."
+        ),
+    ] = 1,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
 ):
     """Probabilities, positive/negative calls and Grad-CAM overlays for each image."""
@@ -63,6 +78,7 @@ def explain(
 
     if sum([bool(pathology), positive, all_]) > 1:
         raise CxrError("choose one of --pathology NAME, --positive and --all")
+    _check_shifts(shifts)
     missing = [str(p) for p in images if not p.is_file()]
     if missing:
         raise CxrError(f"image file(s) not found: {', '.join(missing)}")
@@ -77,6 +93,7 @@ def explain(
                 pathologies=pathology or None,
                 mode="all" if all_ else "positive",
                 batch_size=batch_size,
+                shifts=shifts,
                 on_image=lambda record: progress.advance(task),
             )
         except ValueError as exc:  # an unknown pathology name
@@ -138,6 +155,13 @@ def localize(
         Path | None, typer.Option("--out", help="JSON to write (default RUN/localization.json).")
     ] = None,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 8,
+    shifts: Annotated[
+        int,
+        typer.Option(
+            help="Shift-and-stitch: sample the map every 32/N px instead of every 32 px "
+            "(1, 2, 4 or 8; costs N*N backbone passes)."
+        ),
+    ] = 1,
 ):
     """Pointing game and IoU of Grad-CAM against boxes, per pathology and overall."""
     from cxr.explain import localize_run
@@ -145,6 +169,7 @@ def localize(
     thresholds = _thresholds(threshold)
     if tolerance < 0:
         raise CxrError(f"--tolerance must be >= 0 pixels, not {tolerance}")
+    _check_shifts(shifts)
     with progress_bar() as progress:
         task = progress.add_task("localising", total=None, status="")
         result = localize_run(
@@ -155,6 +180,7 @@ def localize(
             thresholds=thresholds,
             tolerance=tolerance,
             batch_size=batch_size,
+            shifts=shifts,
             out=out,
             on_batch=lambda n: progress.advance(task, n),
         )
@@ -168,8 +194,11 @@ def localize(
 def localization_table(result: dict) -> Table:
     keys = [f"{t:g}" for t in result["thresholds"]]
     size, cells = result["image_size"], result["feature_map"]
+    shifts = result.get("shifts", 1)
+    sampling = f", sampled every {32 // shifts} px (shift-and-stitch)" if shifts > 1 else ""
     table = Table(
-        title=f"Grad-CAM pointing game and IoU ({size} px input, {cells}x{cells} feature map)",
+        title=f"Grad-CAM pointing game and IoU ({size} px input, {cells}x{cells} feature map"
+        f"{sampling})",
         caption=f"hit: the maximum inside the box; ±{result['tolerance_px']:g} px: within that "
         "distance of it; IoU@t: IoU of heatmap >= t with the box",
         box=box.SIMPLE_HEAD,
