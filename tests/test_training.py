@@ -30,6 +30,7 @@ from cxr.data.dataset import (
     XrayDataset,
 )
 from cxr.data.nih import label_matrix
+from cxr.demo import demo_settings
 from cxr.errors import ConfigError, DataError, ModelError
 from cxr.labels import PATHOLOGIES
 from cxr.loss import WeightedBCELoss, class_weights
@@ -691,3 +692,7 @@ def test_cli_demo_quick(runner, tmp_path):
     metrics = json.loads((run / "metrics.json").read_text())["test"]
     assert set(metrics["per_class"]) == set(PATHOLOGIES)
     assert load_bundle(run).image_size == 64
+    localization = json.loads((run / "localization.json").read_text())
+    assert localization["shifts"] == demo_settings(quick=True).localize_shifts
+    assert localization["overall"]["findings"] > 0
+    assert "Grad-CAM pointing game on the planted findings" in _text(result)

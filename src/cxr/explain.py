@@ -57,9 +57,10 @@ from cxr.utils import atomic_write_bytes, atomic_write_text, npy_bytes
 
 DEFAULT_THRESHOLDS = (0.25, 0.5, 0.75)
 DEFAULT_TOP_K = 3
-# Half a cell of DenseNet121's final feature map (stride 32): the finest place Grad-CAM from
-# that layer can point to. Its maximum is always at a cell centre, so at 96 px (3x3 cells) a
-# box that holds no cell centre cannot be hit exactly however good the model is.
+# Half a cell of DenseNet121's final feature map (stride 32): the finest place plain Grad-CAM
+# from that layer can point to. Its maximum is always at a cell centre, so at 128 px (4x4
+# cells) a box that holds no cell centre cannot be hit exactly however good the model is,
+# unless the map is sampled more densely (``shifts``).
 DEFAULT_TOLERANCE_PX = 16.0
 FEATURE_STRIDE = 32  # input pixels per cell of DenseNet121's final feature map
 SHIFT_CHOICES = (1, 2, 4, 8)  # shift-and-stitch densities that keep the geometry whole pixels

@@ -360,9 +360,11 @@ def demo(
     console.print(auroc_table(evaluation, f"SYNTHETIC test split: {evaluation['images']:,} images"))
     localization = result["localization"]
     overall = localization["overall"]
+    spacing = localization["sample_spacing_px"]
     console.print(
         f"Grad-CAM pointing game on the planted findings (test split, {overall['findings']} "
-        f"findings): hit rate {overall['pointing_hit_rate']:.2f} inside the box, "
+        f"findings, map sampled every {spacing:g} px): hit rate "
+        f"{overall['pointing_hit_rate']:.2f} inside the box, "
         f"{overall['pointing_hit_rate_tolerant']:.2f} within {localization['tolerance_px']:g} px "
         f"(half a feature-map cell); see {localization['path']}"
     )
