@@ -1,12 +1,13 @@
 """Grad-CAM for all 14 pathologies of one image: cxr.explain.gradcam vs captum on the full model.
 
-    python benchmarks/gradcam_speed.py [--size 224] [--repeats 5] [--bundle RUN]
+    python benchmarks/gradcam_speed.py [--size 224] [--repeats 5] [--bundle RUN] [--shifts 1 2 4]
 
 Goal: under 2 s on a 2-core CPU for one 224 px image. cxr.explain.gradcam runs the backbone
 once under no_grad and differentiates only the head; the baseline is captum's LayerGradCam
 hooked on ``model.features`` of the whole model, which repeats the backbone's forward (and
 keeps its graph) for each of the 14 classes. Weights are random unless --bundle is given:
-the speed does not depend on them.
+the speed does not depend on them. ``--shifts`` also times shift-and-stitch at those densities
+(``cxr explain --shifts N``), as a ratio to the plain map measured in the same run.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--bundle", default=None, help="a run folder or bundle (default: random)")
     parser.add_argument("--skip-baseline", action="store_true")
+    parser.add_argument("--shifts", type=int, nargs="*", default=[], help="also time these")
     args = parser.parse_args()
 
     from captum.attr import LayerGradCam
@@ -53,6 +55,13 @@ def main() -> None:
         f"cxr.explain.gradcam, 14 classes: median {statistics.median(ours):.3f} s "
         f"(min {min(ours):.3f}, max {max(ours):.3f}, {args.repeats} runs)"
     )
+    for shifts in args.shifts:
+        stitched = timed(lambda n=shifts: gradcam(model, image, classes, shifts=n), args.repeats)
+        print(
+            f"  --shifts {shifts} (map every {32 // shifts} px): median "
+            f"{statistics.median(stitched):.3f} s, "
+            f"{statistics.median(stitched) / statistics.median(ours):.1f}x the plain map"
+        )
     if not args.skip_baseline:
         layer_cam = LayerGradCam(model, model.features)
 
