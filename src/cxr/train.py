@@ -393,13 +393,11 @@ def train_run(
 
             callbacks.on_validation_start(len(val_frame))
             _sync_buffers(model, dist)
+            # Validation runs in float32 even when training uses autocast: the kept epoch, its
+            # val loss and the thresholds fitted on val must be what `cxr evaluate` (float32)
+            # recomputes from the saved weights; bf16 logits moved thresholds by ~5e-4.
             val_indices, val_logits = predict_logits(
-                unwrap(model),
-                val_loader,
-                device,
-                amp=amp,
-                amp_dtype=amp_dtype,
-                on_batch=callbacks.on_validation_step,
+                unwrap(model), val_loader, device, on_batch=callbacks.on_validation_step
             )
             parts = _gather(dist, (val_indices, val_logits))
             order = np.concatenate([p[0] for p in parts])
