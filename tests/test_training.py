@@ -30,7 +30,7 @@ from cxr.data.dataset import (
     XrayDataset,
 )
 from cxr.data.nih import label_matrix
-from cxr.demo import demo_settings
+from cxr.demo import demo_settings, resolve_demo_device
 from cxr.errors import ConfigError, DataError, ModelError
 from cxr.labels import PATHOLOGIES
 from cxr.loss import WeightedBCELoss, class_weights
@@ -663,6 +663,23 @@ def test_cli_train_resume_and_refusal(runner, synth_data, tmp_path):
     assert result.exit_code != 0
     assert "use `cxr train --resume" in _text(result)
     assert "Traceback" not in result.output
+
+
+def test_demo_uses_a_gpu_when_there_is_one_with_larger_settings(runner, tmp_path):
+    cpu, gpu = demo_settings(quick=False), demo_settings(quick=False, device="cuda")
+    assert (cpu.train.image_size, cpu.train.device, cpu.localize_shifts) == (128, "cpu", 2)
+    assert (gpu.train.image_size, gpu.train.device, gpu.localize_shifts) == (224, "cuda", 4)
+    assert gpu.patients > cpu.patients and gpu.train.max_epochs > cpu.train.max_epochs
+    assert demo_settings(quick=True, device="cuda") == demo_settings(quick=True)
+    assert resolve_demo_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_demo_device("cpu") == "cpu"
+    if not torch.cuda.is_available():
+        out = tmp_path / "demo"
+        result = runner.invoke(app, ["demo", "--device", "cuda", "--out", str(out)])
+        assert result.exit_code != 0 and "no CUDA device is available" in _text(result)
+        assert not out.exists()  # refused before any work
+    result = runner.invoke(app, ["demo", "--device", "tpu", "--out", str(tmp_path / "x")])
+    assert result.exit_code != 0 and "device must be one of auto, cpu, cuda" in _text(result)
 
 
 def test_cli_demo_quick(runner, tmp_path):

@@ -727,6 +727,7 @@ def localize_run(
     tolerance: float = DEFAULT_TOLERANCE_PX,
     batch_size: int = 8,
     shifts: int = 1,
+    device: str = "cpu",
     out: str | os.PathLike | None = None,
     on_batch: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
@@ -740,7 +741,7 @@ def localize_run(
     from cxr.model import load_bundle, resolve_bundle
     from cxr.run import RunFolder
 
-    bundle = load_bundle(run_dir)
+    bundle = load_bundle(run_dir, device=device)
     folder = resolve_bundle(run_dir)[1].parent
     run = RunFolder(folder)
     data_dir = run.load_info().get("data")

@@ -14,14 +14,18 @@ from cxr.cli.common import app, console, friendly_errors, progress_bar
 from cxr.errors import CxrError
 
 
-def _load(run: Path, device: str):
+def _device_name(device: str) -> str:
     import torch
 
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def _load(run: Path, device: str):
     from cxr.model import load_bundle
 
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    return load_bundle(run, device=device)
+    return load_bundle(run, device=_device_name(device))
 
 
 def _thresholds(values: list[float] | None) -> tuple[float, ...]:
@@ -162,6 +166,7 @@ def localize(
             "(1, 2, 4 or 8; costs N*N backbone passes)."
         ),
     ] = 1,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
 ):
     """Pointing game and IoU of Grad-CAM against boxes, per pathology and overall."""
     from cxr.explain import localize_run
@@ -181,6 +186,7 @@ def localize(
             tolerance=tolerance,
             batch_size=batch_size,
             shifts=shifts,
+            device=_device_name(device),
             out=out,
             on_batch=lambda n: progress.advance(task, n),
         )

@@ -330,11 +330,16 @@ def demo(
         Path | None, typer.Option("--out", help="Folder for the demo (default: a new one).")
     ] = None,
     quick: Annotated[bool, typer.Option("--quick", help="A smoke run in under 2 minutes.")] = False,
+    device: Annotated[
+        str, typer.Option(help="auto (CUDA when present, with larger settings), cpu or cuda.")
+    ] = "auto",
 ):
-    """Synthetic data -> patient split -> train from scratch -> evaluate, all offline on CPU."""
+    """Synthetic data -> patient split -> train from scratch -> evaluate, all offline."""
     import time
 
-    from cxr.demo import run_demo
+    from cxr.demo import resolve_demo_device, run_demo
+
+    device = resolve_demo_device(device)
 
     if out is None:
         out = Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
@@ -350,6 +355,7 @@ def demo(
         result = run_demo(
             out,
             quick=quick,
+            device=device,
             callbacks=callbacks,
             on_stage=lambda text: callbacks.progress.console.print(f"[bold]>[/] {text}"),
             on_synth_progress=lambda done, total: callbacks.progress.update(
