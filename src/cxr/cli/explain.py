@@ -13,6 +13,17 @@ from rich.table import Table
 from cxr.cli.common import app, console, friendly_errors, progress_bar
 from cxr.errors import CxrError
 
+# Options that `cxr explain` and `cxr localize` share.
+BatchSizeOption = Annotated[int, typer.Option(help="Images per forward pass.")]
+ShiftsOption = Annotated[
+    int,
+    typer.Option(
+        help="Shift-and-stitch: sample the map every 32/N px instead of every 32 px "
+        "(1, 2, 4 or 8; costs N*N backbone passes)."
+    ),
+]
+DeviceOption = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
+
 
 def _device_name(device: str) -> str:
     import torch
@@ -67,15 +78,9 @@ def explain(
         ),
     ] = False,
     all_: Annotated[bool, typer.Option("--all", help="Explain all 14 pathologies.")] = False,
-    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 8,
-    shifts: Annotated[
-        int,
-        typer.Option(
-            help="Shift-and-stitch: sample the map every 32/N px instead of every 32 px "
-            "(1, 2, 4 or 8; costs N*N backbone passes)."
-        ),
-    ] = 1,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    batch_size: BatchSizeOption = 8,
+    shifts: ShiftsOption = 1,
+    device: DeviceOption = "auto",
 ):
     """Probabilities, positive/negative calls and Grad-CAM overlays for each image."""
     from cxr.explain import explain_images
@@ -158,15 +163,9 @@ def localize(
     out: Annotated[
         Path | None, typer.Option("--out", help="JSON to write (default RUN/localization.json).")
     ] = None,
-    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 8,
-    shifts: Annotated[
-        int,
-        typer.Option(
-            help="Shift-and-stitch: sample the map every 32/N px instead of every 32 px "
-            "(1, 2, 4 or 8; costs N*N backbone passes)."
-        ),
-    ] = 1,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    batch_size: BatchSizeOption = 8,
+    shifts: ShiftsOption = 1,
+    device: DeviceOption = "auto",
 ):
     """Pointing game and IoU of Grad-CAM against boxes, per pathology and overall."""
     from cxr.explain import localize_run
