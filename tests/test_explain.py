@@ -182,7 +182,9 @@ def test_shift_and_stitch_samples_the_map_where_it_says():
     images = ramp.expand(1, 3, size, size).clone()
     inner = slice(16, size - 16)  # between the outermost samples (held constant beyond)
     for shifts in (2, 4, 8):
-        raw = _stitched_cams(model, _Head(model.classifier), images, [0], shifts)[0, 0]
+        unshifted = F.relu(model.features(images)).detach()
+        head = _Head(model.classifier)
+        raw = _stitched_cams(model, head, images, unshifted, [0], shifts)[0, 0]
         assert raw.shape == (size, size)
         np.testing.assert_allclose(
             raw[:, inner].numpy(),

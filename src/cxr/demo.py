@@ -111,10 +111,12 @@ def resolve_demo_device(device: str) -> str:
     one is an error raised before any work."""
     import torch
 
+    from cxr.predict import resolve_device
+
     if device not in DEMO_DEVICES:
         raise ConfigError(f"device must be one of {', '.join(DEMO_DEVICES)}, not {device!r}")
     if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        return resolve_device("auto").type
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda was asked for but no CUDA device is available")
     return device

@@ -142,7 +142,7 @@ def gradcam_with_logits(
                 cam = _raw_cams(head, feature_map, classes)
                 cam = F.interpolate(cam, (height, width), mode="bilinear", align_corners=False)
             else:
-                cam = _stitched_cams(net, head, pixels, classes, shifts)
+                cam = _stitched_cams(net, head, pixels, feature_map, classes, shifts)
             maps = _normalise(cam)
             return maps.cpu().numpy().astype(np.float32), logits.cpu().numpy()
     finally:
@@ -163,7 +163,12 @@ def _raw_cams(head: _Head, feature_map: torch.Tensor, classes: list[int]) -> tor
 
 
 def _stitched_cams(
-    net: nn.Module, head: _Head, pixels: torch.Tensor, classes: list[int], shifts: int
+    net: nn.Module,
+    head: _Head,
+    pixels: torch.Tensor,
+    unshifted: torch.Tensor,
+    classes: list[int],
+    shifts: int,
 ) -> torch.Tensor:
     """Grad-CAM sampled every ``32 / shifts`` input pixels instead of every 32, ``[B, K, S, S]``.
 
@@ -176,7 +181,8 @@ def _stitched_cams(
     pass's map is multiplied by its cell count, which makes it the class activation map
     ``ReLU(sum_k w_ck A_k)`` for this GAP + linear head, so passes with one cell fewer stay on
     the same scale. No library implements this for Grad-CAM, hence here. Cost: ``shifts ** 2``
-    backbone passes.
+    backbone passes, the first of which (``unshifted``, the ReLU'd feature map of ``pixels``)
+    the caller already ran.
     """
     batch, _, height, width = pixels.shape
     step = FEATURE_STRIDE // shifts
@@ -184,8 +190,11 @@ def _stitched_cams(
     for row_shift in range(shifts):
         for col_shift in range(shifts):
             top, left = row_shift * step, col_shift * step
-            with torch.no_grad():
-                feature_map = F.relu(net.features(pixels[..., top:, left:]))
+            if top == left == 0:
+                feature_map = unshifted
+            else:
+                with torch.no_grad():
+                    feature_map = F.relu(net.features(pixels[..., top:, left:]))
             cam = _raw_cams(head, feature_map, classes)
             cam = cam * (cam.shape[-2] * cam.shape[-1])
             if fine is None:  # the unshifted pass has the most cells: it sets the grid

@@ -25,18 +25,11 @@ ShiftsOption = Annotated[
 DeviceOption = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
 
 
-def _device_name(device: str) -> str:
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
 def _load(run: Path, device: str):
     from cxr.model import load_bundle
+    from cxr.predict import resolve_device
 
-    return load_bundle(run, device=_device_name(device))
+    return load_bundle(run, device=resolve_device(device))
 
 
 def _thresholds(values: list[float] | None) -> tuple[float, ...]:
@@ -169,6 +162,7 @@ def localize(
 ):
     """Pointing game and IoU of Grad-CAM against boxes, per pathology and overall."""
     from cxr.explain import localize_run
+    from cxr.predict import resolve_device
 
     thresholds = _thresholds(threshold)
     if tolerance < 0:
@@ -185,7 +179,7 @@ def localize(
             tolerance=tolerance,
             batch_size=batch_size,
             shifts=shifts,
-            device=_device_name(device),
+            device=resolve_device(device),
             out=out,
             on_batch=lambda n: progress.advance(task, n),
         )
