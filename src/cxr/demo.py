@@ -127,13 +127,15 @@ def run_demo(
     *,
     quick: bool = False,
     device: str = "cpu",
+    settings: DemoSettings | None = None,
     callbacks: TrainCallbacks | None = None,
     on_stage: Callable[[str], None] = lambda stage: None,
     on_synth_progress: Callable[[int, int], None] | None = None,
     on_eval_batch: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     device = resolve_demo_device(device)
-    settings = demo_settings(quick, device)
+    # ``settings`` replaces the built-in sizes (benchmarks/demo_sizes.py); None: the demo's.
+    settings = settings or demo_settings(quick, device)
     out = Path(out)
     data_dir, run_dir = out / "data", out / "run"
     on_stage(f"generating SYNTHETIC data ({settings.patients} patients) in {data_dir}")
