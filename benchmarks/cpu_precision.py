@@ -16,9 +16,9 @@ import time
 
 import torch
 
-from cxr.loss import WeightedBCELoss
-from cxr.model import build_model
-from cxr.train import cpu_has_native_bf16
+from cxr.model.loss import WeightedBCELoss
+from cxr.model.network import build_model
+from cxr.runtime import cpu_has_native_bf16
 
 VARIANTS = {
     "float32": (False, False),

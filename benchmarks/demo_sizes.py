@@ -15,7 +15,7 @@ import argparse
 import dataclasses
 import time
 
-from cxr.demo import DemoSettings, demo_settings, run_demo
+from cxr.workflows.demo import DemoSettings, demo_settings, run_demo
 
 
 def main() -> None:

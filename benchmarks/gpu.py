@@ -64,10 +64,11 @@ def main() -> int:
     from torch.utils.data import DataLoader
 
     from cxr.data.cache import build_cache, open_cache
-    from cxr.data.dataset import Augment, EpochSampler, Preprocess, XrayDataset
+    from cxr.data.loaders import EpochSampler, XrayDataset
     from cxr.data.nih import PATH_COLUMN, label_matrix, load_nih
-    from cxr.loss import WeightedBCELoss
-    from cxr.model import build_model
+    from cxr.data.transforms import Augment, Preprocess
+    from cxr.model.loss import WeightedBCELoss
+    from cxr.model.network import build_model
 
     device = torch.device("cuda")
     torch.backends.cudnn.benchmark = True

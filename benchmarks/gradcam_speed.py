@@ -40,8 +40,9 @@ def main() -> None:
 
     from captum.attr import LayerGradCam
 
-    from cxr.explain import gradcam
-    from cxr.model import build_model, load_bundle
+    from cxr.explain.gradcam import gradcam
+    from cxr.model.bundle import load_bundle
+    from cxr.model.network import build_model
 
     torch.manual_seed(0)
     model = load_bundle(args.bundle).model if args.bundle else build_model()

@@ -22,8 +22,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from cxr.data.cache import build_cache, open_cache
-from cxr.data.dataset import Augment, EpochSampler, Preprocess, XrayDataset
+from cxr.data.loaders import EpochSampler, XrayDataset
 from cxr.data.nih import PATH_COLUMN, label_matrix, load_nih
+from cxr.data.transforms import Augment, Preprocess
 
 NIH = Path(__file__).resolve().parents[2] / "shared" / "data" / "nih"
 

@@ -40,16 +40,18 @@ def main() -> None:
     parser.add_argument("--model", default=None)
     args = parser.parse_args()
 
-    from cxr.export import export_onnx
-    from cxr.model import build_model, bundle_meta, save_bundle
-    from cxr.predict import find_images, load_predictor, predict_files
+    from cxr.data.files import find_images
+    from cxr.engine.inference import load_predictor, predict_files
+    from cxr.model.bundle import BundleMeta, save_bundle
+    from cxr.model.network import build_model
+    from cxr.model.onnx import export_onnx
 
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model
         if model is None:
             torch.manual_seed(0)
             model = Path(tmp) / "bundle"
-            meta = bundle_meta(image_size=args.size, normalization="imagenet")
+            meta = BundleMeta(image_size=args.size, normalization="imagenet")
             save_bundle(model, build_model(), meta)
         export_onnx(model, Path(tmp) / "model.onnx")
         eager = load_predictor(model, backend="torch", device="cpu")

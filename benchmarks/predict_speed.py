@@ -24,10 +24,11 @@ IMAGES = ROOT.parent / "shared" / "data" / "nih" / "images"
 
 
 def random_bundle(folder: Path, size: int) -> Path:
-    from cxr.model import build_model, bundle_meta, save_bundle
+    from cxr.model.bundle import BundleMeta, save_bundle
+    from cxr.model.network import build_model
 
     torch.manual_seed(0)
-    save_bundle(folder, build_model(), bundle_meta(image_size=size, normalization="imagenet"))
+    save_bundle(folder, build_model(), BundleMeta(image_size=size, normalization="imagenet"))
     return folder
 
 
@@ -41,7 +42,8 @@ def main() -> None:
     parser.add_argument("--model", default=None)
     args = parser.parse_args()
 
-    from cxr.predict import default_workers, load_predictor, predict_files
+    from cxr.data.loaders import default_workers
+    from cxr.engine.inference import load_predictor, predict_files
 
     files = sorted(IMAGES.glob("*.png"))[: args.images]
     with tempfile.TemporaryDirectory() as tmp:

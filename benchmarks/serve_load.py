@@ -84,11 +84,12 @@ def main() -> None:
         if model is None:
             import torch
 
-            from cxr.model import build_model, bundle_meta, save_bundle
+            from cxr.model.bundle import BundleMeta, save_bundle
+            from cxr.model.network import build_model
 
             torch.manual_seed(0)
             model = Path(tmp) / "bundle"
-            meta = bundle_meta(image_size=args.size, normalization="imagenet")
+            meta = BundleMeta(image_size=args.size, normalization="imagenet")
             save_bundle(model, build_model(), meta)
         with running_server(model, args.backend, tmp) as (_, base, health):
             model_info = health["model"]

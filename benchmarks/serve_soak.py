@@ -140,12 +140,13 @@ def main() -> int:
         if model is None:
             import torch
 
-            from cxr.model import build_model, bundle_meta, save_bundle
+            from cxr.model.bundle import BundleMeta, save_bundle
+            from cxr.model.network import build_model
 
             torch.manual_seed(0)
             model = Path(tmp) / "bundle"
             save_bundle(
-                model, build_model(), bundle_meta(image_size=args.size, normalization="imagenet")
+                model, build_model(), BundleMeta(image_size=args.size, normalization="imagenet")
             )
         with running_server(model, args.backend, tmp, ["--max-upload-mb", str(MAX_UPLOAD_MB)]) as (
             server,

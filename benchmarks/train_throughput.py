@@ -22,10 +22,11 @@ import torch
 from torch.utils.data import DataLoader
 
 from cxr.data.cache import build_cache, open_cache
-from cxr.data.dataset import Augment, EpochSampler, Preprocess, XrayDataset
+from cxr.data.loaders import EpochSampler, XrayDataset
 from cxr.data.nih import PATH_COLUMN, label_matrix, load_nih
-from cxr.loss import WeightedBCELoss
-from cxr.model import build_model
+from cxr.data.transforms import Augment, Preprocess
+from cxr.model.loss import WeightedBCELoss
+from cxr.model.network import build_model
 
 NIH = Path(__file__).resolve().parents[2] / "shared" / "data" / "nih"
 

@@ -132,7 +132,7 @@ def synth_frames(synth_data: Path) -> dict[str, pd.DataFrame]:
 @pytest.fixture(scope="session")
 def make_run(synth_data: Path, synth_frames):
     """``make_run(folder, **config)`` prepares (does not train) a run on ``synth_data``."""
-    from cxr.train import prepare_run
+    from cxr.workflows.train import prepare_run
 
     def make(folder: Path, **overrides) -> Path:
         prepare_run(
@@ -153,7 +153,7 @@ def trained_run(tmp_path_factory, make_run) -> Path:
 
     Tests only add evaluation outputs (predictions, metrics.json); nothing else changes it.
     """
-    from cxr.train import train_run
+    from cxr.workflows.train import train_run
 
     run = make_run(tmp_path_factory.mktemp("trained") / "run")
     state = train_run(run)
@@ -176,11 +176,12 @@ def untrained_bundle(tmp_path_factory) -> Path:
     """
     import torch
 
-    from cxr.model import build_model, bundle_meta, save_bundle
+    from cxr.model.bundle import BundleMeta, save_bundle
+    from cxr.model.network import build_model
 
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("bundle") / "model"
-    meta = bundle_meta(
+    meta = BundleMeta(
         image_size=64,
         normalization="imagenet",
         thresholds=FIXED_CALL_THRESHOLDS,

@@ -24,7 +24,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from cxr.cli import app
-from cxr.serve import create_app
+from cxr.serve.app import create_app
 
 # name -> (what the CLI's reason says, the service's status, what its detail says)
 BAD_IMAGES = {
@@ -170,11 +170,12 @@ def corpus(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory) -> Path:
     """An untrained DenseNet121 bundle (64 px)."""
-    from cxr.model import build_model, bundle_meta, save_bundle
+    from cxr.model.bundle import BundleMeta, save_bundle
+    from cxr.model.network import build_model
 
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("bundle") / "model"
-    save_bundle(folder, build_model(), bundle_meta(image_size=64, normalization="imagenet"))
+    save_bundle(folder, build_model(), BundleMeta(image_size=64, normalization="imagenet"))
     return folder
 
 

@@ -20,7 +20,7 @@ from conftest import CHROMIUM, CHROMIUM_ARGS, FIXED_CALL_THRESHOLDS
 from playwright.sync_api import expect, sync_playwright
 
 from cxr.labels import PATHOLOGIES
-from cxr.serve import create_app
+from cxr.serve.app import create_app
 
 THRESHOLDS = FIXED_CALL_THRESHOLDS  # the first 7 pathologies positive, the last 7 negative
 NIH_PNG = "00001369_000.png"  # an RGBA NIH image with a Cardiomegaly box
@@ -28,11 +28,12 @@ NIH_PNG = "00001369_000.png"  # an RGBA NIH image with a Cardiomegaly box
 
 @pytest.fixture(scope="module")
 def server_url(tmp_path_factory):
-    from cxr.model import build_model, bundle_meta, save_bundle
+    from cxr.model.bundle import BundleMeta, save_bundle
+    from cxr.model.network import build_model
 
     torch.manual_seed(0)
     bundle = tmp_path_factory.mktemp("bundle") / "model"
-    meta = bundle_meta(
+    meta = BundleMeta(
         image_size=64, normalization="imagenet", thresholds=THRESHOLDS, threshold_rule="youden"
     )
     save_bundle(bundle, build_model(), meta)

@@ -25,9 +25,10 @@ from cxr.data.cache import (
     open_cache,
     square_resize,
 )
-from cxr.data.dataset import Augment, Preprocess, XrayDataset
 from cxr.data.images import decode_gray
+from cxr.data.loaders import XrayDataset
 from cxr.data.nih import IMAGE_COLUMN, PATH_COLUMN, label_matrix, load_nih
+from cxr.data.transforms import Augment, Preprocess
 from cxr.errors import CacheError
 
 RGBA_IMAGE = "00001369_000.png"
@@ -260,7 +261,7 @@ def test_cli_cache_builds_then_reports_complete(small_nih, tmp_path):
 
 def test_training_from_the_cache_equals_training_from_the_pngs(tmp_path, synth_data, make_run):
     """Synthetic images are 64 px, so a 64 px cache stores them unchanged: same numbers."""
-    from cxr.train import train_run
+    from cxr.workflows.train import train_run
 
     cache = build_cache(load_nih(synth_data).table, tmp_path / "cache", image_size=64).path
     png_run = make_run(tmp_path / "png", max_epochs=1)

@@ -12,22 +12,21 @@ import pytest
 from sklearn.metrics import log_loss, roc_auc_score
 from typer.testing import CliRunner
 
-from cxr.calibrate import (
-    calibrate_run,
+from cxr.calibration import (
     describe_rule,
     fit_temperature,
     mean_ece,
     nll,
-    predictions_are_fresh,
     prior_offsets,
-    refit_thresholds,
-    split_logits,
     stored_rule,
 )
 from cxr.cli import app
-from cxr.evaluate import choose_thresholds, evaluate_run, sigmoid
 from cxr.labels import PATHOLOGIES
+from cxr.metrics import choose_thresholds, probabilities
+from cxr.model.bundle import BundleMeta
 from cxr.run import RunFolder
+from cxr.workflows.calibrate import calibrate_run, refit_thresholds, split_logits
+from cxr.workflows.evaluate import evaluate_run, predictions_are_fresh
 
 PROB = [f"prob_{name}" for name in PATHOLOGIES]
 TRUE = [f"true_{name}" for name in PATHOLOGIES]
@@ -52,7 +51,7 @@ def _overconfident(seed: int, n: int = 3000, scale: float = 3.0):
     """Labels drawn from sigmoid(z) and logits ``scale * z``: the true temperature is ``scale``."""
     rng = np.random.default_rng(seed)
     z = rng.normal(-1.0, 1.5, size=(n, 4))
-    labels = (rng.random((n, 4)) < sigmoid(z)).astype(float)
+    labels = (rng.random((n, 4)) < probabilities(z)).astype(float)
     return scale * z, labels
 
 
@@ -62,7 +61,7 @@ def _overconfident(seed: int, n: int = 3000, scale: float = 3.0):
 def test_nll_equals_scikit_learn_log_loss():
     logits, labels = _overconfident(0, n=500)
     for temperature in (0.5, 1.0, 3.0):
-        expected = log_loss(labels.ravel(), sigmoid(logits, temperature).ravel())
+        expected = log_loss(labels.ravel(), probabilities(logits, temperature).ravel())
         assert nll(logits, labels, temperature) == pytest.approx(expected, rel=1e-9)
     # Stable where the probabilities round to 0 or 1.
     assert np.isfinite(nll(np.array([[800.0, -800.0]]), np.array([[0.0, 1.0]])))
@@ -82,7 +81,7 @@ def test_temperature_lowers_test_ece_and_keeps_every_ranking():
     val_logits, val_labels = _overconfident(2)
     test_logits, test_labels = _overconfident(3)
     temperature = fit_temperature(val_logits, val_labels)
-    before, after = sigmoid(test_logits), sigmoid(test_logits, temperature)
+    before, after = probabilities(test_logits), probabilities(test_logits, temperature)
     assert mean_ece(test_labels, after) < mean_ece(test_labels, before) / 2
     for c in range(test_labels.shape[1]):
         np.testing.assert_array_equal(np.argsort(before[:, c]), np.argsort(after[:, c]))
@@ -94,25 +93,25 @@ def test_temperature_lowers_test_ece_and_keeps_every_ranking():
 def test_a_calibrated_model_keeps_temperature_one():
     rng = np.random.default_rng(4)
     logits = rng.normal(0, 2, size=(20000, 2))
-    labels = (rng.random(logits.shape) < sigmoid(logits)).astype(float)
+    labels = (rng.random(logits.shape) < probabilities(logits)).astype(float)
     assert fit_temperature(logits, labels) == pytest.approx(1.0, abs=0.05)
 
 
 def test_prior_offsets_undo_the_class_weighting():
-    meta = {
-        "labels": list(PATHOLOGIES),
-        "training_data": {
+    meta = BundleMeta(
+        image_size=224,
+        training_data={
             "train_images": 100,
             "train_positives": {**{n: 10 for n in PATHOLOGIES}, "Hernia": 0},
         },
-    }
+    )
     offsets = prior_offsets(meta)
     assert offsets[0] == pytest.approx(np.log(10 / 90))
     assert offsets[-1] == 0.0  # no positives: left alone
-    assert prior_offsets({"labels": list(PATHOLOGIES)}) is None
+    assert prior_offsets(BundleMeta(image_size=224)) is None
     # At the weighted loss's optimum the odds are (N / P) times the true odds; the offset
     # brings a balanced 0.5 back to the prevalence.
-    assert sigmoid(np.array(offsets[0])) == pytest.approx(0.1)
+    assert probabilities(np.array(offsets[0])) == pytest.approx(0.1)
 
 
 # ---------------------------------------------------------------------------- rules
@@ -120,15 +119,14 @@ def test_prior_offsets_undo_the_class_weighting():
 
 def test_threshold_rule_descriptions_round_trip():
     for rule, target in (("youden", 0.9), ("f1", 0.9), ("sensitivity", 0.8)):
-        assert stored_rule({"threshold_rule": describe_rule(rule, target)}) == (rule, target)
+        meta = BundleMeta(image_size=224, threshold_rule=describe_rule(rule, target))
+        assert stored_rule(meta) == (rule, target)
     # What training writes.
-    assert stored_rule({"threshold_rule": "youden (Youden's J on the validation split)"}) == (
-        "youden",
-        0.9,
-    )
-    assert stored_rule({}) == ("youden", 0.9)
-    fit = {"threshold_fit": {"rule": "sensitivity", "target_sensitivity": 0.95}}
-    assert stored_rule(fit) == ("sensitivity", 0.95)
+    trained = BundleMeta(224, threshold_rule="youden (Youden's J on the validation split)")
+    assert stored_rule(trained) == ("youden", 0.9)
+    assert stored_rule(BundleMeta(image_size=224)) == ("youden", 0.9)
+    fit = {"rule": "sensitivity", "target_sensitivity": 0.95}
+    assert stored_rule(BundleMeta(image_size=224, threshold_fit=fit)) == ("sensitivity", 0.95)
 
 
 # ---------------------------------------------------------------------------- on a run
@@ -144,7 +142,8 @@ def test_calibrate_run_keeps_auroc_and_calls_and_lowers_test_ece(trained_run, tm
     meta = json.loads((run / "model.json").read_text())
     assert meta["temperature"] == pytest.approx(result["temperature"])
     assert result["temperature"] > 0 and result["prior_correction"]
-    assert meta["calibration"]["logit_offsets"] == pytest.approx(prior_offsets(meta_before))
+    offsets = prior_offsets(BundleMeta.from_dict(meta_before))
+    assert meta["calibration"]["logit_offsets"] == pytest.approx(offsets)
     assert meta["threshold_fit"]["rule"] == "youden" and meta["threshold_rule"].startswith("youden")
     assert result["val_nll_after"] < result["val_nll_before"]
     assert not predictions_are_fresh(run, "test")  # the bundle changed
@@ -167,7 +166,7 @@ def test_calibrate_run_keeps_auroc_and_calls_and_lowers_test_ece(trained_run, tm
 
     # The stored thresholds are the rule's on the calibrated validation probabilities.
     val_labels, val_logits = split_logits(run, "val", device="cpu")
-    val_prob = sigmoid(val_logits, meta["temperature"])
+    val_prob = probabilities(val_logits, meta["temperature"])
     fitted = choose_thresholds(val_labels, val_prob)
     not_fitted = meta["threshold_fit"]["not_fitted"]
     assert len(not_fitted) < len(PATHOLOGIES)

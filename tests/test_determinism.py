@@ -12,9 +12,9 @@ from typer.testing import CliRunner
 from cxr.cli import app
 from cxr.data.nih import load_nih
 from cxr.data.split import split_by_patients
-from cxr.evaluate import evaluate_run
 from cxr.labels import PATHOLOGIES
-from cxr.train import train_run
+from cxr.workflows.evaluate import evaluate_run
+from cxr.workflows.train import train_run
 
 
 def test_the_same_seed_gives_the_identical_split(synth_data):

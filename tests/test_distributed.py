@@ -28,11 +28,13 @@ def torchrun(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 def single_process_val_metrics(run_dir: Path) -> tuple[float, float | None]:
     """Val loss and mean AUROC of the saved best bundle, evaluated in this one process."""
-    from cxr.data.dataset import Preprocess, XrayDataset
+    from cxr.data.loaders import XrayDataset
     from cxr.data.nih import PATH_COLUMN, label_matrix
-    from cxr.evaluate import auroc_per_class, mean_defined, predict_logits, sigmoid
-    from cxr.loss import WeightedBCELoss
-    from cxr.model import load_bundle
+    from cxr.data.transforms import Preprocess
+    from cxr.engine.inference import predict_logits
+    from cxr.metrics import auroc_per_class, mean_defined, probabilities
+    from cxr.model.bundle import load_bundle
+    from cxr.model.loss import WeightedBCELoss
     from cxr.run import RunFolder
 
     run = RunFolder(run_dir)
@@ -48,7 +50,7 @@ def single_process_val_metrics(run_dir: Path) -> tuple[float, float | None]:
     loss = WeightedBCELoss.from_labels(label_matrix(train))(
         torch.from_numpy(logits), torch.from_numpy(labels)
     )
-    return float(loss), mean_defined(auroc_per_class(labels, sigmoid(logits)))
+    return float(loss), mean_defined(auroc_per_class(labels, probabilities(logits)))
 
 
 @pytest.fixture
@@ -68,7 +70,7 @@ def split_dir(tmp_path, synth_data) -> Path:
 def test_two_process_training_matches_single_process_evaluation_and_resumes(
     tmp_path, synth_data, split_dir
 ):
-    from cxr.train import load_checkpoint
+    from cxr.engine.trainer import load_checkpoint
 
     run = tmp_path / "run"
     first = torchrun(

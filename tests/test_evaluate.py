@@ -12,7 +12,8 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from cxr.data.nih import IMAGE_COLUMN, PATIENT_COLUMN, label_matrix
-from cxr.evaluate import (
+from cxr.labels import PATHOLOGIES
+from cxr.metrics import (
     DEFAULT_THRESHOLD,
     THRESHOLD_RULES,
     apply_thresholds,
@@ -20,11 +21,10 @@ from cxr.evaluate import (
     choose_threshold,
     choose_thresholds,
     classification_metrics,
-    evaluate_run,
     mean_defined,
 )
-from cxr.labels import PATHOLOGIES
 from cxr.run import RunFolder
+from cxr.workflows.evaluate import evaluate_run
 
 PROB = [f"prob_{name}" for name in PATHOLOGIES]
 TRUE = [f"true_{name}" for name in PATHOLOGIES]

@@ -16,27 +16,22 @@ from torch import nn
 from typer.testing import CliRunner
 
 from cxr.cli import app
-from cxr.data.dataset import Preprocess
+from cxr.data.transforms import Preprocess, map_box
 from cxr.errors import DataError
-from cxr.explain import (
-    _Head,
-    _stitched_cams,
+from cxr.explain.gradcam import _Head, _stitched_cams, gradcam, gradcam_with_logits
+from cxr.explain.localize import (
     box_mask,
-    choose_pathologies,
-    gradcam,
-    gradcam_with_logits,
-    heatmap_rgb,
     localize,
-    localize_run,
-    map_box,
-    overlay_png,
     peak_location,
     read_boxes,
     score_heatmap,
 )
+from cxr.explain.render import choose_pathologies, heatmap_rgb, overlay_png
 from cxr.labels import PATHOLOGIES
-from cxr.model import build_model, bundle_meta, load_bundle, save_bundle
+from cxr.model.bundle import BundleMeta, load_bundle, save_bundle
+from cxr.model.network import build_model
 from cxr.run import RunFolder
+from cxr.workflows.localize import localize_run
 
 REAL_BOXED = {
     "00001369_000.png": "Cardiomegaly",
@@ -57,7 +52,7 @@ def bundle_dir(tmp_path_factory) -> Path:
     """An untrained DenseNet121 bundle at 64 px (2x2 feature map), seeded."""
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("bundle") / "model"
-    save_bundle(folder, build_model(), bundle_meta(image_size=64, normalization="imagenet"))
+    save_bundle(folder, build_model(), BundleMeta(image_size=64, normalization="imagenet"))
     return folder
 
 
@@ -487,7 +482,7 @@ def test_cli_explain_named_pathology_and_default_positive_mode(
     ]
     # Thresholds no probability reaches: nothing is positive, so the top 3 are explained.
     strict = tmp_path / "strict"
-    save_bundle(strict, load_bundle(bundle_dir).model, bundle_meta(
+    save_bundle(strict, load_bundle(bundle_dir).model, BundleMeta(
         image_size=64, normalization="imagenet", thresholds=[1.0] * 14
     ))  # fmt: skip
     out = tmp_path / "positive"

@@ -13,8 +13,10 @@ from conftest import FIXED_CALL_THRESHOLDS
 from typer.testing import CliRunner
 
 from cxr.cli import app
-from cxr.export import ONNX_META_KEY, ONNX_WEIGHTS_KEY
-from cxr.predict import find_images, load_predictor, predict_files, weights_digest
+from cxr.data.files import find_images
+from cxr.engine.inference import load_predictor, predict_files
+from cxr.model.bundle import weights_digest
+from cxr.model.onnx import ONNX_META_KEY, ONNX_WEIGHTS_KEY
 
 THRESHOLDS = FIXED_CALL_THRESHOLDS
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cxr.train import train_run
+from cxr.workflows.train import train_run
 
 EPOCHS = 3
 
@@ -26,7 +26,8 @@ CHILD = textwrap.dedent(
     """
     import os, signal, sys
     import cxr.utils
-    from cxr.train import TrainCallbacks, train_run
+    from cxr.engine.trainer import TrainCallbacks
+    from cxr.workflows.train import train_run
 
     run, mode = sys.argv[1], sys.argv[2]
 

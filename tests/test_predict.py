@@ -14,10 +14,11 @@ from conftest import FIXED_CALL_THRESHOLDS
 from typer.testing import CliRunner
 
 from cxr.cli import app
-from cxr.data.dataset import Preprocess
+from cxr.data.files import FileError, find_images
 from cxr.data.images import decode_gray
+from cxr.data.transforms import Preprocess
+from cxr.engine.inference import load_predictor, predict_files
 from cxr.labels import PATHOLOGIES
-from cxr.predict import FileError, find_images, load_predictor, predict_files
 
 DICOM_NAME = "1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"
 # The first 7 pathologies are always positive (p >= 0), the last 7 never (p < 1).

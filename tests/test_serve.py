@@ -14,9 +14,10 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from cxr.data.images import decode_gray
+from cxr.engine.inference import load_predictor
 from cxr.labels import PATHOLOGIES
-from cxr.predict import load_predictor
-from cxr.serve import BodyLimit, create_app
+from cxr.serve.app import create_app
+from cxr.serve.limits import BodyLimit
 from cxr.testing import png_claiming_size
 
 DICOM_NAME = "1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"

@@ -23,7 +23,7 @@ import torch
 import uvicorn
 from PIL import Image
 
-from cxr.serve import create_app
+from cxr.serve.app import create_app
 from cxr.testing import png_bytes, png_claiming_size
 
 REQUESTS = 120
@@ -77,11 +77,12 @@ def rss_mb() -> float:
 @pytest.fixture
 def server(tmp_path):
     """A real uvicorn server on 127.0.0.1 (tiny untrained 32 px model), stopped afterwards."""
-    from cxr.model import build_model, bundle_meta, save_bundle
+    from cxr.model.bundle import BundleMeta, save_bundle
+    from cxr.model.network import build_model
 
     torch.manual_seed(0)
     bundle = tmp_path / "bundle"
-    save_bundle(bundle, build_model(), bundle_meta(image_size=32, normalization="imagenet"))
+    save_bundle(bundle, build_model(), BundleMeta(image_size=32, normalization="imagenet"))
     app = create_app(bundle, backend="torch", device="cpu", max_upload_bytes=MAX_UPLOAD)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))

@@ -18,32 +18,25 @@ from safetensors.torch import load_file
 from torch import nn
 from typer.testing import CliRunner
 
-import cxr.train
+import cxr.engine.trainer
+import cxr.runtime
+import cxr.workflows.train
 from cxr.cli import app
 from cxr.config import TrainConfig, load_config
-from cxr.data.dataset import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    Augment,
-    EpochSampler,
-    Preprocess,
-    XrayDataset,
-)
+from cxr.data.loaders import EpochSampler, XrayDataset
 from cxr.data.nih import label_matrix
-from cxr.demo import demo_settings, resolve_demo_device
+from cxr.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Augment, Preprocess
+from cxr.engine.trainer import load_checkpoint
 from cxr.errors import ConfigError, DataError, ModelError
 from cxr.labels import PATHOLOGIES
-from cxr.loss import WeightedBCELoss, class_weights
-from cxr.model import (
-    IMAGENET_WEIGHTS,
-    build_model,
-    bundle_meta,
-    create_model,
-    load_bundle,
-    save_bundle,
-)
+from cxr.model.bundle import BundleMeta, load_bundle, save_bundle
+from cxr.model.factory import create_model
+from cxr.model.loss import WeightedBCELoss, class_weights
+from cxr.model.network import IMAGENET_WEIGHTS, build_model
 from cxr.run import RunFolder
-from cxr.train import cpu_has_native_bf16, load_checkpoint, mixed_precision, train_run
+from cxr.runtime import cpu_has_native_bf16, mixed_precision
+from cxr.workflows.demo import demo_settings, resolve_demo_device
+from cxr.workflows.train import train_run
 
 # Losses and metrics a resumed run must reproduce exactly (not the timings).
 LOG_VALUES = ["epoch", "train_loss", "val_loss", "val_auroc_mean", "lr", "next_lr", "best"]
@@ -63,13 +56,11 @@ def _text(result) -> str:
 
 
 def test_mixed_precision_is_bf16_only_where_the_hardware_computes_it(monkeypatch):
-    import cxr.train as train
-
     cpu = torch.device("cpu")
-    monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(cxr.runtime, "cpu_has_native_bf16", lambda: True)
     assert mixed_precision(True, cpu) == (True, torch.bfloat16)
     assert mixed_precision(False, cpu) == (False, torch.float32)
-    monkeypatch.setattr(train, "cpu_has_native_bf16", lambda: False)  # emulated: slower
+    monkeypatch.setattr(cxr.runtime, "cpu_has_native_bf16", lambda: False)  # emulated: slower
     assert mixed_precision(True, cpu) == (False, torch.float32)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
     assert mixed_precision(True, torch.device("cuda", 0)) == (True, torch.float16)
@@ -141,8 +132,10 @@ def _scripted_validation(monkeypatch, margins):
     """Validation returns logits +m for positives and -m for negatives, m = margins[epoch];
     a larger margin gives a lower loss. Returns the weights seen at each validation."""
     seen = []
-    monkeypatch.setattr(cxr.train, "create_model", lambda weights: (TinyNet(), {"init": "tiny"}))
-    monkeypatch.setattr(cxr.train, "build_model", TinyNet)  # on resume
+    monkeypatch.setattr(
+        cxr.workflows.train, "create_model", lambda weights: (TinyNet(), {"init": "tiny"})
+    )
+    monkeypatch.setattr(cxr.workflows.train, "build_model", TinyNet)  # on resume
 
     def predict_logits(model, loader, device, **kwargs):
         seen.append(copy.deepcopy(model.state_dict()))
@@ -151,7 +144,7 @@ def _scripted_validation(monkeypatch, margins):
         logits = (2.0 * labels - 1.0) * margin
         return np.arange(len(labels)), logits.astype(np.float32)
 
-    monkeypatch.setattr(cxr.train, "predict_logits", predict_logits)
+    monkeypatch.setattr(cxr.engine.trainer, "predict_logits", predict_logits)
     return seen
 
 
@@ -273,14 +266,13 @@ def test_resume_with_worker_processes_equals_training_without(tmp_path, make_run
 
 
 def test_a_last_training_batch_of_one_image_is_dropped(synth_frames):
-    from cxr.train import Distributed, make_loader
+    from cxr.data.loaders import split_loader
+    from cxr.data.transforms import Augment, Preprocess
 
     # At 32 px DenseNet121 ends in 1x1 feature maps: BatchNorm cannot train on one image.
     with pytest.raises(ValueError, match="more than 1 value per channel"):
         build_model().train()(torch.zeros(1, 3, 32, 32))
     frames = pd.concat([synth_frames["train"], synth_frames["test"]], ignore_index=True)
-    config = TrainConfig(weights="none", image_size=32, batch_size=8, workers=0, device="cpu")
-    cpu = torch.device("cpu")
     for images, train, sizes in [
         (17, True, [8, 8]),
         (18, True, [8, 8, 2]),
@@ -288,8 +280,11 @@ def test_a_last_training_batch_of_one_image_is_dropped(synth_frames):
         (1, True, [1]),
         (17, False, [16, 1]),  # evaluation keeps every image
     ]:
-        loader, _ = make_loader(
-            frames.iloc[:images], config, train=train, dist=Distributed(), device=cpu
+        loader, _ = split_loader(
+            frames.iloc[:images],
+            Preprocess(32),
+            batch_size=8 if train else 16,
+            augment=Augment() if train else None,
         )
         assert [len(batch[0]) for batch in loader] == sizes, (images, train)
 
@@ -314,7 +309,7 @@ def test_bundle_round_trip_gives_identical_outputs(tmp_path):
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         expected = model(images)
-    meta = bundle_meta(
+    meta = BundleMeta(
         image_size=32,
         normalization="sample",
         thresholds=[0.1 * (i % 9) for i in range(14)],
@@ -328,7 +323,7 @@ def test_bundle_round_trip_gives_identical_outputs(tmp_path):
         assert torch.equal(bundle.model(images), expected)
     assert bundle.meta == meta
     assert bundle.image_size == 32 and bundle.normalization == "sample"
-    assert bundle.thresholds == pytest.approx(meta["thresholds"])
+    assert bundle.thresholds == pytest.approx(meta.thresholds)
     assert bundle.labels == list(PATHOLOGIES)
     # model.json and model.safetensors name the same bundle
     for path in (tmp_path / "bundle" / "model.json", tmp_path / "bundle" / "model.safetensors"):

@@ -11,6 +11,11 @@ from typing import Any
 
 from cxr.errors import ConfigError
 
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10 has no tomllib; the tomli backport is a dependency there
+    import tomli as tomllib
+
 NORMALIZATIONS = ("imagenet", "sample")
 
 
@@ -106,14 +111,7 @@ def load_config(path: str | Path) -> TrainConfig:
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read config file ({exc.strerror or exc})") from None
     try:
-        if path.suffix.lower() == ".toml":
-            if sys.version_info >= (3, 11):
-                import tomllib
-            else:  # pragma: no cover
-                import tomli as tomllib
-            values = tomllib.loads(text)
-        else:
-            values = json.loads(text)
+        values = tomllib.loads(text) if path.suffix.lower() == ".toml" else json.loads(text)
     except Exception as exc:
         raise ConfigError(
             f"{path}: not valid {path.suffix.lstrip('.') or 'JSON'} ({exc})"

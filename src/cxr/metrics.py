@@ -1,4 +1,5 @@
-"""Metrics for the evaluation report, vectorised with numpy.
+"""The only home of cxr's metrics, vectorised with numpy: probabilities from logits, AUROC,
+decision thresholds, bootstrap intervals, AUPRC, threshold metrics and calibration error.
 
 - AUROC as the Mann-Whitney statistic on (optionally weighted) samples, ties counted half,
   so that a bootstrap resample is a weight vector (how often each image was drawn) and 1,000
@@ -16,19 +17,35 @@ zero denominator) is ``None``, never NaN, so that it can be written to JSON as `
 
 from __future__ import annotations
 
+import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+from sklearn.metrics import precision_recall_curve, roc_curve
 
 DEFAULT_RESAMPLES = 1000
 DEFAULT_CONFIDENCE = 0.95
 DEFAULT_BINS = 10
 _CHUNK_CELLS = 4_000_000  # resamples x images per block: bounds the memory of the bootstrap
+THRESHOLD_RULES = ("youden", "sensitivity", "f1")
+DEFAULT_THRESHOLD = 0.5
 
 
 def _none_if_nan(value: float) -> float | None:
     return None if value is None or not np.isfinite(value) else float(value)
+
+
+def probabilities(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """``sigmoid(logits / T)`` in float64: the model's probabilities at a temperature."""
+    return 1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float64) / temperature))
+
+
+def mean_defined(values: Sequence[float | None]) -> float | None:
+    """The mean of the values that are defined (not ``None`` or NaN); ``None`` if none is."""
+    defined = [v for v in values if v is not None and not math.isnan(v)]
+    return float(np.mean(defined)) if defined else None
 
 
 # ---------------------------------------------------------------------------- AUROC
@@ -76,6 +93,12 @@ def auroc(truth: np.ndarray, scores: np.ndarray) -> float | None:
     """The AUROC of one class (equal to scikit-learn's ``roc_auc_score``); ``None`` if undefined."""
     weights = np.ones((1, len(np.asarray(truth))))
     return _none_if_nan(weighted_auroc(truth, scores, weights)[0])
+
+
+def auroc_per_class(y_true: np.ndarray, y_prob: np.ndarray) -> list[float | None]:
+    """:func:`auroc` per column; ``None`` where a class lacks positives or negatives."""
+    y_true, y_prob = np.asarray(y_true), np.asarray(y_prob)
+    return [auroc(y_true[:, c], y_prob[:, c]) for c in range(y_true.shape[1])]
 
 
 # ---------------------------------------------------------------------------- bootstrap
@@ -145,8 +168,6 @@ class _quiet_nanmean:
     """Silence numpy's 'Mean of empty slice' for resamples where no class is defined."""
 
     def __enter__(self):
-        import warnings
-
         self._catcher = warnings.catch_warnings()
         self._catcher.__enter__()
         warnings.simplefilter("ignore", RuntimeWarning)
@@ -217,6 +238,75 @@ def threshold_metrics(truth: np.ndarray, scores: np.ndarray, threshold: float) -
         "f1": _ratio(2 * tp, 2 * tp + fp + fn),
         "accuracy": _ratio(tp + tn, tp + tn + fp + fn),
     }
+
+
+def classification_metrics(
+    y_true: np.ndarray, y_prob: np.ndarray, thresholds: Sequence[float], labels: Sequence[str]
+) -> dict[str, dict]:
+    """Per class: AUROC, the label counts and the confusion counts at its threshold (what
+    ``cxr evaluate`` stores in ``metrics.json``)."""
+    aurocs = auroc_per_class(y_true, y_prob)
+    per_class = {}
+    for column, name in enumerate(labels[: y_true.shape[1]]):
+        truth = y_true[:, column].astype(bool)
+        at = threshold_metrics(truth, y_prob[:, column], float(thresholds[column]))
+        per_class[name] = {
+            "auroc": aurocs[column],
+            "positives": int(truth.sum()),
+            "negatives": int((~truth).sum()),
+            **{key: at[key] for key in ("threshold", "tp", "fp", "fn", "tn")},
+            "sensitivity": at["sensitivity"],
+            "specificity": at["specificity"],
+        }
+    return per_class
+
+
+# ---------------------------------------------------------------------------- thresholds
+
+
+def choose_threshold(
+    truth: np.ndarray, prob: np.ndarray, rule: str = "youden", target_sensitivity: float = 0.9
+) -> float:
+    """One class's threshold on validation data.
+
+    - ``youden``: maximise sensitivity + specificity - 1 (Youden's J) on the ROC curve;
+    - ``sensitivity``: the highest threshold whose sensitivity reaches ``target_sensitivity``;
+    - ``f1``: maximise F1.
+    A class without both positives and negatives keeps 0.5.
+    """
+    truth = np.asarray(truth)
+    prob = np.asarray(prob, dtype=np.float64)
+    if truth.min() == truth.max():
+        return DEFAULT_THRESHOLD
+    if rule == "youden":
+        fpr, tpr, thresholds = roc_curve(truth, prob)
+        best = int(np.argmax(tpr - fpr))
+        return float(min(thresholds[best], 1.0))
+    if rule == "sensitivity":
+        # Every cut, not only the ROC's corners: the highest one reaching the target may lie
+        # on a straight stretch of the curve, which drop_intermediate would leave out.
+        fpr, tpr, thresholds = roc_curve(truth, prob, drop_intermediate=False)
+        reaching = np.flatnonzero(tpr >= target_sensitivity)
+        return float(min(thresholds[reaching[0]], 1.0))
+    if rule == "f1":
+        precision, recall, thresholds = precision_recall_curve(truth, prob)
+        f1 = 2 * precision[:-1] * recall[:-1] / np.clip(precision[:-1] + recall[:-1], 1e-12, None)
+        return float(thresholds[int(np.argmax(f1))])
+    raise ValueError(f"unknown threshold rule {rule!r}; choose from {', '.join(THRESHOLD_RULES)}")
+
+
+def choose_thresholds(
+    y_true: np.ndarray, y_prob: np.ndarray, rule: str = "youden", target_sensitivity: float = 0.9
+) -> list[float]:
+    return [
+        choose_threshold(y_true[:, c], y_prob[:, c], rule, target_sensitivity)
+        for c in range(y_true.shape[1])
+    ]
+
+
+def apply_thresholds(y_prob: np.ndarray, thresholds: Sequence[float]) -> np.ndarray:
+    """A positive call is a probability at or above the class's threshold."""
+    return (np.asarray(y_prob) >= np.asarray(thresholds)[None, :]).astype(np.int8)
 
 
 # ---------------------------------------------------------------------------- calibration

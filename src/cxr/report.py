@@ -30,7 +30,6 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cxr.calibrate import ensure_predictions, prediction_arrays
 from cxr.errors import DataError
 from cxr.labels import PATHOLOGIES
 from cxr.metrics import (
@@ -45,6 +44,7 @@ from cxr.metrics import (
     reliability_bins,
     threshold_metrics,
 )
+from cxr.workflows.evaluate import ensure_predictions, prediction_arrays
 
 REPORT_KEY = "report"
 DEFAULT_GALLERY = 3
@@ -178,9 +178,9 @@ def _training_summary(run, meta: dict[str, Any]) -> dict[str, Any]:
 
     return {
         "epochs": len(log),
-        "best_epoch": meta.get("epoch"),
-        "best_val_loss": number(meta.get("val_loss")),
-        "best_val_auroc_mean": number(meta.get("val_auroc_mean")),
+        "best_epoch": meta.epoch,
+        "best_val_loss": number(meta.val_loss),
+        "best_val_auroc_mean": number(meta.val_auroc_mean),
         "last_train_loss": None if last is None else number(last["train_loss"]),
         "last_val_loss": None if last is None else number(last["val_loss"]),
         "last_lr": None if last is None else number(last["lr"]),
@@ -460,14 +460,15 @@ def gallery_images(
     """
     import torch
 
-    from cxr.data.dataset import Preprocess
     from cxr.data.images import decode_gray
     from cxr.data.nih import IMAGE_COLUMN, PATH_COLUMN
-    from cxr.explain import gradcam, overlay_png
-    from cxr.model import load_bundle
+    from cxr.data.transforms import Preprocess
+    from cxr.explain.gradcam import gradcam
+    from cxr.explain.render import overlay_png
+    from cxr.model.bundle import load_bundle
+    from cxr.runtime import resolve_device
 
-    name = "cuda" if device == "auto" and torch.cuda.is_available() else device
-    device_obj = torch.device("cpu" if name == "auto" else name)
+    device_obj = resolve_device(device)
     bundle = load_bundle(run_dir, device=device_obj)
     preprocess = Preprocess(bundle.image_size, bundle.normalization)
     paths = dict(zip(split_frame[IMAGE_COLUMN].astype(str), split_frame[PATH_COLUMN]))
@@ -528,7 +529,7 @@ def build_report(
     Returns ``{"html": path, "figures": [paths], "report": the dict written to metrics.json}``.
     """
     from cxr import __version__
-    from cxr.model import load_bundle
+    from cxr.model.bundle import read_bundle_meta
     from cxr.run import RunFolder
     from cxr.utils import atomic_write_bytes, atomic_write_text
 
@@ -539,9 +540,9 @@ def build_report(
     predictions = ensure_predictions(
         run.root, split, device=device, batch_size=batch_size, workers=workers, on_batch=on_batch
     )
-    meta = load_bundle(run.root).meta
-    y_true, y_prob = prediction_arrays(predictions)
-    thresholds = [float(t) for t in (meta.get("thresholds") or [0.5] * len(PATHOLOGIES))]
+    meta = read_bundle_meta(run.root)
+    y_true, y_prob = prediction_arrays(predictions, meta.labels)
+    thresholds = meta.decision_thresholds
     on_stage(f"metrics with a patient-level bootstrap ({resamples:,} resamples)")
     numbers = report_metrics(
         y_true,
@@ -559,11 +560,11 @@ def build_report(
         "created": time.strftime("%Y-%m-%d %H:%M:%S %z"),
         "cxr_version": __version__,
         "predictions": run.predictions(split).name,
-        "model_epoch": meta.get("epoch"),
-        "threshold_rule": meta.get("threshold_rule"),
-        "threshold_fit": meta.get("threshold_fit"),
-        "temperature": float(meta.get("temperature", 1.0) or 1.0),
-        "calibration": meta.get("calibration"),
+        "model_epoch": meta.epoch,
+        "threshold_rule": meta.threshold_rule,
+        "threshold_fit": meta.threshold_fit,
+        "temperature": meta.effective_temperature,
+        "calibration": meta.calibration,
         **numbers,
         "data": {
             **origin,

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from cxr.config import TrainConfig
@@ -94,8 +95,6 @@ def require_paths(frame: pd.DataFrame, source: str) -> pd.DataFrame:
 
 
 def _json_default(value):
-    import numpy as np
-
     if isinstance(value, (np.integer,)):
         return int(value)
     if isinstance(value, (np.floating,)):

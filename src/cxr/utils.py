@@ -1,10 +1,13 @@
-"""Small helpers shared by several modules: atomic writes, seeding."""
+"""Small helpers shared by several modules: atomic writes and safe file names."""
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 from pathlib import Path
+
+import numpy as np
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -30,26 +33,18 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def atomic_save_torch(obj, path: str | Path) -> None:
-    import io
-
-    import torch
-
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
-
-
 def atomic_write_csv(frame, path: str | Path) -> None:
     atomic_write_text(path, frame.to_csv(index=False))
 
 
 def npy_bytes(array) -> bytes:
     """``array`` in NumPy's ``.npy`` format, for :func:`atomic_write_bytes`."""
-    import io
-
-    import numpy as np
-
     buffer = io.BytesIO()
     np.save(buffer, array)
     return buffer.getvalue()
+
+
+def safe_name(text: str) -> str:
+    """A file-name-safe version of ``text`` (letters, digits, ``._-``; at most 100 chars)."""
+    cleaned = "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in text)
+    return cleaned.strip("._")[:100]

@@ -1,13 +1,26 @@
-"""What every command shares: the typer app, consoles, error handling, progress bars."""
+"""What every command shares: the typer app, consoles, error handling, progress bars and
+the per-class AUROC table."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import wraps
 
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
 
 from cxr.errors import CxrError, LeakageError
 
@@ -54,17 +67,8 @@ def warn(message: str) -> None:
     err_console.print(f"[yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
 
-def progress_bar():
+def progress_bar() -> Progress:
     """A rich progress bar; each task carries a free-text ``status`` (loss, images/s)."""
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
     return Progress(
         TextColumn("[progress.description]{task.description}"),
         BarColumn(),
@@ -74,3 +78,58 @@ def progress_bar():
         TextColumn("{task.fields[status]}"),
         console=err_console,
     )
+
+
+@dataclass
+class ProgressTask:
+    """One task of a progress bar, with the callbacks library functions take."""
+
+    progress: Progress
+    task: TaskID
+
+    def advance(self, count: int) -> None:
+        """For ``on_batch``-style callbacks: ``count`` more items done."""
+        self.progress.advance(self.task, count)
+
+    def update(self, done: int, total: int | None) -> None:
+        """For ``progress(done, total)``-style callbacks."""
+        self.progress.update(self.task, completed=done, total=total)
+
+    def describe(self, text: str) -> None:
+        """For ``on_stage`` callbacks: the task's description becomes ``text``."""
+        self.progress.update(self.task, description=text)
+
+    @property
+    def console(self) -> Console:
+        return self.progress.console
+
+
+@contextmanager
+def progress_task(
+    description: str, total: int | None = None, status: str = ""
+) -> Iterator[ProgressTask]:
+    """A progress bar with one task, for the length of a ``with`` block."""
+    with progress_bar() as progress:
+        yield ProgressTask(progress, progress.add_task(description, total=total, status=status))
+
+
+def number(value: float | None, digits: int = 3, missing: str = "-") -> str:
+    return missing if value is None else f"{value:.{digits}f}"
+
+
+def auroc_table(result: dict, title: str, labels: Sequence[str]) -> Table:
+    """Per class: AUROC, positives, threshold, sensitivity and specificity; then the mean."""
+    table = Table("pathology", "AUROC", "positives", "threshold", "sens.", "spec.", title=title)
+    for name in labels:
+        entry = result["per_class"][name]
+        table.add_row(
+            name,
+            number(entry["auroc"], missing="undefined"),
+            f"{entry['positives']:,}",
+            f"{entry['threshold']:.3f}",
+            number(entry["sensitivity"], 2),
+            number(entry["specificity"], 2),
+        )
+    table.add_section()
+    table.add_row("mean", number(result["auroc_mean"], missing="undefined"), "", "", "", "")
+    return table

@@ -11,7 +11,19 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from cxr.cli.common import console, data_app, friendly_errors, progress_bar, warn
+from cxr.cli.common import console, data_app, friendly_errors, progress_task, warn
+from cxr.data.cache import build_cache
+from cxr.data.nih import dataset_stats, find_table, load_nih, read_table
+from cxr.data.split import (
+    check_split,
+    find_official_lists,
+    read_split,
+    split_by_patients,
+    split_official,
+    write_split,
+)
+from cxr.data.synthetic import write_synthetic_dataset
+from cxr.labels import PATHOLOGIES
 
 
 @data_app.command("stats")
@@ -21,8 +33,6 @@ def data_stats(
     as_json: Annotated[bool, typer.Option("--json", help="Print the numbers as JSON.")] = False,
 ):
     """Images, patients, views, sex, age and per-label counts and prevalences."""
-    from cxr.data.nih import dataset_stats, find_table, read_table
-
     table_path = find_table(data)
     stats = dataset_stats(read_table(table_path))
     if as_json:
@@ -44,8 +54,6 @@ def data_stats(
 
 
 def _split_table(split) -> Table:
-    from cxr.labels import PATHOLOGIES
-
     summary = split.summary()
     table = Table("set", "images", "patients", *[name[:12] for name in PATHOLOGIES])
     for set_name, row in summary.iterrows():
@@ -79,8 +87,6 @@ def data_split(
     ] = False,
 ):
     """Patient-level split with no patient in two sets (or NIH's official lists)."""
-    from cxr.data.split import find_official_lists, split_by_patients, split_official, write_split
-
     nih = _load_for_split(data, drop_missing)
     if official or official_lists:
         search = [official_lists] if official_lists else [nih.table_path.parent, Path(data)]
@@ -103,8 +109,6 @@ def data_split(
 
 
 def _load_for_split(data: Path, drop_missing: bool):
-    from cxr.data.nih import load_nih
-
     # A CSV alone is enough to split; a folder promises images, so they are checked.
     nih = load_nih(data, require_images=Path(data).is_dir(), drop_missing=drop_missing)
     if nih.dropped_missing:
@@ -122,8 +126,6 @@ def data_check_split(
     split_dir: Annotated[Path, typer.Argument(help="Folder with train.csv, val.csv, test.csv.")],
 ):
     """Exit non-zero, naming the shared patients, if a patient is in two sets."""
-    from cxr.data.split import check_split, read_split
-
     frames = read_split(split_dir)
     check_split(frames)
     sizes = ", ".join(f"{name} {len(frame):,} images" for name, frame in frames.items())
@@ -139,16 +141,9 @@ def data_synth(
     seed: Annotated[int, typer.Option(help="Seed; the same seed gives the same files.")] = 0,
 ):
     """Write a SYNTHETIC dataset in NIH's layout (tables, images, boxes, official lists)."""
-    from cxr.data.synthetic import write_synthetic_dataset
-
-    with progress_bar() as progress:
-        task = progress.add_task("generating synthetic images", total=None, status="")
+    with progress_task("generating synthetic images") as task:
         summary = write_synthetic_dataset(
-            out,
-            patients=patients,
-            image_size=image_size,
-            seed=seed,
-            progress=lambda done, total: progress.update(task, completed=done, total=total),
+            out, patients=patients, image_size=image_size, seed=seed, progress=task.update
         )
     console.print(
         f"wrote SYNTHETIC dataset (not NIH data): {summary.images:,} images of "
@@ -176,22 +171,18 @@ def data_cache(
     Run it again with the same --out to finish an interrupted build: images already written
     are not decoded again.
     """
-    from cxr.data.cache import build_cache
-    from cxr.data.nih import load_nih
-
     nih = load_nih(data, drop_missing=drop_missing)
     if nih.dropped_missing:
         shown = ", ".join(nih.dropped_missing[:5])
         warn(f"left out {len(nih.dropped_missing):,} image(s) not found on disk (first: {shown})")
-    with progress_bar() as progress:
-        task = progress.add_task(f"caching at {image_size} px", total=len(nih.table), status="")
+    with progress_task(f"caching at {image_size} px", total=len(nih.table)) as task:
         summary = build_cache(
             nih.table,
             out,
             image_size=image_size,
             workers=workers,
             source=str(Path(data).resolve()),
-            progress=lambda done, total: progress.update(task, completed=done, total=total),
+            progress=task.update,
         )
     if summary.decoded == 0:
         note = "already complete, nothing decoded"

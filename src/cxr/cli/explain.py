@@ -10,30 +10,17 @@ from rich import box
 from rich.markup import escape
 from rich.table import Table
 
-from cxr.cli.common import app, console, friendly_errors, progress_bar
+from cxr.cli.common import app, console, friendly_errors, progress_task
+from cxr.cli.options import BatchSizeOption, DeviceOption, ShiftsOption
 from cxr.errors import CxrError
 
-# Options that `cxr explain` and `cxr localize` share.
-BatchSizeOption = Annotated[int, typer.Option(help="Images per forward pass.")]
-ShiftsOption = Annotated[
-    int,
-    typer.Option(
-        help="Shift-and-stitch: sample the map every 32/N px instead of every 32 px "
-        "(1, 2, 4 or 8; costs N*N backbone passes)."
-    ),
-]
-DeviceOption = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
-
-
-def _load(run: Path, device: str):
-    from cxr.model import load_bundle
-    from cxr.predict import resolve_device
-
-    return load_bundle(run, device=resolve_device(device))
+# The library modules behind these commands import torch (and captum, onnxruntime, FastAPI,
+# matplotlib); each command imports them when it runs, so that `cxr --help` and the `cxr data`
+# commands start in a fraction of a second instead of several seconds.
 
 
 def _thresholds(values: list[float] | None) -> tuple[float, ...]:
-    from cxr.explain import DEFAULT_THRESHOLDS
+    from cxr.explain.localize import DEFAULT_THRESHOLDS
 
     if not values:
         return DEFAULT_THRESHOLDS
@@ -44,7 +31,7 @@ def _thresholds(values: list[float] | None) -> tuple[float, ...]:
 
 
 def _check_shifts(shifts: int) -> None:
-    from cxr.explain import SHIFT_CHOICES
+    from cxr.explain.gradcam import SHIFT_CHOICES
 
     if shifts not in SHIFT_CHOICES:
         choices = ", ".join(map(str, SHIFT_CHOICES))
@@ -67,7 +54,9 @@ def explain(
     positive: Annotated[
         bool,
         typer.Option(
-            "--positive", help="Explain the pathologies called positive, else the top 3 (default)."
+            "--positive",
+            help="Explain only the pathologies called positive (none if none is). "
+            "Default: the positive ones, else the 3 most probable.",
         ),
     ] = False,
     all_: Annotated[bool, typer.Option("--all", help="Explain all 14 pathologies.")] = False,
@@ -76,7 +65,9 @@ def explain(
     device: DeviceOption = "auto",
 ):
     """Probabilities, positive/negative calls and Grad-CAM overlays for each image."""
-    from cxr.explain import explain_images
+    from cxr.model.bundle import load_bundle
+    from cxr.runtime import resolve_device
+    from cxr.workflows.explain import explain_images
 
     if sum([bool(pathology), positive, all_]) > 1:
         raise CxrError("choose one of --pathology NAME, --positive and --all")
@@ -84,19 +75,19 @@ def explain(
     missing = [str(p) for p in images if not p.is_file()]
     if missing:
         raise CxrError(f"image file(s) not found: {', '.join(missing)}")
-    bundle = _load(run, device)
-    with progress_bar() as progress:
-        task = progress.add_task("explaining", total=len(images), status="")
+    bundle = load_bundle(run, device=resolve_device(device))
+    mode = "all" if all_ else "positive" if positive else "auto"
+    with progress_task("explaining", total=len(images)) as task:
         try:
             results = explain_images(
                 bundle,
                 [str(p) for p in images],
                 out,
                 pathologies=pathology or None,
-                mode="all" if all_ else "positive",
+                mode=mode,
                 batch_size=batch_size,
                 shifts=shifts,
-                on_image=lambda record: progress.advance(task),
+                on_image=lambda record: task.advance(1),
             )
         except ValueError as exc:  # an unknown pathology name
             raise CxrError(str(exc)) from None
@@ -161,15 +152,13 @@ def localize(
     device: DeviceOption = "auto",
 ):
     """Pointing game and IoU of Grad-CAM against boxes, per pathology and overall."""
-    from cxr.explain import localize_run
-    from cxr.predict import resolve_device
+    from cxr.workflows.localize import localize_run
 
     thresholds = _thresholds(threshold)
     if tolerance < 0:
         raise CxrError(f"--tolerance must be >= 0 pixels, not {tolerance}")
     _check_shifts(shifts)
-    with progress_bar() as progress:
-        task = progress.add_task("localising", total=None, status="")
+    with progress_task("localising") as task:
         result = localize_run(
             run,
             boxes,
@@ -179,9 +168,9 @@ def localize(
             tolerance=tolerance,
             batch_size=batch_size,
             shifts=shifts,
-            device=resolve_device(device),
+            device=device,
             out=out,
-            on_batch=lambda n: progress.advance(task, n),
+            on_batch=task.advance,
         )
     console.print(localization_table(result))
     console.print(

@@ -8,21 +8,23 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from cxr.cli.common import app, console, friendly_errors, progress_bar
+from cxr.cli.common import app, console, friendly_errors, number, progress_task
+from cxr.cli.options import BatchSizeOption, DeviceOption, WorkersOption
+from cxr.errors import CxrError
 
+# The library modules behind these commands import torch (and captum, onnxruntime, FastAPI,
+# matplotlib); each command imports them when it runs, so that `cxr --help` and the `cxr data`
+# commands start in a fraction of a second instead of several seconds.
 
-def _fmt(value, digits: int = 3) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
+_fmt = number
 
 
 # ---------------------------------------------------------------------------- report
 
 
 def report_table(report: dict, title: str) -> Table:
-    from cxr.labels import PATHOLOGIES
-
     table = Table("pathology", "AUROC", "95% CI", "AUPRC", "sens.", "spec.", "ECE", title=title)
-    for name in PATHOLOGIES:
+    for name in report["per_class"]:
         v = report["per_class"][name]
         low, high = v["auroc_ci"]
         table.add_row(
@@ -49,15 +51,8 @@ def report_table(report: dict, title: str) -> Table:
 def write_report_with_progress(run: Path, **options) -> dict:
     from cxr.report import build_report
 
-    with progress_bar() as progress:
-        task = progress.add_task("report", total=None, status="")
-        result = build_report(
-            run,
-            on_stage=lambda text: progress.update(task, description=text),
-            on_batch=lambda n: progress.advance(task, n),
-            **options,
-        )
-    return result
+    with progress_task("report") as task:
+        return build_report(run, on_stage=task.describe, on_batch=task.advance, **options)
 
 
 @app.command("report")
@@ -72,9 +67,9 @@ def report(
     gallery: Annotated[
         int, typer.Option(help="Grad-CAM cases per class and kind (true/false positives); 0: none.")
     ] = 3,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
-    workers: Annotated[int, typer.Option(help="DataLoader worker processes.")] = 2,
+    device: DeviceOption = "auto",
+    batch_size: BatchSizeOption = 32,
+    workers: WorkersOption = 2,
 ):
     """Write report.html (self-contained) and its figures; the numbers go to metrics.json.
 
@@ -82,8 +77,6 @@ def report(
     metrics at the validation-chosen thresholds, ROC / precision-recall / reliability plots,
     score distributions, a Grad-CAM gallery, training curves, the config and the data.
     """
-    from cxr.errors import CxrError
-
     if resamples < 1:
         raise CxrError("--resamples must be at least 1")
     if gallery < 0:
@@ -126,32 +119,26 @@ def thresholds(
     target_sensitivity: Annotated[
         float, typer.Option(help="The sensitivity the 'sensitivity' rule must reach.")
     ] = 0.9,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
-    workers: Annotated[int, typer.Option(help="DataLoader worker processes.")] = 2,
+    device: DeviceOption = "auto",
+    batch_size: BatchSizeOption = 32,
+    workers: WorkersOption = 2,
 ):
     """Refit the per-class thresholds on the validation split with a rule; store them.
 
     `cxr evaluate`, `cxr predict`, `cxr serve` and `cxr report` use the stored thresholds.
     """
-    from cxr.calibrate import refit_thresholds, validate_rule
-    from cxr.labels import PATHOLOGIES
+    from cxr.calibration import validate_rule
+    from cxr.workflows.calibrate import refit_thresholds
 
     validate_rule(rule, target_sensitivity)
-    with progress_bar() as progress:
-        task = progress.add_task("validation predictions", total=None, status="")
+    with progress_task("validation predictions") as task:
         result = refit_thresholds(
-            run,
-            rule,
-            target_sensitivity,
-            device=device,
-            batch_size=batch_size,
-            workers=workers,
-            on_batch=lambda n: progress.advance(task, n),
-        )
+            run, rule, target_sensitivity, device=device, batch_size=batch_size,
+            workers=workers, on_batch=task.advance,
+        )  # fmt: skip
     console.print(
         _threshold_table(
-            PATHOLOGIES,
+            result["labels"],
             result["previous_thresholds"],
             result["thresholds"],
             f"thresholds: {result['threshold_rule']}",
@@ -170,9 +157,9 @@ def thresholds(
 @friendly_errors
 def calibrate(
     run: Annotated[Path, typer.Argument(help="Run folder.")],
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
-    workers: Annotated[int, typer.Option(help="DataLoader worker processes.")] = 2,
+    device: DeviceOption = "auto",
+    batch_size: BatchSizeOption = 32,
+    workers: WorkersOption = 2,
 ):
     """Temperature scaling: fit one temperature on the validation split; store it.
 
@@ -180,17 +167,11 @@ def calibrate(
     The thresholds are refitted on the calibrated validation probabilities with the stored
     rule, so that the positive/negative calls stay consistent.
     """
-    from cxr.calibrate import calibrate_run
-    from cxr.labels import PATHOLOGIES
+    from cxr.workflows.calibrate import calibrate_run
 
-    with progress_bar() as progress:
-        task = progress.add_task("validation logits", total=None, status="")
+    with progress_task("validation logits") as task:
         result = calibrate_run(
-            run,
-            device=device,
-            batch_size=batch_size,
-            workers=workers,
-            on_batch=lambda n: progress.advance(task, n),
+            run, device=device, batch_size=batch_size, workers=workers, on_batch=task.advance
         )
     console.print(
         f"temperature {result['temperature']:.4f} (was {result['previous_temperature']:.4f}), "
@@ -201,7 +182,7 @@ def calibrate(
     )
     console.print(
         _threshold_table(
-            PATHOLOGIES,
+            list(result["labels"]),
             result["previous_thresholds"],
             result["thresholds"],
             f"thresholds refitted on the calibrated validation probabilities: "

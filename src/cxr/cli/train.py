@@ -3,15 +3,30 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
-from cxr.cli.common import app, console, friendly_errors, progress_bar, warn
-from cxr.config import TrainConfig
+from cxr.cli.common import (
+    app,
+    auroc_table,
+    console,
+    friendly_errors,
+    progress_bar,
+    progress_task,
+    warn,
+)
+from cxr.cli.options import BatchSizeOption, DeviceOption, WorkersOption
+from cxr.config import TrainConfig, load_config
 from cxr.errors import CxrError
+from cxr.labels import PATHOLOGIES
+from cxr.run import RunFolder
+
+# The library modules behind these commands import torch (and captum, onnxruntime, FastAPI,
+# matplotlib); each command imports them when it runs, so that `cxr --help` and the `cxr data`
+# commands start in a fraction of a second instead of several seconds.
 
 
 class RichTrainCallbacks:
@@ -67,8 +82,6 @@ class RichTrainCallbacks:
 
 
 def _train_config(config_file: Path | None, overrides: dict) -> TrainConfig:
-    from cxr.config import TrainConfig, load_config
-
     base = load_config(config_file) if config_file else TrainConfig()
     return base.updated(**overrides)
 
@@ -151,8 +164,6 @@ def train(
                 "--resume continues a run with its own data, split and method; only --max-epochs, "
                 "--max-plateaus, --workers, --device, --amp, --compile and --cache apply"
             )
-        from cxr.run import RunFolder
-
         run_folder = RunFolder(resume).require()
 
         def update_config() -> None:
@@ -191,10 +202,6 @@ def train(
     _train_and_report(Path(out))
 
 
-def _rank() -> int:
-    return int(os.environ.get("RANK", "0"))
-
-
 def _main_rank_first(action, device: str) -> None:
     """Run ``action`` (which writes the run folder) on rank 0 only.
 
@@ -206,7 +213,7 @@ def _main_rank_first(action, device: str) -> None:
         return
     import torch.distributed as torch_dist
 
-    from cxr.train import setup_distributed
+    from cxr.runtime import setup_distributed
 
     info = setup_distributed(device)
     failure: BaseException | None = None
@@ -225,34 +232,34 @@ def _main_rank_first(action, device: str) -> None:
 
 def _train_and_report(run_dir: Path, *, resume: bool = False) -> None:
     """Train; progress and the summary are shown by rank 0 only."""
-    from cxr.train import TrainCallbacks, teardown_distributed, train_run
+    from cxr.engine.trainer import TrainCallbacks
+    from cxr.runtime import teardown_distributed
+    from cxr.workflows.train import train_run
 
-    if _rank() == 0:
+    main = _is_main_process()
+    if main:
         with RichTrainCallbacks() as callbacks:
             state = train_run(run_dir, resume=resume, callbacks=callbacks)
     else:
         state = train_run(run_dir, resume=resume, callbacks=TrainCallbacks())
     teardown_distributed()
-    if _rank() == 0:
+    if main:
         _print_train_end(run_dir, state)
 
 
 def start_run(data: Path, out: Path, split_dir: Path | None, train_config) -> Path:
     """Create the run folder (split, image check, cache check), showing progress and warnings."""
-    from cxr.train import create_run
+    from cxr.workflows.train import create_run
 
-    with progress_bar() as progress:
-        task = progress.add_task("checking images", total=None, status="")
-        notes = create_run(
-            data,
-            out,
-            train_config,
-            split_dir=split_dir,
-            on_image_check=lambda done, total: progress.update(task, completed=done, total=total),
-        )
+    with progress_task("checking images") as task:
+        notes = create_run(data, out, train_config, split_dir=split_dir, on_image_check=task.update)
     for note in notes:
         warn(note)
     return Path(out)
+
+
+def _is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def _print_train_end(run_dir: Path, state) -> None:
@@ -267,57 +274,26 @@ def _print_train_end(run_dir: Path, state) -> None:
 # ---------------------------------------------------------------------------- evaluate
 
 
-def auroc_table(result: dict, title: str) -> Table:
-    from cxr.labels import PATHOLOGIES
-
-    table = Table("pathology", "AUROC", "positives", "threshold", "sens.", "spec.", title=title)
-    for name in PATHOLOGIES:
-        entry = result["per_class"][name]
-        auroc = "undefined" if entry["auroc"] is None else f"{entry['auroc']:.3f}"
-        fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
-        table.add_row(
-            name,
-            auroc,
-            f"{entry['positives']:,}",
-            f"{entry['threshold']:.3f}",
-            fmt(entry["sensitivity"]),
-            fmt(entry["specificity"]),
-        )
-    mean = result["auroc_mean"]
-    table.add_section()
-    table.add_row("mean", "undefined" if mean is None else f"{mean:.3f}", "", "", "", "")
-    return table
-
-
 @app.command("evaluate")
 @friendly_errors
 def evaluate(
     run: Annotated[Path, typer.Argument(help="Run folder.")],
     split: Annotated[str, typer.Option(help="test, val, or a CSV file in NIH format.")] = "test",
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
-    workers: Annotated[int, typer.Option(help="DataLoader worker processes.")] = 2,
+    device: DeviceOption = "auto",
+    batch_size: BatchSizeOption = 32,
+    workers: WorkersOption = 2,
 ):
     """Probabilities for every image, AUROC per class, and positive/negative calls."""
-    result = _evaluate_with_progress(run, split, device, batch_size, workers)
-    console.print(auroc_table(result, f"{result['split']}: {result['images']:,} images"))
-    console.print(f"wrote {run / result['predictions']} and {result['path']}")
+    from cxr.workflows.evaluate import evaluate_run
 
-
-def _evaluate_with_progress(run, split, device, batch_size, workers) -> dict:
-    from cxr.evaluate import evaluate_run
-
-    with progress_bar() as progress:
-        task = progress.add_task(f"evaluating {split}", total=None, status="")
+    with progress_task(f"evaluating {split}") as task:
         result = evaluate_run(
-            run,
-            split,
-            device=device,
-            batch_size=batch_size,
-            workers=workers,
-            on_batch=lambda n: progress.advance(task, n),
-        )
-    return result
+            run, split, device=device, batch_size=batch_size, workers=workers,
+            on_batch=task.advance,
+        )  # fmt: skip
+    title = f"{result['split']}: {result['images']:,} images"
+    console.print(auroc_table(result, title, list(result["per_class"])))
+    console.print(f"wrote {run / result['predictions']} and {result['path']}")
 
 
 # ---------------------------------------------------------------------------- demo
@@ -335,9 +311,7 @@ def demo(
     ] = "auto",
 ):
     """Synthetic data -> patient split -> train from scratch -> evaluate, all offline."""
-    import time
-
-    from cxr.demo import resolve_demo_device, run_demo
+    from cxr.workflows.demo import resolve_demo_device, run_demo
 
     device = resolve_demo_device(device)
 
@@ -363,7 +337,8 @@ def demo(
             ),
         )
     evaluation = result["evaluation"]
-    console.print(auroc_table(evaluation, f"SYNTHETIC test split: {evaluation['images']:,} images"))
+    title = f"SYNTHETIC test split: {evaluation['images']:,} images"
+    console.print(auroc_table(evaluation, title, PATHOLOGIES))
     localization = result["localization"]
     overall = localization["overall"]
     spacing = localization["sample_spacing_px"]

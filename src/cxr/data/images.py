@@ -5,10 +5,13 @@ from __future__ import annotations
 import io
 import os
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import pydicom
 from PIL import Image, UnidentifiedImageError
+from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
 from cxr.errors import ImageError
 
@@ -93,11 +96,6 @@ def scale_to_uint8(pixels: np.ndarray) -> np.ndarray:
 
 def _decode_dicom(data: bytes, label: str) -> np.ndarray:
     try:
-        import pydicom
-        from pydicom.pixels import apply_modality_lut, apply_voi_lut
-    except ImportError:  # pragma: no cover - pydicom is a dependency
-        raise ImageError(f"{label}: DICOM support needs pydicom (pip install pydicom)") from None
-    try:
         dataset = pydicom.dcmread(io.BytesIO(data))
     except Exception as exc:  # pydicom raises many types for malformed files
         raise ImageError(f"{label}: not a readable DICOM file ({exc})") from None
@@ -137,7 +135,6 @@ def find_unreadable(
     Run before training so that a damaged file stops the run in its first second, not in
     epoch 3. Threads suffice: zlib, libjpeg and pydicom's decoders release the GIL.
     """
-    from concurrent.futures import ThreadPoolExecutor
 
     def check(path: str) -> tuple[str, str] | None:
         try:

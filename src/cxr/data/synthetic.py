@@ -38,6 +38,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
+from cxr import __version__
 from cxr.errors import ConfigError, DataError
 from cxr.labels import NO_FINDING, PATHOLOGIES, format_finding_labels
 
@@ -858,8 +859,6 @@ def _table_text(table: pd.DataFrame) -> str:
 
 
 def _readme_text(summary: SynthSummary, seed: int, table: pd.DataFrame) -> str:
-    from cxr import __version__
-
     counts = "\n".join(f"  {name}: {count}" for name, count in summary.label_counts.items())
     test_images = int((table["split"] == "test").sum())
     return f"""{README_MARKER} {__version__}.

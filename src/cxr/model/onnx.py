@@ -1,22 +1,31 @@
-"""Export a model bundle to ONNX (dynamic batch axis) and check it against PyTorch."""
+"""ONNX: export a bundle (dynamic batch axis, its description embedded), check the export
+against PyTorch, and the onnxruntime sessions the onnx backend predicts with (beside the
+weights, in the cache, or exported on first use)."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import os
 import warnings
 from pathlib import Path
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 import torch
 
 from cxr.errors import ModelError
+from cxr.metrics import probabilities
+from cxr.model.bundle import Bundle, BundleMeta, load_bundle, resolve_bundle, weights_digest
 from cxr.utils import atomic_write_bytes
 
 ONNX_INPUT = "image"
 ONNX_OUTPUT = "logits"
 ONNX_META_KEY = "cxr_bundle"  # the bundle's model.json, stored in the ONNX metadata
 ONNX_WEIGHTS_KEY = "cxr_weights_sha256"  # which model.safetensors it was exported from
+ONNX_CACHE_ENV = "CXR_CACHE_DIR"
 OPSET = 17
 # The issue's bar for "agree": probabilities within 1e-4 of PyTorch's.
 MAX_PROB_DIFF = 1e-4
@@ -30,9 +39,6 @@ def export_onnx(model_path: str | Path, out: str | Path, *, check: bool = True) 
     else. With ``check``, onnxruntime runs the file on a batch of 3 and its probabilities must be
     within ``MAX_PROB_DIFF`` of PyTorch's; the result says how close they were.
     """
-    from cxr.model import load_bundle, resolve_bundle
-    from cxr.predict import weights_digest
-
     out = Path(out)
     if out.suffix.lower() != ".onnx":
         raise ModelError(f"{out}: the ONNX file name must end in .onnx")
@@ -47,13 +53,9 @@ def export_onnx(model_path: str | Path, out: str | Path, *, check: bool = True) 
 
 
 def onnx_bytes(
-    model: torch.nn.Module, image_size: int, meta: dict, *, weights_sha256: str = ""
+    model: torch.nn.Module, image_size: int, meta: BundleMeta, *, weights_sha256: str = ""
 ) -> bytes:
     """The serialised ONNX model, with the bundle description in its metadata."""
-    try:
-        import onnx
-    except ImportError:
-        raise ModelError("ONNX export needs the onnx package (pip install onnx)") from None
     model = model.to("cpu").eval()
     example = torch.zeros(1, 3, image_size, image_size)
     buffer = io.BytesIO()
@@ -76,7 +78,7 @@ def onnx_bytes(
     proto = onnx.load_from_string(buffer.getvalue())
     entry = proto.metadata_props.add()
     entry.key = ONNX_META_KEY
-    entry.value = json.dumps(meta)
+    entry.value = json.dumps(meta.to_dict())
     if weights_sha256:
         entry = proto.metadata_props.add()
         entry.key = ONNX_WEIGHTS_KEY
@@ -85,7 +87,7 @@ def onnx_bytes(
     return proto.SerializeToString()
 
 
-def read_onnx_meta(path: str | Path) -> dict:
+def read_onnx_meta(path: str | Path) -> BundleMeta:
     """The bundle description embedded by :func:`export_onnx`."""
     session = onnx_session(path)
     meta = session.get_modelmeta().custom_metadata_map.get(ONNX_META_KEY)
@@ -93,15 +95,11 @@ def read_onnx_meta(path: str | Path) -> dict:
         raise ModelError(
             f"{path}: ONNX file has no cxr bundle description (not made by cxr export)"
         )
-    return json.loads(meta)
+    return BundleMeta.from_dict(json.loads(meta), source=f"{path} (metadata {ONNX_META_KEY})")
 
 
 def onnx_session(source: str | Path | bytes, threads: int | None = None):
     """An onnxruntime CPU session for a file or serialised model."""
-    try:
-        import onnxruntime as ort
-    except ImportError:
-        raise ModelError("the onnx backend needs onnxruntime (pip install onnxruntime)") from None
     options = ort.SessionOptions()
     options.log_severity_level = 3
     if threads:
@@ -122,12 +120,39 @@ def check_onnx(data: bytes, model: torch.nn.Module, image_size: int, batch: int 
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(batch, 3, image_size, image_size, generator=generator)
     with torch.no_grad():
-        expected = torch.sigmoid(model.eval()(images)).numpy()
+        expected = probabilities(model.eval()(images).numpy())
     logits = onnx_session(data).run([ONNX_OUTPUT], {ONNX_INPUT: images.numpy()})[0]
-    diff = float(np.max(np.abs(1.0 / (1.0 + np.exp(-logits)) - expected)))
+    diff = float(np.max(np.abs(probabilities(logits) - expected)))
     if not diff <= MAX_PROB_DIFF:
         raise ModelError(
             f"the ONNX model disagrees with PyTorch: max probability difference {diff:.2e} "
             f"> {MAX_PROB_DIFF:.0e}"
         )
     return diff
+
+
+def default_cache_dir() -> Path:
+    if os.environ.get(ONNX_CACHE_ENV):
+        return Path(os.environ[ONNX_CACHE_ENV])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "cxr"
+
+
+def bundle_session(bundle: Bundle, weights: Path, cache_dir=None) -> ort.InferenceSession:
+    """An onnxruntime session for these exact weights: beside them, cached, or made now."""
+    digest = weights_digest(weights)
+    cached = Path(cache_dir or default_cache_dir()) / "onnx" / f"{digest[:24]}.onnx"
+    for candidate in (weights.parent / "model.onnx", cached):
+        if candidate.is_file():
+            try:
+                session = onnx_session(candidate)
+            except ModelError:
+                continue
+            stored = session.get_modelmeta().custom_metadata_map.get(ONNX_WEIGHTS_KEY)
+            if stored == digest:
+                return session
+    data = onnx_bytes(bundle.model, bundle.image_size, bundle.meta, weights_sha256=digest)
+    check_onnx(data, bundle.model, bundle.image_size)
+    with contextlib.suppress(OSError):  # a read-only home: run from memory this time
+        atomic_write_bytes(cached, data)
+    return onnx_session(data)

@@ -14,35 +14,34 @@ name, never a stack trace or a server path.
 from __future__ import annotations
 
 import asyncio
-import io
 import logging
 import os
 import threading
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from importlib import resources
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from PIL import Image
 
-from cxr.data.images import decode_gray, is_dicom_bytes
+from cxr.data.images import decode_gray
+from cxr.engine.inference import Predictor, image_record, load_predictor
 from cxr.errors import CxrError, ImageError
-from cxr.predict import (
-    Predictor,
-    explain_heatmaps,
-    image_record,
-    load_predictor,
-    overlay,
-    safe_name,
+from cxr.explain.render import overlay_png, overlay_title
+from cxr.serve.limits import (
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_MAX_UPLOAD_BYTES,
+    FORM_OVERHEAD,
+    TOO_BIG,
+    BodyLimit,
+    header_size,
+    mib,
+    sniff,
 )
+from cxr.utils import safe_name
 
-DEFAULT_MAX_UPLOAD_BYTES = 32 * 1024 * 1024
-DEFAULT_MAX_PIXELS = 40_000_000
 DEFAULT_REQUEST_TIMEOUT_S = 60.0
-# Multipart framing around the file: boundaries, part headers, the pathology field.
-_FORM_OVERHEAD = 64 * 1024
 MEDIA_TYPES = "PNG, JPEG or DICOM"
 log = logging.getLogger("cxr.serve")
 
@@ -79,7 +78,7 @@ def create_app(
         ),
     )
     app.state.service = service
-    app.add_middleware(BodyLimit, limit=max_upload_bytes + _FORM_OVERHEAD)
+    app.add_middleware(BodyLimit, limit=max_upload_bytes + FORM_OVERHEAD)
     labels = predictor.labels
 
     @app.exception_handler(Exception)
@@ -143,11 +142,12 @@ def create_app(
         _gray, crop, image = service.prepare(name, data)
         probability = float(predictor.probabilities(image[None])[0][index])
         try:
-            heatmap = explain_heatmaps(predictor, image[None], [index])[0, 0]
+            heatmap = predictor.gradcam(image[None], [index])[0, 0]
         except CxrError as exc:
             log.error("%s: Grad-CAM failed: %s", name, exc)
             raise HTTPException(500, f"{name}: Grad-CAM failed ({type(exc).__name__})") from None
-        png = overlay(crop, heatmap, f"{labels[index]}  p={probability:.2f}")
+        title = overlay_title(name, labels[index], probability, predictor.thresholds[index])
+        png = overlay_png(crop, heatmap, title)
         return Response(
             png,
             media_type="image/png",
@@ -187,7 +187,7 @@ class _Service:
         data = await upload.read(self.max_upload_bytes + 1)
         if len(data) > self.max_upload_bytes:
             raise HTTPException(
-                413, f"{name}: upload is larger than the limit of {_mib(self.max_upload_bytes)}"
+                413, f"{name}: upload is larger than the limit of {mib(self.max_upload_bytes)}"
             )
         return name, data
 
@@ -224,7 +224,7 @@ class _Service:
             raise HTTPException(415, f"{name}: {what}")
         size = header_size(data, kind)
         if size is not None and size[0] * size[1] > self.max_pixels:
-            shown = "too many" if size == _TOO_BIG else f"{size[0]}x{size[1]}"
+            shown = "too many" if size == TOO_BIG else f"{size[0]}x{size[1]}"
             raise HTTPException(
                 413,
                 f"{name}: image is {shown} pixels, more than the limit of {self.max_pixels:,}",
@@ -240,41 +240,6 @@ class _Service:
         return gray, crop, self.preprocess.to_tensor(crop)
 
 
-_TOO_BIG = (1 << 31, 1)
-
-
-def sniff(data: bytes) -> str | None:
-    """``png``, ``jpeg`` or ``dicom`` from the first bytes; ``None`` for anything else."""
-    if data.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "png"
-    if data.startswith(b"\xff\xd8\xff"):
-        return "jpeg"
-    if is_dicom_bytes(data[:132]):
-        return "dicom"
-    return None
-
-
-def header_size(data: bytes, kind: str) -> tuple[int, int] | None:
-    """(width, height) from the header, without decoding pixels; ``None`` if unreadable."""
-    if kind == "png" and data[12:16] == b"IHDR" and len(data) >= 24:
-        # Straight from the first chunk: exact even for sizes PIL refuses to open.
-        return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
-    try:
-        if kind == "dicom":
-            import pydicom
-
-            dataset = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
-            return int(dataset.Columns), int(dataset.Rows)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as image:
-                return image.size
-    except Image.DecompressionBombError:
-        return _TOO_BIG  # over any sensible limit: PIL refuses to even open it
-    except Exception:
-        return None  # the decoder will say what is wrong
-
-
 def _pathology_index(labels: list[str], pathology: str) -> int:
     text = pathology.strip()
     if text.isdigit() and int(text) < len(labels):
@@ -288,94 +253,12 @@ def _pathology_index(labels: list[str], pathology: str) -> int:
     )
 
 
-def _mib(count: int) -> str:
-    return f"{count / (1024 * 1024):.1f} MiB"
-
-
 def _version() -> str:
     try:
-        from importlib.metadata import version
-
         return version("cxr")
-    except Exception:
+    except PackageNotFoundError:
         return "0"
 
 
 def _page_html() -> str:
-    return resources.files("cxr").joinpath("static/index.html").read_text(encoding="utf-8")
-
-
-class BodyLimit:
-    """ASGI middleware: refuse request bodies over ``limit`` bytes with 413, before parsing.
-
-    Reads the body itself (at most ``limit`` bytes are ever held), then replays it to the app;
-    ``Content-Length`` over the limit is refused without holding any of it. Before a refusal,
-    the rest of the body is read and discarded, up to ``DRAIN_FACTOR`` times the limit: HTTP
-    clients send the whole request before reading the answer, and a server that closes with
-    unread data makes the kernel reset the connection, so the client would see a reset instead
-    of the 413. Bodies beyond that bound are refused at once (memory stays bounded either way).
-    """
-
-    DRAIN_FACTOR = 4
-
-    def __init__(self, app, limit: int):
-        self.app = app
-        self.limit = int(limit)
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS"):
-            await self.app(scope, receive, send)
-            return
-        declared = dict(scope["headers"]).get(b"content-length")
-        if declared is not None:
-            try:
-                declared_size = int(declared)
-            except ValueError:
-                await JSONResponse({"detail": "invalid Content-Length"}, 400)(scope, receive, send)
-                return
-            if declared_size > self.limit:
-                await self._refuse(scope, receive, send, received=0, declared=declared_size)
-                return
-        body = bytearray()
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
-            if len(body) > self.limit:
-                received = len(body)
-                body.clear()
-                await self._refuse(scope, receive, send, received=received, finished=not more)
-                return
-            if not more:
-                break
-        replayed = False
-
-        async def replay():
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": bytes(body), "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
-
-    async def _refuse(
-        self, scope, receive, send, *, received: int, declared: int | None = None, finished=False
-    ):
-        bound = self.DRAIN_FACTOR * self.limit
-        if not finished and (declared is None or declared <= bound):
-            while received <= bound:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    return
-                received += len(message.get("body", b""))
-                if not message.get("more_body", False):
-                    break
-        response = JSONResponse(
-            {"detail": f"request body is larger than the limit of {_mib(self.limit)}"},
-            413,
-            headers={"Connection": "close"},
-        )
-        await response(scope, receive, send)
+    return resources.files("cxr.serve").joinpath("static/index.html").read_text(encoding="utf-8")

@@ -13,16 +13,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cxr.calibrate import calibrate_run
 from cxr.config import TrainConfig
 from cxr.data.nih import load_nih
 from cxr.data.split import split_by_patients
 from cxr.data.synthetic import BOX_NAME, write_synthetic_dataset
+from cxr.engine.trainer import TrainCallbacks
 from cxr.errors import ConfigError
-from cxr.evaluate import evaluate_run
-from cxr.explain import localize_run
 from cxr.report import build_report
-from cxr.train import TrainCallbacks, prepare_run, train_run
+from cxr.runtime import resolve_device
+from cxr.workflows.calibrate import calibrate_run
+from cxr.workflows.evaluate import evaluate_run
+from cxr.workflows.localize import localize_run
+from cxr.workflows.train import prepare_run, train_run
 
 DEMO_DEVICES = ("auto", "cpu", "cuda")
 
@@ -109,17 +111,9 @@ def _gpu_settings() -> DemoSettings:
 def resolve_demo_device(device: str) -> str:
     """``auto`` -> ``cuda`` when a CUDA device is present, else ``cpu``; ``cuda`` without
     one is an error raised before any work."""
-    import torch
-
-    from cxr.predict import resolve_device
-
     if device not in DEMO_DEVICES:
         raise ConfigError(f"device must be one of {', '.join(DEMO_DEVICES)}, not {device!r}")
-    if device == "auto":
-        return resolve_device("auto").type
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device cuda was asked for but no CUDA device is available")
-    return device
+    return resolve_device(device).type
 
 
 def run_demo(

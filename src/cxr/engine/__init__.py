@@ -1,0 +1,1 @@
+"""The computation: the training loop (:mod:`.trainer`) and inference (:mod:`.inference`)."""

@@ -1,0 +1,1 @@
+"""The model: the network and its starting weights, the loss, the bundle, the ONNX export."""

@@ -1,0 +1,166 @@
+"""``cxr evaluate`` over a run folder: predict every image of a split with the run's bundle,
+write ``predictions-<split>.csv`` and the split's entry in ``metrics.json``; and the shared
+steps that calibration, thresholds and the report build on (the logits of a split, fresh
+predictions)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from cxr.data.loaders import split_loader
+from cxr.data.nih import (
+    IMAGE_COLUMN,
+    PATH_COLUMN,
+    PATIENT_COLUMN,
+    attach_image_paths,
+    label_matrix,
+)
+from cxr.data.transforms import Preprocess
+from cxr.engine.inference import predict_logits
+from cxr.errors import DataError
+from cxr.metrics import apply_thresholds, classification_metrics, mean_defined, probabilities
+from cxr.model.bundle import BUNDLE_META, BUNDLE_WEIGHTS, Bundle, load_bundle
+from cxr.run import SPLIT_NAMES, RunFolder, read_split_table
+from cxr.runtime import resolve_device
+from cxr.utils import atomic_write_csv
+
+OnBatch = Callable[[int], None] | None
+
+
+def split_frame(run: RunFolder, split: str) -> tuple[pd.DataFrame, str]:
+    """The table of ``split`` (a split of the run, or the path of a CSV in NIH format with a
+    ``path`` column or image names found below the run's data folder) and its name."""
+    if split in SPLIT_NAMES:
+        frame, name = run.read_split(split), split
+    else:
+        path = Path(split)
+        frame, name = read_split_table(path), path.stem
+        if PATH_COLUMN not in frame.columns:
+            data = run.load_info().get("data")
+            root = Path(data) if data else path.parent
+            frame = attach_image_paths(frame, root if root.is_dir() else root.parent).table
+    if frame.empty:
+        raise DataError(f"split {split!r} of {run.root} has no images")
+    return frame, name
+
+
+def bundle_logits(
+    run: RunFolder,
+    frame: pd.DataFrame,
+    *,
+    device: str = "auto",
+    batch_size: int = 32,
+    workers: int = 0,
+    on_batch: OnBatch = None,
+) -> tuple[Bundle, np.ndarray]:
+    """The run's bundle and its raw logits (temperature 1) for every image of ``frame``, in
+    the table's order."""
+    device_obj = resolve_device(device)
+    bundle = load_bundle(run.root, device=device_obj)
+    preprocess = Preprocess(bundle.image_size, bundle.normalization)
+    loader, _ = split_loader(frame, preprocess, batch_size=batch_size, workers=workers)
+    indices, logits = predict_logits(bundle.model, loader, device_obj, on_batch=on_batch)
+    return bundle, logits[np.argsort(indices, kind="stable")]
+
+
+def evaluate_run(
+    run_dir,
+    split: str = "test",
+    *,
+    device: str = "auto",
+    batch_size: int = 32,
+    workers: int = 0,
+    on_batch: OnBatch = None,
+) -> dict[str, Any]:
+    """Predict every image of a split with the run's best bundle; write predictions and metrics.
+
+    ``split`` is ``test``, ``val`` or the path of a CSV in NIH format (:func:`split_frame`).
+    """
+    run = RunFolder(run_dir).require()
+    frame, name = split_frame(run, split)
+    bundle, logits = bundle_logits(
+        run, frame, device=device, batch_size=batch_size, workers=workers, on_batch=on_batch
+    )
+    labels = label_matrix(frame)
+    prob = probabilities(logits, bundle.temperature)
+    per_class = classification_metrics(labels, prob, bundle.thresholds, bundle.labels)
+    aurocs = [per_class[n]["auroc"] for n in bundle.labels]
+    atomic_write_csv(_predictions_table(frame, bundle, labels, prob), run.predictions(name))
+    result = {
+        "split": name,
+        "images": len(frame),
+        "patients": int(frame[PATIENT_COLUMN].nunique()),
+        "auroc_mean": mean_defined(aurocs),
+        "auroc_undefined": [n for n, v in zip(bundle.labels, aurocs) if v is None],
+        "threshold_rule": bundle.meta.threshold_rule,
+        "model_epoch": bundle.meta.epoch,
+        "per_class": per_class,
+        "predictions": run.predictions(name).name,
+    }
+    metrics = run.read_metrics()
+    metrics[name] = result
+    run.write_json(run.metrics, metrics)
+    result["path"] = str(run.metrics)
+    json.dumps(result)  # fail here, not in a later reader, if something is not serialisable
+    return result
+
+
+def _predictions_table(
+    frame: pd.DataFrame, bundle: Bundle, labels: np.ndarray, prob: np.ndarray
+) -> pd.DataFrame:
+    """``Image Index``, ``Patient ID``, then ``prob_``, ``true_`` and ``call_`` per label."""
+    columns = {IMAGE_COLUMN: frame[IMAGE_COLUMN], PATIENT_COLUMN: frame[PATIENT_COLUMN]}
+    calls = apply_thresholds(prob, bundle.thresholds)
+    for prefix, values in (("prob", prob), ("true", labels.astype(int)), ("call", calls)):
+        for c, label in enumerate(bundle.labels):
+            columns[f"{prefix}_{label}"] = values[:, c]
+    return pd.DataFrame(columns)
+
+
+def predictions_are_fresh(run_dir: str | Path, split: str) -> bool:
+    """Whether ``predictions-<split>.csv`` and its metrics were written by the current bundle.
+
+    Fresh means newer than both bundle files: a new temperature, new thresholds or new
+    weights all rewrite one of them.
+    """
+    run = RunFolder(run_dir)
+    path = run.predictions(split)
+    if not path.exists() or split not in run.read_metrics():
+        return False
+    bundle_time = max((run.root / n).stat().st_mtime_ns for n in (BUNDLE_META, BUNDLE_WEIGHTS))
+    return path.stat().st_mtime_ns > bundle_time
+
+
+def ensure_predictions(
+    run_dir: str | Path,
+    split: str,
+    *,
+    device: str = "auto",
+    batch_size: int = 32,
+    workers: int = 0,
+    on_batch: OnBatch = None,
+) -> pd.DataFrame:
+    """The split's predictions table, re-running :func:`evaluate_run` if it is missing or
+    older than the bundle."""
+    run = RunFolder(run_dir).require()
+    if not predictions_are_fresh(run.root, split):
+        evaluate_run(
+            run.root, split, device=device, batch_size=batch_size, workers=workers,
+            on_batch=on_batch,
+        )  # fmt: skip
+    return pd.read_csv(run.predictions(split), dtype={IMAGE_COLUMN: str, PATIENT_COLUMN: str})
+
+
+def prediction_arrays(
+    predictions: pd.DataFrame, labels: list[str]
+) -> tuple[np.ndarray, np.ndarray]:
+    """(truth, probabilities), each ``[N, len(labels)]``, from a predictions table."""
+    truth = predictions[[f"true_{n}" for n in labels]].to_numpy(dtype=np.float64)
+    prob = predictions[[f"prob_{n}" for n in labels]].to_numpy(dtype=np.float64)
+    return truth, prob

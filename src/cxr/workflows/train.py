@@ -1,0 +1,341 @@
+"""``cxr train`` over a run folder: create the run (split, image check, cache check, the
+folder itself), then train it with :func:`cxr.engine.trainer.fit`, writing the best bundle,
+the log, TensorBoard events and a checkpoint after every epoch (rank 0 only)."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from torch.utils.tensorboard import SummaryWriter
+
+from cxr import __version__
+from cxr.config import TrainConfig
+from cxr.data.cache import open_cache
+from cxr.data.images import find_unreadable
+from cxr.data.loaders import split_loader
+from cxr.data.nih import PATH_COLUMN, attach_image_paths, label_matrix, load_nih
+from cxr.data.split import read_split, split_by_patients
+from cxr.data.transforms import Augment, Preprocess
+from cxr.engine.trainer import (
+    TrainCallbacks,
+    Trainer,
+    TrainState,
+    Validation,
+    fit,
+    load_checkpoint,
+)
+from cxr.errors import DataError
+from cxr.labels import PATHOLOGIES
+from cxr.metrics import choose_thresholds
+from cxr.model.bundle import BundleMeta, save_bundle
+from cxr.model.factory import SCRATCH, create_model
+from cxr.model.network import build_model
+from cxr.run import RunFolder, require_paths
+from cxr.runtime import Distributed, resolve_device, setup_distributed
+from cxr.utils import atomic_write_bytes, atomic_write_csv
+
+THRESHOLD_RULE = "youden"
+
+
+def train_run(
+    run_dir: str | Path,
+    *,
+    resume: bool = False,
+    callbacks: TrainCallbacks | None = None,
+    stop_after_epochs: int | None = None,
+) -> TrainState:
+    """Train the run in ``run_dir`` (prepared by :func:`prepare_run`) to its stopping rule.
+
+    ``stop_after_epochs`` ends this call early (as an interruption would) - for tests.
+    """
+    callbacks = callbacks or TrainCallbacks()
+    run = RunFolder(run_dir).require()
+    config = run.load_config()
+    dist = setup_distributed(config.device)
+    if dist.is_main:
+        run.clear_stale_temp_files()
+    device = resolve_device(config.device, local_rank=dist.local_rank)
+    train_frame, val_frame = _training_splits(run)
+    torch.manual_seed(config.seed)
+    checkpoint = _checkpoint_to_resume(run) if resume else None
+    model, init_note = _starting_model(run, config, checkpoint)
+    trainer = Trainer.create(model, config, label_matrix(train_frame), device, dist)
+    state = trainer.restore(checkpoint) if checkpoint is not None else TrainState()
+    loaders, cache_note = _loaders(config, train_frame, val_frame, dist, device)
+    writer = None
+    if dist.is_main:
+        info = {
+            "cxr_version": __version__,
+            "torch_version": torch.__version__,
+            "device": str(device),
+            "world_size": dist.world_size,
+            "init": init_note,
+            "cache": cache_note,
+            "precision": trainer.precision,
+        }
+        run.write_json(run.info, {**run.load_info(), **info})
+        writer = SummaryWriter(log_dir=str(run.tensorboard))
+    callbacks.on_start(
+        {
+            "device": str(device),
+            "world_size": dist.world_size,
+            "train_images": len(train_frame),
+            "val_images": len(val_frame),
+            "start_epoch": state.epoch,
+            "amp": trainer.amp,
+            "precision": trainer.precision,
+        }
+    )
+
+    def persist(record: dict[str, Any], validation: Validation) -> None:
+        if dist.is_main:
+            best = (train_frame, val_frame) if record["best"] else None
+            _persist_epoch(run, trainer, config, state, record, validation, writer, best)
+
+    try:
+        return fit(
+            trainer, loaders, label_matrix(val_frame), state, config=config, labels=PATHOLOGIES,
+            callbacks=callbacks, on_epoch_end=persist, stop_after_epochs=stop_after_epochs,
+        )  # fmt: skip
+    finally:
+        if writer is not None:
+            writer.close()
+
+
+def _training_splits(run: RunFolder) -> tuple[pd.DataFrame, pd.DataFrame]:
+    train_frame = require_paths(run.read_split("train"), str(run.split_file("train")))
+    val_frame = require_paths(run.read_split("val"), str(run.split_file("val")))
+    if train_frame.empty or val_frame.empty:
+        raise DataError(f"{run.split_dir}: the train and val splits must both have images")
+    return train_frame, val_frame
+
+
+def _checkpoint_to_resume(run: RunFolder) -> dict[str, Any]:
+    if not run.checkpoint.exists():
+        raise DataError(f"{run.root}: nothing to resume (no checkpoint.pt yet)")
+    return load_checkpoint(run.checkpoint)
+
+
+def _starting_model(run: RunFolder, config: TrainConfig, checkpoint) -> tuple[Any, dict]:
+    """The model to train and where its weights came from (the checkpoint on a resume)."""
+    if checkpoint is None:
+        return create_model(config.weights)
+    model = build_model()
+    model.load_state_dict(checkpoint["model"])
+    return model, run.load_info().get("init", {})
+
+
+def _loaders(
+    config: TrainConfig,
+    train_frame: pd.DataFrame,
+    val_frame: pd.DataFrame,
+    dist: Distributed,
+    device: torch.device,
+) -> tuple[tuple, dict[str, Any] | None]:
+    """(training loader, its sampler, validation loader), reading the cache if the run has
+    one, and a note of the cache for run.json."""
+    train_reader = val_reader = cache_note = None
+    if config.cache:
+        cache = open_cache(config.cache, min_size=config.image_size)
+        train_reader, val_reader = cache.reader(train_frame), cache.reader(val_frame)
+        cache_note = {"path": str(cache.root), "image_size": cache.image_size}
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input size: pick the fastest kernels
+    preprocess = Preprocess(config.image_size, config.normalization)
+    shared = dict(
+        workers=config.workers,
+        seed=config.seed,
+        rank=dist.rank,
+        world_size=dist.world_size,
+        pin_memory=device.type == "cuda",
+    )
+    train_loader, train_sampler = split_loader(
+        train_frame,
+        preprocess,
+        batch_size=config.batch_size,
+        augment=Augment(config.scale_min, config.scale_max, config.hflip),
+        reader=train_reader,
+        **shared,
+    )
+    val_loader, _ = split_loader(
+        val_frame, preprocess, batch_size=config.batch_size * 2, reader=val_reader, pad=False,
+        **shared,
+    )  # fmt: skip
+    return (train_loader, train_sampler, val_loader), cache_note
+
+
+def _persist_epoch(
+    run: RunFolder,
+    trainer: Trainer,
+    config: TrainConfig,
+    state: TrainState,
+    record: dict[str, Any],
+    validation: Validation,
+    writer: SummaryWriter | None,
+    best: tuple[pd.DataFrame, pd.DataFrame] | None,
+) -> None:
+    """The log, the checkpoint and, when the epoch improved (``best`` holds the train and
+    val tables), the best bundle with thresholds chosen on the validation split."""
+    if best is not None:
+        val_labels = label_matrix(best[1])
+        thresholds = choose_thresholds(val_labels, validation.probabilities, THRESHOLD_RULE)
+        meta = _best_bundle_meta(run, config, thresholds, record, *best)
+        save_bundle(run.root, trainer.model, meta)
+    _write_log(run, state.history, writer, record)
+    buffer = io.BytesIO()
+    torch.save(trainer.checkpoint(state, config), buffer)
+    atomic_write_bytes(run.checkpoint, buffer.getvalue())
+
+
+def _best_bundle_meta(
+    run: RunFolder, config: TrainConfig, thresholds, record, train_frame, val_frame
+) -> BundleMeta:
+    return BundleMeta(
+        image_size=config.image_size,
+        normalization=config.normalization,
+        thresholds=thresholds,
+        threshold_rule=f"{THRESHOLD_RULE} (Youden's J on the validation split)",
+        epoch=record["epoch"],
+        val_loss=record["val_loss"],
+        val_auroc_mean=record["val_auroc_mean"],
+        training_data={
+            "train_images": len(train_frame),
+            "train_patients": int(train_frame["Patient ID"].nunique()),
+            "val_images": len(val_frame),
+            "val_patients": int(val_frame["Patient ID"].nunique()),
+            "train_positives": {n: int(train_frame[n].sum()) for n in PATHOLOGIES},
+            "data": run.load_info().get("data"),
+        },
+    )
+
+
+def _write_log(run: RunFolder, history, writer: SummaryWriter | None, record) -> None:
+    atomic_write_csv(pd.DataFrame(history), run.log_csv)
+    if writer is None:
+        return
+    epoch = record["epoch"]
+    for key in ("train_loss", "val_loss", "val_auroc_mean", "lr", "images_per_s"):
+        if record[key] is not None:
+            writer.add_scalar(key, record[key], epoch)
+    for name in PATHOLOGIES:
+        value = record[f"val_auroc_{name}"]
+        if value is not None:
+            writer.add_scalar(f"val_auroc/{name}", value, epoch)
+    writer.flush()
+
+
+def screen_images(
+    frames: dict[str, pd.DataFrame],
+    *,
+    skip_bad: bool,
+    progress=None,
+) -> tuple[dict[str, pd.DataFrame], list[tuple[str, str]]]:
+    """Decode every image of every split once, before anything trains.
+
+    Unreadable files raise a :class:`DataError` listing them, or, with ``skip_bad``, are
+    dropped from their split and returned so the caller can warn.
+    """
+    paths = [p for frame in frames.values() for p in frame[PATH_COLUMN].tolist()]
+    failures = find_unreadable(paths, progress=progress)
+    if not failures:
+        return frames, []
+    if not skip_bad:
+        shown = "; ".join(f"{path}: {reason}" for path, reason in failures[:10])
+        more = f"; and {len(failures) - 10:,} more" if len(failures) > 10 else ""
+        raise DataError(
+            f"{len(failures):,} of {len(paths):,} images cannot be read: {shown}{more}. "
+            "Fix or remove them, or pass --skip-bad-images to train without them"
+        )
+    bad = {path for path, _ in failures}
+    kept = {name: f[~f[PATH_COLUMN].isin(bad)].reset_index(drop=True) for name, f in frames.items()}
+    for name in ("train", "val"):
+        if name in kept and kept[name].empty:
+            raise DataError(f"no readable image is left in the {name} split")
+    return kept, failures
+
+
+def create_run(
+    data: str | Path,
+    out: str | Path,
+    config: TrainConfig,
+    *,
+    split_dir: str | Path | None = None,
+    on_image_check=None,
+) -> list[str]:
+    """Everything before the first step: resolve the images of ``data``, make the
+    patient-level split (or read ``split_dir``), decode every image once, check the cache,
+    and create the run folder. Returns warnings for the caller to show (dropped images)."""
+    out, data = Path(out), Path(data)
+    if RunFolder(out).config.exists():
+        raise DataError(
+            f"{out}: already holds a run; use `cxr train --resume {out}` to continue it, "
+            "or choose another --out"
+        )
+    notes: list[str] = []
+    if split_dir is not None:
+        root = data if data.is_dir() else data.parent
+        frames = {}
+        for name, frame in read_split(split_dir).items():
+            nih = attach_image_paths(
+                frame.drop(columns=[PATH_COLUMN], errors="ignore"),
+                root,
+                drop_missing=config.drop_missing,
+                table_path=Path(split_dir) / f"{name}.csv",
+            )
+            if nih.dropped_missing:
+                notes.append(f"{name}: dropped {len(nih.dropped_missing):,} image(s) not on disk")
+            frames[name] = nih.table
+        split_note = {"method": "given", "from": os.path.abspath(split_dir)}
+    else:
+        nih = load_nih(data, drop_missing=config.drop_missing)
+        if nih.dropped_missing:
+            notes.append(f"dropped {len(nih.dropped_missing):,} image(s) not found on disk")
+        split = split_by_patients(nih.table, seed=config.seed)
+        frames = split.frames()
+        split_note = {"method": split.method, "seed": split.seed}
+    if config.cache:
+        # A cache that is stale, incomplete or lacks a training image fails before the run
+        # folder exists, not after. Its build decoded every image, so no second check.
+        image_cache = open_cache(config.cache, min_size=config.image_size)
+        for name in ("train", "val"):
+            image_cache.rows_for(frames[name])
+    elif config.check_images:
+        frames, failures = screen_images(
+            frames, skip_bad=config.skip_bad_images, progress=on_image_check
+        )
+        if failures:
+            shown = "; ".join(f"{path}: {reason}" for path, reason in failures[:5])
+            notes.append(f"training without {len(failures):,} unreadable image(s): {shown}")
+    prepare_run(out, frames, config, data_source=os.path.abspath(data), split_note=split_note)
+    return notes
+
+
+def prepare_run(
+    run_dir: str | Path,
+    frames: dict[str, pd.DataFrame],
+    config: TrainConfig,
+    *,
+    data_source: str,
+    split_note: dict[str, Any],
+) -> RunFolder:
+    """Create the run folder: resolved config, split tables (with image paths), run.json."""
+    run = RunFolder(run_dir)
+    if run.checkpoint.exists() or run.config.exists():
+        raise DataError(
+            f"{run.root}: already holds a run; use `cxr train --resume {run.root}` to continue "
+            "it, or choose another --out"
+        )
+    # Starting weights that cannot be loaded (offline ImageNet, a missing or refused file) fail
+    # here, before a run folder exists that a retry with other --weights would be refused on.
+    if config.weights not in SCRATCH:
+        create_model(config.weights)
+    run.root.mkdir(parents=True, exist_ok=True)
+    run.write_json(run.config, config.to_dict())
+    run.write_split(frames)
+    run.write_json(run.info, {"data": data_source, "split": split_note, "cxr_version": __version__})
+    return run
