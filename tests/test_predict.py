@@ -186,13 +186,18 @@ def test_cli_predict_json_and_explain(runner, tmp_path, bundle, real_files):
     assert result.exit_code == 0, result.output
     record = json.loads(out.read_text())["predictions"][0]
     assert record["file"] == str(dicom)
-    # One overlay per positive call (the first 7 pathologies), each a PNG.
-    stem = dicom.stem
-    assert sorted(p.name for p in explain.iterdir()) == sorted(
-        f"{stem}_{n}.png" for n in PATHOLOGIES[:7]
+    # One overlay (and map) per positive call (the first 7 pathologies), named as
+    # `cxr explain` names them: <image stem>/<Pathology>.png and .npy.
+    folder = explain / dicom.stem
+    assert [p.name for p in explain.iterdir()] == [dicom.stem]
+    assert sorted(p.name for p in folder.glob("*.png")) == sorted(
+        f"{n}.png" for n in PATHOLOGIES[:7]
+    )
+    assert sorted(p.name for p in folder.glob("*.npy")) == sorted(
+        f"{n}.npy" for n in PATHOLOGIES[:7]
     )
     assert record["overlays"][0].endswith(".png")
-    assert (explain / f"{stem}_Atelectasis.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (folder / "Atelectasis.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_cli_predict_prints_a_table_without_out(runner, bundle, real_files):
