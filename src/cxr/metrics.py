@@ -25,6 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 from sklearn.metrics import precision_recall_curve, roc_curve
 
+from cxr.labels import PATHOLOGIES
+
 DEFAULT_RESAMPLES = 1000
 DEFAULT_CONFIDENCE = 0.95
 DEFAULT_BINS = 10
@@ -241,7 +243,10 @@ def threshold_metrics(truth: np.ndarray, scores: np.ndarray, threshold: float) -
 
 
 def classification_metrics(
-    y_true: np.ndarray, y_prob: np.ndarray, thresholds: Sequence[float], labels: Sequence[str]
+    y_true: np.ndarray,
+    y_prob: np.ndarray,
+    thresholds: Sequence[float],
+    labels: Sequence[str] = PATHOLOGIES,
 ) -> dict[str, dict]:
     """Per class: AUROC, the label counts and the confusion counts at its threshold (what
     ``cxr evaluate`` stores in ``metrics.json``)."""
