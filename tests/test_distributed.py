@@ -13,6 +13,8 @@ import pandas as pd
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # two torchrun launches, a minute or more
+
 TORCHRUN = Path(sys.executable).with_name("torchrun")
 
 

@@ -278,6 +278,7 @@ def _assert_same_training(run: Path, reference: Path) -> None:
     assert meta_a == meta_b
 
 
+@pytest.mark.slow
 def test_resume_equals_uninterrupted_training(tmp_path, make_run, trained_run):
     run = make_run(tmp_path / "run")
     first = train_run(run, stop_after_epochs=1)
@@ -289,6 +290,7 @@ def test_resume_equals_uninterrupted_training(tmp_path, make_run, trained_run):
     _assert_same_training(run, trained_run)
 
 
+@pytest.mark.slow
 def test_resume_with_worker_processes_equals_training_without(tmp_path, make_run, trained_run):
     # Augmentation is drawn from (seed, epoch, index), not from a worker's random state.
     run = make_run(tmp_path / "run", workers=2)
@@ -658,6 +660,7 @@ def test_epoch_sampler_reshuffles_every_epoch_and_shards_ranks():
 # ---------------------------------------------------------------------------- CLI
 
 
+@pytest.mark.slow
 def test_cli_train_resume_and_refusal(runner, synth_data, tmp_path):
     config = tmp_path / "train.toml"
     config.write_text(
@@ -716,6 +719,7 @@ def test_demo_uses_a_gpu_when_there_is_one_with_larger_settings(runner, tmp_path
     assert result.exit_code != 0 and "device must be one of auto, cpu, cuda" in _text(result)
 
 
+@pytest.mark.slow
 def test_cli_demo_quick(runner, tmp_path):
     out = tmp_path / "demo"
     result = runner.invoke(app, ["demo", "--quick", "--out", str(out)])
