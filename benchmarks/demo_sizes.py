@@ -1,6 +1,6 @@
 """The demo's pipeline at other sizes: test AUROC and the Grad-CAM pointing game.
 
-Runs :func:`cxr.demo.run_demo` (synthetic data, split, training from scratch, calibration,
+Runs :func:`cxr.workflows.demo.run_demo` (synthetic data, split, training from scratch, calibration,
 evaluation, localisation, report) with the CPU demo's settings except those given, then
 prints the mean test AUROC, the pointing game with the localisation's ``--shifts`` and the
 wall time. For measuring how resolution, data and epochs move the pointing game.

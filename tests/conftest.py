@@ -10,8 +10,22 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
+
+
+def pytest_configure(config):
+    """Under pytest-xdist, share the cores among the workers instead of letting each worker's
+    torch use them all: ``-n 2`` on 2 cores otherwise runs 4 spinning OpenMP threads on 2
+    cores, and training the tiny ``trained_run`` took 16-26 s instead of 3 s."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0") or 0)
+    if workers > 1:
+        import torch
+
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+        torch.set_num_threads(max(1, (cores or os.cpu_count() or 1) // workers))
+
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 NIH_DIR = SHARED_DATA / "nih"
@@ -189,6 +203,82 @@ def untrained_bundle(tmp_path_factory) -> Path:
     )
     save_bundle(folder, build_model(), meta)
     return folder
+
+
+# ---------------------------------------------------------------------------- references
+# What the model sees, computed with PIL, pydicom and numpy directly: independent of cxr's
+# decoding and preprocessing code, following the contract cxr documents (cxr.data.images:
+# one 8-bit gray image per file; cxr.data.transforms.Preprocess: shorter side to S, centre
+# crop, [0, 1], ImageNet mean/std, 3 channels).
+
+REFERENCE_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
+REFERENCE_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
+
+
+def reference_gray(path: Path) -> np.ndarray:
+    """The file as an (H, W) uint8 gray image, decoded without cxr.
+
+    DICOM: modality LUT, then VOI LUT, then the value range mapped linearly onto 0..255
+    (rounded), inverted for MONOCHROME1. PNG / JPEG: 8-bit gray as is, 16-bit gray by its
+    value range, colour by ITU-R 601 luma (PIL's ``convert("L")``).
+    """
+    with open(path, "rb") as handle:
+        is_dicom = handle.read(132)[128:132] == b"DICM"
+    if is_dicom:
+        import pydicom
+        from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+        dataset = pydicom.dcmread(path)
+        values = apply_voi_lut(apply_modality_lut(dataset.pixel_array, dataset), dataset)
+        gray = _range_to_uint8(values)
+        return 255 - gray if dataset.PhotometricInterpretation == "MONOCHROME1" else gray
+    from PIL import Image
+
+    with Image.open(path) as image:
+        if image.mode == "L":
+            return np.array(image, dtype=np.uint8)
+        if image.mode.startswith("I"):
+            return _range_to_uint8(np.asarray(image))
+        return np.array(image.convert("L"), dtype=np.uint8)
+
+
+def _range_to_uint8(values) -> np.ndarray:
+    values = np.asarray(values, dtype=np.float64)
+    low, high = values.min(), values.max()
+    if high <= low:
+        return np.zeros(values.shape, dtype=np.uint8)
+    return np.clip(np.rint((values - low) * 255.0 / (high - low)), 0, 255).astype(np.uint8)
+
+
+def reference_input(gray: np.ndarray, size: int) -> np.ndarray:
+    """The (3, size, size) float32 model input for a gray image ("imagenet" normalisation).
+
+    The shorter side is resized to ``size`` (PIL bilinear, the longer side in proportion,
+    rounded), the centre ``size`` x ``size`` square is cut out (top = (new_h - size) // 2,
+    left = (new_w - size) // 2), scaled to [0, 1] and normalised per channel.
+    """
+    from PIL import Image
+
+    height, width = gray.shape
+    if height <= width:
+        new_h, new_w = size, round(width * size / height)
+    else:
+        new_h, new_w = round(height * size / width), size
+    image = Image.fromarray(gray)
+    if (new_h, new_w) != (height, width):
+        image = image.resize((new_w, new_h), Image.Resampling.BILINEAR)
+    resized = np.asarray(image, dtype=np.uint8)
+    assert resized.shape == (new_h, new_w)
+    top, left = (new_h - size) // 2, (new_w - size) // 2
+    crop = resized[top : top + size, left : left + size].astype(np.float32) / np.float32(255)
+    return (crop[None] - REFERENCE_MEAN[:, None, None]) / REFERENCE_STD[:, None, None]
+
+
+def reference_batch(paths, size: int):
+    """A float32 torch batch of :func:`reference_input` for each file."""
+    import torch
+
+    return torch.from_numpy(np.stack([reference_input(reference_gray(p), size) for p in paths]))
 
 
 # ---------------------------------------------------------------------------- browser

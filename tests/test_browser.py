@@ -22,6 +22,8 @@ from playwright.sync_api import expect, sync_playwright
 from cxr.labels import PATHOLOGIES
 from cxr.serve.app import create_app
 
+pytestmark = pytest.mark.slow  # a real Chromium
+
 THRESHOLDS = FIXED_CALL_THRESHOLDS  # the first 7 pathologies positive, the last 7 negative
 NIH_PNG = "00001369_000.png"  # an RGBA NIH image with a Cardiomegaly box
 

@@ -259,6 +259,7 @@ def test_cli_cache_builds_then_reports_complete(small_nih, tmp_path):
 # ---------------------------------------------------------------------------- training
 
 
+@pytest.mark.slow
 def test_training_from_the_cache_equals_training_from_the_pngs(tmp_path, synth_data, make_run):
     """Synthetic images are 64 px, so a 64 px cache stores them unchanged: same numbers."""
     from cxr.workflows.train import train_run

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pandas as pd
+import pytest
 import torch
 from safetensors.torch import load_file
 from typer.testing import CliRunner
@@ -41,6 +42,7 @@ def test_cxr_data_split_writes_identical_files(synth_data, tmp_path):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
 
 
+@pytest.mark.slow
 def test_two_runs_give_identical_weights_and_metrics(tmp_path, make_run):
     runs = [make_run(tmp_path / name, max_epochs=1) for name in ("a", "b")]
     for run in runs:
@@ -72,6 +74,7 @@ def test_two_runs_give_identical_weights_and_metrics(tmp_path, make_run):
     )
 
 
+@pytest.mark.slow
 def test_a_different_seed_gives_different_weights(tmp_path, make_run):
     """The check above is not vacuous: the seed reaches the initial weights."""
     runs = [make_run(tmp_path / f"seed{seed}", max_epochs=1, seed=seed) for seed in (0, 1)]

@@ -443,6 +443,7 @@ def _check_heatmap(path: Path, size: int) -> None:
     assert np.isfinite(heatmap).all() and heatmap.min() >= 0.0 and heatmap.max() <= 1.0
 
 
+@pytest.mark.slow
 def test_cli_explain_real_nih_pngs(tmp_path: Path, bundle_dir: Path, sample_images: Path):
     images = [sample_images / "00001369_000.png", sample_images / "00026911_000.png"]  # RGBA, L
     out = tmp_path / "explained"

@@ -71,6 +71,7 @@ def test_onnx_and_pytorch_agree_on_real_images(onnx_file, bundle, real_files):
     assert (got.calls == expected.calls).all()
 
 
+@pytest.mark.slow  # exports the model a second time (into the cache)
 def test_auto_backend_uses_onnx_on_cpu_from_beside_the_weights_or_the_cache(
     tmp_path, bundle, onnx_file, real_files
 ):

@@ -17,6 +17,8 @@ from safetensors.torch import load_file
 
 from cxr.workflows.train import train_run
 
+pytestmark = pytest.mark.slow  # child processes that train and SIGKILL themselves
+
 EPOCHS = 3
 
 # The child process trains the run and SIGKILLs itself at a chosen moment. The moment is

@@ -10,13 +10,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import FIXED_CALL_THRESHOLDS
+from conftest import FIXED_CALL_THRESHOLDS, reference_batch
 from typer.testing import CliRunner
 
 from cxr.cli import app
 from cxr.data.files import FileError, find_images
-from cxr.data.images import decode_gray
-from cxr.data.transforms import Preprocess
 from cxr.engine.inference import load_predictor, predict_files
 from cxr.labels import PATHOLOGIES
 
@@ -54,11 +52,10 @@ def runner() -> CliRunner:
 
 
 def reference_probabilities(predictor, paths: list[Path]) -> np.ndarray:
-    """The model on each file alone, preprocessed exactly as training/evaluation does."""
-    preprocess = Preprocess(64, "imagenet")
+    """The model on the files, decoded and preprocessed without cxr's code (conftest's
+    reference: PIL / pydicom, shorter side to 64 px, centre crop, ImageNet mean/std)."""
     with torch.no_grad():
-        batch = torch.stack([preprocess(decode_gray(p)) for p in paths])
-        logits = predictor.torch_model(batch).double()
+        logits = predictor.torch_model(reference_batch(paths, 64)).double()
     return torch.sigmoid(logits).numpy()
 
 

@@ -23,6 +23,10 @@ from cxr.labels import PATHOLOGIES
 from cxr.report import BASELINES, REPORT_KEY, build_report, data_origin
 from cxr.run import RunFolder
 
+# The report fixture bootstraps 1,000 resamples and draws a Grad-CAM gallery on a trained run;
+# one test opens the page in Chromium.
+pytestmark = pytest.mark.slow
+
 RUN_FILES = ("config.json", "run.json", "log.csv", "model.json", "model.safetensors")
 PROB = [f"prob_{name}" for name in PATHOLOGIES]
 TRUE = [f"true_{name}" for name in PATHOLOGIES]

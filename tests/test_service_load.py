@@ -26,6 +26,8 @@ from PIL import Image
 from cxr.serve.app import create_app
 from cxr.testing import png_bytes, png_claiming_size
 
+pytestmark = pytest.mark.slow  # 120 requests to a real server
+
 REQUESTS = 120
 CLIENTS = 8
 MAX_UPLOAD = 50_000
