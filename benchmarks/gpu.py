@@ -21,10 +21,9 @@ import torch
 NIH = Path(__file__).resolve().parents[2] / "shared" / "data" / "nih"
 
 
-def measure(model, optimizer, loss_fn, batches, steps, *, amp, channels_last, device) -> float:
-    """Images/s of ``steps`` training steps after 3 warm-up steps (compilation, autotuning)."""
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    scaler = torch.amp.GradScaler("cuda", enabled=amp and dtype == torch.float16)
+def measure(trainer, batches, steps) -> float:
+    """Images/s of ``steps`` of the project's own training step (:meth:`Trainer.step`) after
+    3 warm-up steps (compilation, autotuning)."""
     seen = 0
     for index in range(steps + 3):
         if index == 3:
@@ -32,17 +31,7 @@ def measure(model, optimizer, loss_fn, batches, steps, *, amp, channels_last, de
             started = time.perf_counter()
             seen = 0
         images, targets = next(batches)
-        images = images.to(device, non_blocking=True)
-        targets = targets.to(device, non_blocking=True)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        with torch.autocast("cuda", dtype=dtype, enabled=amp):
-            logits = model(images)
-        loss = loss_fn(logits, targets)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
+        trainer.step(images, targets)
         seen += len(images)
     torch.cuda.synchronize()
     return seen / (time.perf_counter() - started)
@@ -61,13 +50,12 @@ def main() -> int:
         print("benchmarks/gpu.py needs a CUDA GPU; none is available here (CPU only).")
         return 2
 
-    from torch.utils.data import DataLoader
-
+    from cxr.config import TrainConfig
     from cxr.data.cache import build_cache, open_cache
-    from cxr.data.loaders import EpochSampler, XrayDataset
-    from cxr.data.nih import PATH_COLUMN, label_matrix, load_nih
+    from cxr.data.loaders import split_loader
+    from cxr.data.nih import label_matrix, load_nih
     from cxr.data.transforms import Augment, Preprocess
-    from cxr.model.loss import WeightedBCELoss
+    from cxr.engine.trainer import Trainer
     from cxr.model.network import build_model
 
     device = torch.device("cuda")
@@ -75,29 +63,21 @@ def main() -> int:
     table = load_nih(NIH / "images.csv", image_root=NIH / "images").table
     table = table.iloc[: args.images] if args.images else table
     labels = label_matrix(table)
-    loss_fn = WeightedBCELoss.from_labels(labels).to(device)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {args.image_size} px")
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         cache = open_cache(build_cache(table, Path(folder) / "cache", image_size=256).path)
-        dataset = XrayDataset(
-            table[PATH_COLUMN].tolist(),
-            labels,
-            Preprocess(args.image_size),
-            Augment(),
-            reader=cache.reader(table),
-        )
         compiles = [False] if args.no_compile else [False, True]
         for batch, compiled, amp, channels_last, source in itertools.product(
             args.batches, compiles, [False, True], [False, True], ["memory", "cache"]
         ):
             torch.manual_seed(0)
-            model = build_model().to(device)
-            if channels_last:
-                model = model.to(memory_format=torch.channels_last)
-            optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-            step_model = torch.compile(model) if compiled else model
-            step_model.train()
+            config = TrainConfig(
+                image_size=args.image_size, batch_size=batch, amp=amp,
+                channels_last=channels_last, compile=compiled, workers=args.workers,
+            )  # fmt: skip
+            trainer = Trainer.create(build_model(), config, labels, device)
+            trainer.train_model.train()
             if source == "memory":
                 fixed = (
                     torch.randn(batch, 3, args.image_size, args.image_size),
@@ -105,17 +85,10 @@ def main() -> int:
                 )
                 batches = itertools.repeat((fixed[0].to(device), fixed[1].to(device)))
             else:
-                sampler = EpochSampler(len(dataset), shuffle=True, seed=0)
-                loader = DataLoader(
-                    dataset,
-                    batch_size=batch,
-                    sampler=sampler,
-                    num_workers=args.workers,
-                    pin_memory=True,
-                    persistent_workers=True,
-                    prefetch_factor=4,
-                    drop_last=True,
-                )
+                loader, sampler = split_loader(
+                    table, Preprocess(args.image_size), batch_size=batch, workers=args.workers,
+                    augment=Augment(), reader=cache.reader(table), pin_memory=True,
+                )  # fmt: skip
                 if len(loader) == 0:
                     continue
 
@@ -127,16 +100,7 @@ def main() -> int:
 
                 batches = forever()
             try:
-                rate = measure(
-                    step_model,
-                    optimizer,
-                    loss_fn,
-                    batches,
-                    args.steps,
-                    amp=amp,
-                    channels_last=channels_last,
-                    device=device,
-                )
+                rate = measure(trainer, batches, args.steps)
             except torch.OutOfMemoryError:
                 rate = float("nan")
             torch.cuda.empty_cache()

@@ -19,11 +19,10 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
 
 from cxr.data.cache import build_cache, open_cache
-from cxr.data.loaders import EpochSampler, XrayDataset
-from cxr.data.nih import PATH_COLUMN, label_matrix, load_nih
+from cxr.data.loaders import split_loader
+from cxr.data.nih import load_nih
 from cxr.data.transforms import Augment, Preprocess
 
 NIH = Path(__file__).resolve().parents[2] / "shared" / "data" / "nih"
@@ -34,15 +33,15 @@ def sample_table(images: int | None):
     return table.iloc[:images] if images else table
 
 
-def images_per_second(dataset, args) -> float:
-    sampler = EpochSampler(len(dataset), shuffle=True, seed=0)
-    loader = DataLoader(
-        dataset,
+def images_per_second(table, args, reader=None) -> float:
+    """Through the training loader cxr trains with (:func:`cxr.data.loaders.split_loader`)."""
+    loader, sampler = split_loader(
+        table,
+        Preprocess(args.image_size),
         batch_size=args.batch_size,
-        sampler=sampler,
-        num_workers=args.workers,
-        persistent_workers=args.workers > 0,
-        prefetch_factor=4 if args.workers > 0 else None,
+        workers=args.workers,
+        augment=Augment(),
+        reader=reader,
     )
     for _ in loader:  # warm-up epoch
         pass
@@ -65,9 +64,6 @@ def main() -> None:
     args = parser.parse_args()
 
     table = sample_table(args.images)
-    preprocess, augment = Preprocess(args.image_size), Augment()
-    labels = label_matrix(table)
-    paths = table[PATH_COLUMN].tolist()
     print(
         f"{len(table)} real NIH PNGs (1024x1024) from {NIH / 'images'}; {os.cpu_count()} CPUs "
         f"({platform.processor() or platform.machine()}), torch {torch.__version__}; "
@@ -78,10 +74,8 @@ def main() -> None:
         cache = open_cache(
             build_cache(table, Path(folder) / "cache", image_size=args.cache_size).path
         )
-        png = images_per_second(XrayDataset(paths, labels, preprocess, augment), args)
-        cached = images_per_second(
-            XrayDataset(paths, labels, preprocess, augment, reader=cache.reader(table)), args
-        )
+        png = images_per_second(table, args)
+        cached = images_per_second(table, args, reader=cache.reader(table))
     print(f"raw PNG pipeline:        {png:8.1f} images/s")
     print(f"cache pipeline ({args.cache_size} px): {cached:8.1f} images/s")
     print(f"ratio cache / PNG:       {cached / png:8.2f}x")

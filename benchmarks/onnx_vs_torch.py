@@ -42,17 +42,13 @@ def main() -> None:
 
     from cxr.data.files import find_images
     from cxr.engine.inference import load_predictor, predict_files
-    from cxr.model.bundle import BundleMeta, save_bundle
-    from cxr.model.network import build_model
     from cxr.model.onnx import export_onnx
+    from cxr.testing import untrained_bundle
 
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model
         if model is None:
-            torch.manual_seed(0)
-            model = Path(tmp) / "bundle"
-            meta = BundleMeta(image_size=args.size, normalization="imagenet")
-            save_bundle(model, build_model(), meta)
+            model = untrained_bundle(Path(tmp) / "bundle", args.size)
         export_onnx(model, Path(tmp) / "model.onnx")
         eager = load_predictor(model, backend="torch", device="cpu")
         onnx = load_predictor(Path(tmp) / "model.onnx", backend="onnx")

@@ -19,17 +19,10 @@ from pathlib import Path
 
 import torch
 
+from cxr.testing import untrained_bundle
+
 ROOT = Path(__file__).resolve().parents[1]
 IMAGES = ROOT.parent / "shared" / "data" / "nih" / "images"
-
-
-def random_bundle(folder: Path, size: int) -> Path:
-    from cxr.model.bundle import BundleMeta, save_bundle
-    from cxr.model.network import build_model
-
-    torch.manual_seed(0)
-    save_bundle(folder, build_model(), BundleMeta(image_size=size, normalization="imagenet"))
-    return folder
 
 
 def main() -> None:
@@ -47,7 +40,7 @@ def main() -> None:
 
     files = sorted(IMAGES.glob("*.png"))[: args.images]
     with tempfile.TemporaryDirectory() as tmp:
-        model = args.model or random_bundle(Path(tmp) / "bundle", args.size)
+        model = args.model or untrained_bundle(Path(tmp) / "bundle", args.size)
         predictor = load_predictor(model, backend=args.backend, device="cpu", cache_dir=tmp)
         size, batch = predictor.image_size, args.batch_size
         workers = default_workers() if args.workers is None else args.workers

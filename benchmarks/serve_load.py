@@ -82,15 +82,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model
         if model is None:
-            import torch
+            from cxr.testing import untrained_bundle
 
-            from cxr.model.bundle import BundleMeta, save_bundle
-            from cxr.model.network import build_model
-
-            torch.manual_seed(0)
-            model = Path(tmp) / "bundle"
-            meta = BundleMeta(image_size=args.size, normalization="imagenet")
-            save_bundle(model, build_model(), meta)
+            model = untrained_bundle(Path(tmp) / "bundle", args.size)
         with running_server(model, args.backend, tmp) as (_, base, health):
             model_info = health["model"]
             print(

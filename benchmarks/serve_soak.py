@@ -138,16 +138,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model
         if model is None:
-            import torch
+            from cxr.testing import untrained_bundle
 
-            from cxr.model.bundle import BundleMeta, save_bundle
-            from cxr.model.network import build_model
-
-            torch.manual_seed(0)
-            model = Path(tmp) / "bundle"
-            save_bundle(
-                model, build_model(), BundleMeta(image_size=args.size, normalization="imagenet")
-            )
+            model = untrained_bundle(Path(tmp) / "bundle", args.size)
         with running_server(model, args.backend, tmp, ["--max-upload-mb", str(MAX_UPLOAD_MB)]) as (
             server,
             base,

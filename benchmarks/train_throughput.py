@@ -1,9 +1,10 @@
 """Training images/s through the input pipeline vs the bare model step on in-memory tensors.
 
-The bare step is the training loop's own step (DenseNet121 forward, weighted BCE, backward,
-SGD) on one batch already in memory; the pipeline run feeds the same step from a DataLoader
-over the memory-mapped cache with the training transforms. The gap is the input pipeline's
-cost. Measurements alternate (bare, pipeline, bare, pipeline, ...) so that a change in the
+The bare step is the training loop's own step (:meth:`cxr.engine.trainer.Trainer.step`:
+DenseNet121 forward, weighted BCE, backward, SGD; float32 here) on one batch already in
+memory; the pipeline run feeds the same step from cxr's training loader over the
+memory-mapped cache with the training transforms. The gap is the input pipeline's cost.
+Measurements alternate (bare, pipeline, bare, pipeline, ...) so that a change in the
 machine's load hits both alike. ``--source png`` decodes the real 1024 px PNGs instead of
 reading the cache (the pipeline of a run without ``--cache``).
 
@@ -19,13 +20,13 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
 
+from cxr.config import TrainConfig
 from cxr.data.cache import build_cache, open_cache
-from cxr.data.loaders import EpochSampler, XrayDataset
-from cxr.data.nih import PATH_COLUMN, label_matrix, load_nih
+from cxr.data.loaders import split_loader
+from cxr.data.nih import label_matrix, load_nih
 from cxr.data.transforms import Augment, Preprocess
-from cxr.model.loss import WeightedBCELoss
+from cxr.engine.trainer import Trainer
 from cxr.model.network import build_model
 
 NIH = Path(__file__).resolve().parents[2] / "shared" / "data" / "nih"
@@ -44,16 +45,10 @@ def main() -> None:
     torch.manual_seed(0)
     table = load_nih(NIH / "images.csv", image_root=NIH / "images").table
     labels = label_matrix(table)
-    model = build_model()
-    loss_fn = WeightedBCELoss.from_labels(labels)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    model.train()
-
-    def step(images, targets) -> None:
-        loss = loss_fn(model(images), targets)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+    config = TrainConfig(batch_size=args.batch_size, amp=False, channels_last=False)
+    trainer = Trainer.create(build_model(), config, labels, torch.device("cpu"))
+    trainer.train_model.train()
+    step = trainer.step
 
     print(
         f"{os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads); "
@@ -65,22 +60,13 @@ def main() -> None:
         if args.source == "cache":
             cache = open_cache(build_cache(table, Path(folder) / "cache", image_size=256).path)
             reader = cache.reader(table)
-        dataset = XrayDataset(
-            table[PATH_COLUMN].tolist(),
-            labels,
+        loader, sampler = split_loader(
+            table,
             Preprocess(args.image_size),
-            Augment(),
-            reader=reader,
-        )
-        sampler = EpochSampler(len(dataset), shuffle=True, seed=0)
-        loader = DataLoader(
-            dataset,
             batch_size=args.batch_size,
-            sampler=sampler,
-            num_workers=args.workers,
-            persistent_workers=args.workers > 0,
-            prefetch_factor=4 if args.workers > 0 else None,
-            drop_last=True,
+            workers=args.workers,
+            augment=Augment(),
+            reader=reader,
         )
 
         def batches():

@@ -188,21 +188,10 @@ def untrained_bundle(tmp_path_factory) -> Path:
 
     Shared by several test files: tests must not write into it.
     """
-    import torch
+    from cxr.testing import untrained_bundle as write_bundle
 
-    from cxr.model.bundle import BundleMeta, save_bundle
-    from cxr.model.network import build_model
-
-    torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("bundle") / "model"
-    meta = BundleMeta(
-        image_size=64,
-        normalization="imagenet",
-        thresholds=FIXED_CALL_THRESHOLDS,
-        threshold_rule="youden",
-    )
-    save_bundle(folder, build_model(), meta)
-    return folder
+    return write_bundle(folder, 64, thresholds=FIXED_CALL_THRESHOLDS, threshold_rule="youden")
 
 
 # ---------------------------------------------------------------------------- references

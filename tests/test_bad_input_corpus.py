@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 from typer.testing import CliRunner
@@ -170,13 +169,9 @@ def corpus(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory) -> Path:
     """An untrained DenseNet121 bundle (64 px)."""
-    from cxr.model.bundle import BundleMeta, save_bundle
-    from cxr.model.network import build_model
+    from cxr.testing import untrained_bundle
 
-    torch.manual_seed(0)
-    folder = tmp_path_factory.mktemp("bundle") / "model"
-    save_bundle(folder, build_model(), BundleMeta(image_size=64, normalization="imagenet"))
-    return folder
+    return untrained_bundle(tmp_path_factory.mktemp("bundle") / "model", 64)
 
 
 def invoke(*args: str):

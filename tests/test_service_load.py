@@ -19,7 +19,6 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-import torch
 import uvicorn
 from PIL import Image
 
@@ -79,12 +78,9 @@ def rss_mb() -> float:
 @pytest.fixture
 def server(tmp_path):
     """A real uvicorn server on 127.0.0.1 (tiny untrained 32 px model), stopped afterwards."""
-    from cxr.model.bundle import BundleMeta, save_bundle
-    from cxr.model.network import build_model
+    from cxr.testing import untrained_bundle
 
-    torch.manual_seed(0)
-    bundle = tmp_path / "bundle"
-    save_bundle(bundle, build_model(), BundleMeta(image_size=32, normalization="imagenet"))
+    bundle = untrained_bundle(tmp_path / "bundle", 32)
     app = create_app(bundle, backend="torch", device="cpu", max_upload_bytes=MAX_UPLOAD)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))

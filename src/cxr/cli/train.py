@@ -149,57 +149,48 @@ def train(
     if resume is not None:
         # A resumed run keeps its method; only when and where it runs may change.
         runtime = dict(
-            max_epochs=max_epochs,
-            max_plateaus=max_plateaus,
-            workers=workers,
-            device=device,
-            amp=amp,
-            compile=compile,
-            cache=None if cache is None else str(Path(cache).resolve()),
-        )
-        changed = {k: v for k, v in runtime.items() if v is not None}
-        fixed = [k for k, v in dict(image_size=image_size, lr=lr, weights=weights).items() if v]
-        if fixed or data is not None or split is not None or config is not None:
-            raise CxrError(
-                "--resume continues a run with its own data, split and method; only --max-epochs, "
-                "--max-plateaus, --workers, --device, --amp, --compile and --cache apply"
-            )
-        run_folder = RunFolder(resume).require()
-
-        def update_config() -> None:
-            if changed:
-                run_folder.write_json(
-                    run_folder.config, run_folder.load_config().updated(**changed).to_dict()
-                )
-
-        run_device = changed.get("device") or run_folder.load_config().device
-        _main_rank_first(update_config, run_device)
-        _train_and_report(resume, resume=True)
+            max_epochs=max_epochs, max_plateaus=max_plateaus, workers=workers, device=device,
+            amp=amp, compile=compile, cache=cache,
+        )  # fmt: skip
+        method = dict(image_size=image_size, lr=lr, weights=weights, data=data, split=split)
+        _resume(resume, runtime, given=[k for k, v in {**method, "config": config}.items() if v])
         return
     if data is None or out is None:
         raise CxrError("give DATA and --out RUN to start a run, or --resume RUN to continue one")
     overrides = dict(
-        image_size=image_size,
-        normalization=normalization,
-        weights=weights,
-        batch_size=batch_size,
-        lr=lr,
-        max_epochs=max_epochs,
-        max_plateaus=max_plateaus,
-        plateau_patience=plateau_patience,
-        workers=workers,
-        device=device,
-        seed=seed,
-        amp=amp,
-        compile=compile,
-        drop_missing=drop_missing or None,
-        check_images=check_images,
+        image_size=image_size, normalization=normalization, weights=weights,
+        batch_size=batch_size, lr=lr, max_epochs=max_epochs, max_plateaus=max_plateaus,
+        plateau_patience=plateau_patience, workers=workers, device=device, seed=seed, amp=amp,
+        compile=compile, drop_missing=drop_missing or None, check_images=check_images,
         skip_bad_images=skip_bad_images or None,
         cache=None if cache is None else str(Path(cache).resolve()),
-    )
+    )  # fmt: skip
     train_config = _train_config(config, overrides)
     _main_rank_first(lambda: start_run(data, out, split, train_config), train_config.device)
     _train_and_report(Path(out))
+
+
+def _resume(run: Path, runtime: dict, given: list[str]) -> None:
+    """Continue ``run``; of the options, only those in ``runtime`` may change (they are
+    written into its config.json first)."""
+    if given:
+        raise CxrError(
+            "--resume continues a run with its own data, split and method; only --max-epochs, "
+            "--max-plateaus, --workers, --device, --amp, --compile and --cache apply"
+        )
+    if runtime.get("cache") is not None:
+        runtime["cache"] = str(Path(runtime["cache"]).resolve())
+    changed = {k: v for k, v in runtime.items() if v is not None}
+    run_folder = RunFolder(run).require()
+
+    def update_config() -> None:
+        if changed:
+            config = run_folder.load_config().updated(**changed)
+            run_folder.write_json(run_folder.config, config.to_dict())
+
+    run_device = changed.get("device") or run_folder.load_config().device
+    _main_rank_first(update_config, run_device)
+    _train_and_report(run, resume=True)
 
 
 def _main_rank_first(action, device: str) -> None:

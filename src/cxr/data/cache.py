@@ -145,110 +145,123 @@ def build_cache(
     out = Path(out)
     index = index_table(table)
     index_text = index.to_csv(index=False)
-    index_sha = _sha256(index_text)
     count = len(index)
-    expected_bytes = count * image_size * image_size
     meta = {
         "format": FORMAT,
         "images": count,
         "image_size": image_size,
         "dtype": "uint8",
         "layout": "rows of image_size x image_size, C order, no header",
-        "index_sha256": index_sha,
+        "index_sha256": _sha256(index_text),
         "resample": RESAMPLE,
         "source": source,
         "complete": False,
     }
-    meta_path, pixels_path = out / META_NAME, out / PIXELS_NAME
-    old = _read_json(meta_path) if meta_path.exists() else None
-    if old is not None:
-        same = all(old.get(k) == meta[k] for k in ("format", "images", "image_size"))
-        if not (same and old.get("index_sha256") == index_sha):
-            raise CacheError(
-                f"{out}: holds a cache of other images or another size "
-                f"({old.get('images')} images of {old.get('image_size')} px); choose another "
-                "--out or delete that folder"
-            )
-        if old.get("complete"):
-            cache = open_cache(out)  # validates; a damaged complete cache is refused here
-            if progress:
-                progress(count, count)
-            return CacheSummary(out, count, image_size, 0, count, cache.pixels_bytes)
-    elif out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise CacheError(f"{out}: exists and is not an image cache; choose another --out")
-
-    out.mkdir(parents=True, exist_ok=True)
-    _write_json(meta_path, meta)  # first, so the folder is recognisable as this build's
-    index_path = out / INDEX_NAME
-    if not index_path.exists() or _sha256(index_path.read_text()) != index_sha:
-        atomic_write_text(index_path, index_text)
+    finished = _finished_cache(out, meta)
+    if finished is not None:
+        if progress:
+            progress(count, count)
+        return finished
     chunks = [(start, min(start + chunk_size, count)) for start in range(0, count, chunk_size)]
-    done: set[int] = set()
-    state = _read_json(out / PROGRESS_NAME) or {}
-    fresh_pixels = not pixels_path.exists() or pixels_path.stat().st_size != expected_bytes
-    if (
-        not fresh_pixels
-        and state.get("index_sha256") == index_sha
-        and state.get("chunk_size") == chunk_size
-    ):
-        done = {int(c) for c in state.get("done", []) if 0 <= int(c) < len(chunks)}
-    if fresh_pixels:
-        with open(pixels_path, "wb") as handle:
-            handle.truncate(expected_bytes)  # sparse: no space used until rows are written
-
-    def record() -> None:
-        _write_json(
-            out / PROGRESS_NAME,
-            {"index_sha256": index_sha, "chunk_size": chunk_size, "done": sorted(done)},
-        )
-
+    done = _start_build(out, meta, index_text, chunk_size, len(chunks))
     reused = sum(chunks[c][1] - chunks[c][0] for c in done)
     written = reused
     if progress:
         progress(written, count)
-    todo = [c for c in range(len(chunks)) if c not in done]
+
+    def on_chunk(chunk: int, images: int) -> None:
+        nonlocal written
+        done.add(chunk)
+        written += images
+        state = {"index_sha256": meta["index_sha256"], "chunk_size": chunk_size}
+        _write_json(out / PROGRESS_NAME, {**state, "done": sorted(done)})
+        if progress:
+            progress(written, count)
+
+    pixels_path = out / PIXELS_NAME
     paths = table[PATH_COLUMN].astype(str).tolist()
     jobs = [
         (str(pixels_path), count, image_size, c, chunks[c][0], paths[slice(*chunks[c])])
-        for c in todo
+        for c in range(len(chunks))
+        if c not in done
     ]
-    if workers is None:
-        workers = os.cpu_count() or 1
-    if workers <= 1 or len(jobs) <= 1:
-        for job in jobs:
-            chunk, images = _write_chunk(*job)
-            done.add(chunk)
-            record()
-            written += images
-            if progress:
-                progress(written, count)
-    else:
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context) as pool:
-            pending = set()
-            try:
-                # A bounded queue: a kill loses at most a few chunks in flight.
-                queue = list(reversed(jobs))
-                while queue or pending:
-                    while queue and len(pending) < 2 * workers:
-                        pending.add(pool.submit(_write_chunk, *queue.pop()))
-                    finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-                    for future in finished:
-                        chunk, images = future.result()
-                        done.add(chunk)
-                        written += images
-                    record()
-                    if progress:
-                        progress(written, count)
-            except BaseException:
-                for future in pending:
-                    future.cancel()
-                raise
+    _run_chunks(jobs, os.cpu_count() or 1 if workers is None else workers, on_chunk)
+    expected_bytes = count * image_size * image_size
     if pixels_path.stat().st_size != expected_bytes:
         raise CacheError(f"{pixels_path}: changed size while the cache was built")
-    _write_json(meta_path, {**meta, "complete": True})
+    _write_json(out / META_NAME, {**meta, "complete": True})
     (out / PROGRESS_NAME).unlink(missing_ok=True)
     return CacheSummary(out, count, image_size, count - reused, reused, expected_bytes)
+
+
+def _finished_cache(out: Path, meta: dict[str, Any]) -> CacheSummary | None:
+    """The summary of ``out`` if it already holds this cache complete; ``None`` if the build
+    is to start or go on there. A folder holding anything else is refused."""
+    meta_path = out / META_NAME
+    old = _read_json(meta_path) if meta_path.exists() else None
+    if old is None:
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise CacheError(f"{out}: exists and is not an image cache; choose another --out")
+        return None
+    same = all(old.get(k) == meta[k] for k in ("format", "images", "image_size"))
+    if not (same and old.get("index_sha256") == meta["index_sha256"]):
+        raise CacheError(
+            f"{out}: holds a cache of other images or another size "
+            f"({old.get('images')} images of {old.get('image_size')} px); choose another "
+            "--out or delete that folder"
+        )
+    if not old.get("complete"):
+        return None
+    cache = open_cache(out)  # validates; a damaged complete cache is refused here
+    count, size = meta["images"], meta["image_size"]
+    return CacheSummary(out, count, size, 0, count, cache.pixels_bytes)
+
+
+def _start_build(
+    out: Path, meta: dict[str, Any], index_text: str, chunk_size: int, chunks: int
+) -> set[int]:
+    """Create or reuse the folder's files; returns the chunks an earlier build finished."""
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(out / META_NAME, meta)  # first, so the folder is recognisable as this build's
+    index_path = out / INDEX_NAME
+    index_sha = meta["index_sha256"]
+    if not index_path.exists() or _sha256(index_path.read_text()) != index_sha:
+        atomic_write_text(index_path, index_text)
+    pixels_path = out / PIXELS_NAME
+    expected_bytes = meta["images"] * meta["image_size"] ** 2
+    state = _read_json(out / PROGRESS_NAME) or {}
+    if not pixels_path.exists() or pixels_path.stat().st_size != expected_bytes:
+        with open(pixels_path, "wb") as handle:
+            handle.truncate(expected_bytes)  # sparse: no space used until rows are written
+        return set()
+    if state.get("index_sha256") == index_sha and state.get("chunk_size") == chunk_size:
+        return {int(c) for c in state.get("done", []) if 0 <= int(c) < chunks}
+    return set()
+
+
+def _run_chunks(jobs: list[tuple], workers: int, on_chunk: Callable[[int, int], None]) -> None:
+    """Decode the chunks, in this process or in ``workers`` processes; ``on_chunk(chunk,
+    images)`` after each is written."""
+    if workers <= 1 or len(jobs) <= 1:
+        for job in jobs:
+            on_chunk(*_write_chunk(*job))
+        return
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context) as pool:
+        pending = set()
+        try:
+            # A bounded queue: a kill loses at most a few chunks in flight.
+            queue = list(reversed(jobs))
+            while queue or pending:
+                while queue and len(pending) < 2 * workers:
+                    pending.add(pool.submit(_write_chunk, *queue.pop()))
+                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    on_chunk(*future.result())
+        except BaseException:
+            for future in pending:
+                future.cancel()
+            raise
 
 
 def _write_chunk(

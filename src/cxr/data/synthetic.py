@@ -774,63 +774,12 @@ def write_synthetic_dataset(
             "choose a new or empty folder"
         )
     table = sample_population(patients, seed, image_size)
-    names = table["Image Index"].tolist()
-    flags = table[list(PATHOLOGIES)].to_numpy(dtype=np.int64)
-    total = len(table)
-
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
-        image_dir = staging / IMAGE_DIR
-        image_dir.mkdir()
-        jobs = [
-            (seed, i, tuple(int(x) for x in flags[i]), image_size, str(image_dir / names[i]))
-            for i in range(total)
-        ]
-        boxes: list[dict[str, Box]] = [{} for _ in range(total)]
-        count = _default_workers(total, image_size) if workers is None else max(1, workers)
-        if progress:
-            progress(0, total)
-        if count == 1:
-            results = map(_render_job, jobs)
-            for done, (index, found) in enumerate(results, 1):
-                boxes[index] = found
-                if progress:
-                    progress(done, total)
-        else:
-            # spawn, not fork: the caller may hold threads (torch) that fork would copy badly.
-            with multiprocessing.get_context("spawn").Pool(count) as pool:
-                chunk = max(1, min(16, total // (count * 8)))
-                results = pool.imap_unordered(_render_job, jobs, chunksize=chunk)
-                for done, (index, found) in enumerate(results, 1):
-                    boxes[index] = found
-                    if progress:
-                        progress(done, total)
-
-        _write_text(staging / TABLE_NAME, _table_text(table))
-        box_lines = [BOX_HEADER]
-        for name, found in zip(names, boxes):
-            for label, (x, y, w, h) in found.items():
-                spelled = BOX_LABEL_SPELLING.get(label, label)
-                box_lines.append(f"{name},{spelled},{x:g},{y:g},{w:g},{h:g}")
-        _write_text(staging / BOX_NAME, "\n".join(box_lines) + "\n")
-        is_test = (table["split"] == "test").to_numpy()
-        _write_text(
-            staging / TRAIN_VAL_NAME, "".join(f"{n}\n" for n, t in zip(names, is_test) if not t)
-        )
-        _write_text(staging / TEST_NAME, "".join(f"{n}\n" for n, t in zip(names, is_test) if t))
-        counts = {name: int(table[name].sum()) for name in PATHOLOGIES}
-        counts[NO_FINDING] = int((flags.sum(axis=1) == 0).sum())
-        summary = SynthSummary(
-            out=out,
-            images=total,
-            patients=patients,
-            image_size=image_size,
-            boxes=len(box_lines) - 1,
-            label_counts=counts,
-        )
-        _write_text(staging / README_NAME, _readme_text(summary, seed, table))
-
+        (staging / IMAGE_DIR).mkdir()
+        boxes = _render_images(table, staging / IMAGE_DIR, seed, image_size, workers, progress)
+        summary = _write_tables(staging, out, table, boxes, seed, image_size, patients)
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, old / "dataset")
@@ -841,6 +790,81 @@ def write_synthetic_dataset(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    return summary
+
+
+def _render_images(
+    table: pd.DataFrame,
+    image_dir: Path,
+    seed: int,
+    image_size: int,
+    workers: int | None,
+    progress: Callable[[int, int], None] | None,
+) -> list[dict[str, Box]]:
+    """Render every image of ``table`` into ``image_dir``; returns each image's boxes."""
+    names = table["Image Index"].tolist()
+    flags = table[list(PATHOLOGIES)].to_numpy(dtype=np.int64)
+    total = len(table)
+    jobs = [
+        (seed, i, tuple(int(x) for x in flags[i]), image_size, str(image_dir / names[i]))
+        for i in range(total)
+    ]
+    boxes: list[dict[str, Box]] = [{} for _ in range(total)]
+    count = _default_workers(total, image_size) if workers is None else max(1, workers)
+    if progress:
+        progress(0, total)
+    if count == 1:
+        for done, (index, found) in enumerate(map(_render_job, jobs), 1):
+            boxes[index] = found
+            if progress:
+                progress(done, total)
+        return boxes
+    # spawn, not fork: the caller may hold threads (torch) that fork would copy badly.
+    with multiprocessing.get_context("spawn").Pool(count) as pool:
+        chunk = max(1, min(16, total // (count * 8)))
+        results = pool.imap_unordered(_render_job, jobs, chunksize=chunk)
+        for done, (index, found) in enumerate(results, 1):
+            boxes[index] = found
+            if progress:
+                progress(done, total)
+    return boxes
+
+
+def _write_tables(
+    staging: Path,
+    out: Path,
+    table: pd.DataFrame,
+    boxes: list[dict[str, Box]],
+    seed: int,
+    image_size: int,
+    patients: int,
+) -> SynthSummary:
+    """The label table, the box file, the official lists and the README, into ``staging``."""
+    names = table["Image Index"].tolist()
+    _write_text(staging / TABLE_NAME, _table_text(table))
+    box_lines = [BOX_HEADER]
+    for name, found in zip(names, boxes):
+        for label, (x, y, w, h) in found.items():
+            spelled = BOX_LABEL_SPELLING.get(label, label)
+            box_lines.append(f"{name},{spelled},{x:g},{y:g},{w:g},{h:g}")
+    _write_text(staging / BOX_NAME, "\n".join(box_lines) + "\n")
+    is_test = (table["split"] == "test").to_numpy()
+    _write_text(
+        staging / TRAIN_VAL_NAME, "".join(f"{n}\n" for n, t in zip(names, is_test) if not t)
+    )
+    _write_text(staging / TEST_NAME, "".join(f"{n}\n" for n, t in zip(names, is_test) if t))
+    flags = table[list(PATHOLOGIES)].to_numpy(dtype=np.int64)
+    counts = {name: int(table[name].sum()) for name in PATHOLOGIES}
+    counts[NO_FINDING] = int((flags.sum(axis=1) == 0).sum())
+    summary = SynthSummary(
+        out=out,
+        images=len(table),
+        patients=patients,
+        image_size=image_size,
+        boxes=len(box_lines) - 1,
+        label_counts=counts,
+    )
+    _write_text(staging / README_NAME, _readme_text(summary, seed, table))
     return summary
 
 

@@ -79,7 +79,6 @@ def create_app(
     )
     app.state.service = service
     app.add_middleware(BodyLimit, limit=max_upload_bytes + FORM_OVERHEAD)
-    labels = predictor.labels
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -88,6 +87,13 @@ def create_app(
         return JSONResponse(
             {"detail": f"internal error ({type(exc).__name__}); see the server log"}, 500
         )
+
+    _add_routes(app, service)
+    return app
+
+
+def _add_routes(app: FastAPI, service: _Service) -> None:
+    predictor = service.predictor
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page() -> HTMLResponse:
@@ -104,23 +110,7 @@ def create_app(
     ) -> dict[str, Any]:
         """The 14 probabilities, the positive/negative calls and the thresholds used."""
         name, data = await service.read(file)
-        return await service.run(name, "predicting", _predict, name, data)
-
-    def _predict(name: str, data: bytes) -> dict[str, Any]:
-        gray, _crop, image = service.prepare(name, data)
-        probabilities = predictor.probabilities(image[None])[0]
-        calls = predictor.calls(probabilities[None])[0]
-        return image_record(
-            labels,
-            probabilities,
-            calls,
-            file=name,
-            width=int(gray.shape[1]),
-            height=int(gray.shape[0]),
-            labels=labels,
-            thresholds=dict(zip(labels, predictor.thresholds)),
-            backend=predictor.backend,
-        )
+        return await service.run(name, "predicting", service.predict, name, data)
 
     @app.post(
         "/v1/explain",
@@ -132,33 +122,11 @@ def create_app(
         pathology: str = Form(..., description="A pathology name (e.g. Effusion) or index 0-13."),
     ) -> Response:
         """The Grad-CAM overlay (PNG) for one pathology over the crop the model saw."""
-        index = _pathology_index(labels, pathology)
+        index = _pathology_index(predictor.labels, pathology)
         if predictor.torch_model is None:
             raise HTTPException(501, "Grad-CAM is not available: the service runs an ONNX file")
         name, data = await service.read(file)
-        return await service.run(name, "explaining", _explain, name, data, index)
-
-    def _explain(name: str, data: bytes, index: int) -> Response:
-        _gray, crop, image = service.prepare(name, data)
-        probability = float(predictor.probabilities(image[None])[0][index])
-        try:
-            heatmap = predictor.gradcam(image[None], [index])[0, 0]
-        except CxrError as exc:
-            log.error("%s: Grad-CAM failed: %s", name, exc)
-            raise HTTPException(500, f"{name}: Grad-CAM failed ({type(exc).__name__})") from None
-        title = overlay_title(name, labels[index], probability, predictor.thresholds[index])
-        png = overlay_png(crop, heatmap, title)
-        return Response(
-            png,
-            media_type="image/png",
-            headers={
-                "X-Pathology": labels[index],
-                "X-Probability": f"{probability:.6f}",
-                "Cache-Control": "no-store",
-            },
-        )
-
-    return app
+        return await service.run(name, "explaining", service.explain, name, data, index)
 
 
 class _Service:
@@ -215,6 +183,45 @@ class _Service:
             raise HTTPException(
                 500, f"{name}: internal error while {doing} ({type(exc).__name__})"
             ) from None
+
+    def predict(self, name: str, data: bytes) -> dict[str, Any]:
+        """One upload's probabilities, calls and thresholds (runs in the pool)."""
+        gray, _crop, image = self.prepare(name, data)
+        predictor, labels = self.predictor, self.predictor.labels
+        probabilities = predictor.probabilities(image[None])[0]
+        calls = predictor.calls(probabilities[None])[0]
+        return image_record(
+            labels,
+            probabilities,
+            calls,
+            file=name,
+            width=int(gray.shape[1]),
+            height=int(gray.shape[0]),
+            labels=labels,
+            thresholds=dict(zip(labels, predictor.thresholds)),
+            backend=predictor.backend,
+        )
+
+    def explain(self, name: str, data: bytes, index: int) -> Response:
+        """One upload's Grad-CAM overlay PNG for the pathology ``index`` (runs in the pool)."""
+        _gray, crop, image = self.prepare(name, data)
+        predictor, labels = self.predictor, self.predictor.labels
+        probability = float(predictor.probabilities(image[None])[0][index])
+        try:
+            heatmap = predictor.gradcam(image[None], [index])[0, 0]
+        except CxrError as exc:
+            log.error("%s: Grad-CAM failed: %s", name, exc)
+            raise HTTPException(500, f"{name}: Grad-CAM failed ({type(exc).__name__})") from None
+        title = overlay_title(name, labels[index], probability, predictor.thresholds[index])
+        return Response(
+            overlay_png(crop, heatmap, title),
+            media_type="image/png",
+            headers={
+                "X-Pathology": labels[index],
+                "X-Probability": f"{probability:.6f}",
+                "Cache-Control": "no-store",
+            },
+        )
 
     def prepare(self, name: str, data: bytes):
         """(gray image, model crop, normalised tensor) or an HTTP error saying what is wrong."""
