@@ -432,6 +432,9 @@ def test_choose_pathologies_positive_falls_back_to_top_three():
     )
     with pytest.raises(ValueError):
         choose_pathologies(probs, [0.5] * 14, pathologies=["Fracture"])
+    # `positive`: only the positive calls, none when nothing reaches its threshold.
+    assert choose_pathologies(probs, [0.95] * 14, mode="positive") == ([], "positive")
+    assert choose_pathologies(probs, [0.7] * 14, mode="positive") == ([13, 12], "positive")
 
 
 # ---------------------------------------------------------------------------- CLI on real data
@@ -495,6 +498,15 @@ def test_cli_explain_named_pathology_and_default_positive_mode(
     top = sorted(probs, key=lambda n: -probs[n])[:3]
     assert [e["pathology"] for e in record["explained"]] == top
     assert len(list((out / "00026911_000").glob("*.png"))) == 3
+
+    # --positive explains only what is called positive: here nothing, and says so.
+    only = tmp_path / "only-positive"
+    args = ["explain", str(strict), image, "--out", str(only), "--positive"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    record = json.loads((only / "explanations.json").read_text())["images"][0]
+    assert record["selection"] == "positive" and record["explained"] == []
+    assert not list(only.rglob("*.png"))
 
 
 def test_cli_explain_rejects_conflicting_modes_and_unknown_names(
