@@ -6,7 +6,6 @@ import io
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -14,10 +13,13 @@ from PIL import Image, UnidentifiedImageError
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
 from cxr.errors import ImageError
+from cxr.utils import FileTooLarge, NotARegularFile, read_regular_file
 
 # A real NIH PNG is 1024x1024 (1 Mpx); DICOM CR/DX can reach ~4300x3500 (15 Mpx).
 # Anything far above that is a decompression bomb, not an X-ray.
 MAX_PIXELS = 40_000_000
+# A 15 Mpx 16-bit DICOM is 30 MB uncompressed; a file far larger is not a radiograph.
+MAX_FILE_BYTES = 256 * 2**20
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
 
 
@@ -35,9 +37,15 @@ def decode_gray(source: str | os.PathLike | bytes, *, name: str | None = None) -
         data = source
     else:
         try:
-            data = Path(source).read_bytes()
+            data = read_regular_file(source, MAX_FILE_BYTES)
         except FileNotFoundError:
             raise ImageError(f"{label}: file not found") from None
+        except NotARegularFile:
+            raise ImageError(f"{label}: not a regular file (a pipe, socket or device)") from None
+        except FileTooLarge:
+            raise ImageError(
+                f"{label}: file is larger than {MAX_FILE_BYTES // 2**20} MiB (not an X-ray)"
+            ) from None
         except OSError as exc:
             raise ImageError(f"{label}: cannot read file ({exc.strerror or exc})") from None
     if not data:
