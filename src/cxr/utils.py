@@ -78,7 +78,8 @@ def read_regular_file(path: str | os.PathLike, max_bytes: int | None = None) -> 
             raise FileTooLarge(f"{path}: {info.st_size:,} bytes, more than {max_bytes:,}")
         with os.fdopen(fd, "rb", closefd=True) as handle:
             fd = -1
-            limit = info.st_size if max_bytes is None else max_bytes
+            # At most one byte past the declared size: enough to see a file that grew.
+            limit = info.st_size if max_bytes is None else min(info.st_size, max_bytes)
             data = handle.read(limit + 1)
     finally:
         if fd >= 0:
