@@ -3,6 +3,7 @@ and safe file names."""
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import stat
@@ -72,6 +73,8 @@ def read_regular_file(path: str | os.PathLike, max_bytes: int | None = None) -> 
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     try:
         info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
         if not stat.S_ISREG(info.st_mode):
             raise NotARegularFile(f"{path}: not a regular file")
         if max_bytes is not None and info.st_size > max_bytes:
