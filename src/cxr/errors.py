@@ -13,6 +13,11 @@ class ImageError(CxrError):
     """An image file cannot be read or decoded."""
 
 
+class ImageTooLarge(ImageError):
+    """An image declares more pixels (or decompressed bytes) than the budget: refused before
+    anything that size is allocated."""
+
+
 class LeakageError(DataError):
     """A patient appears in more than one split."""
 

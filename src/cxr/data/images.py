@@ -1,18 +1,33 @@
-"""Decode PNG / JPEG / DICOM files to one 8-bit grayscale array, whatever the file holds."""
+"""Decode PNG / JPEG / DICOM files to one 8-bit grayscale array, whatever the file holds.
+
+Every size a file declares is checked against the pixel budget before anything that size
+is allocated: the PNG / JPEG header; a DICOM's Rows x Columns x frames and, for encapsulated
+(compressed) pixel data, the JPEG / JPEG-LS / JPEG 2000 header inside it, which must agree
+with Rows and Columns; a deflated DICOM is inflated once, incrementally, up to a cap on the
+inflated bytes. Compressed pixel data without its end-of-image marker (a truncated file) and
+native pixel data shorter than declared are refused, never padded. Over-budget files raise
+:class:`~cxr.errors.ImageTooLarge`; anything else unreadable :class:`~cxr.errors.ImageError`.
+"""
 
 from __future__ import annotations
 
 import io
 import os
+import struct
 import warnings
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pydicom
 from PIL import Image, UnidentifiedImageError
+from pydicom.encaps import generate_frames
+from pydicom.filebase import DicomBytesIO
+from pydicom.filereader import _read_file_meta_info, read_preamble
+from pydicom.filewriter import write_file_meta_info
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
-from cxr.errors import ImageError
+from cxr.errors import ImageError, ImageTooLarge
 from cxr.utils import FileTooLarge, NotARegularFile, read_regular_file
 
 # A real NIH PNG is 1024x1024 (1 Mpx); DICOM CR/DX can reach ~4300x3500 (15 Mpx).
@@ -27,10 +42,16 @@ def is_dicom_bytes(head: bytes) -> bool:
     return len(head) >= 132 and head[128:132] == b"DICM"
 
 
-def decode_gray(source: str | os.PathLike | bytes, *, name: str | None = None) -> np.ndarray:
+def decode_gray(
+    source: str | os.PathLike | bytes,
+    *,
+    name: str | None = None,
+    max_pixels: int = MAX_PIXELS,
+) -> np.ndarray:
     """Return an ``(H, W) uint8`` array. ``source`` is a path or the file's bytes.
 
-    Raises :class:`ImageError` naming the file and the reason for anything unreadable.
+    Raises :class:`ImageError` naming the file and the reason for anything unreadable, and
+    :class:`ImageTooLarge` for an image declaring more than ``max_pixels`` pixels.
     """
     label = name or (str(source) if not isinstance(source, bytes) else "<upload>")
     if isinstance(source, bytes):
@@ -51,20 +72,20 @@ def decode_gray(source: str | os.PathLike | bytes, *, name: str | None = None) -
     if not data:
         raise ImageError(f"{label}: file is empty (0 bytes)")
     if is_dicom_bytes(data[:132]):
-        return _decode_dicom(data, label)
-    return _decode_pil(data, label)
+        return _decode_dicom(data, label, max_pixels)
+    return _decode_pil(data, label, max_pixels)
 
 
-def _decode_pil(data: bytes, label: str) -> np.ndarray:
+def _decode_pil(data: bytes, label: str, max_pixels: int) -> np.ndarray:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
             width, height = image.size
-            if width * height > MAX_PIXELS:
-                raise ImageError(
+            if width * height > max_pixels:
+                raise ImageTooLarge(
                     f"{label}: image is {width}x{height} pixels, more than the limit of "
-                    f"{MAX_PIXELS:,} (a corrupt file or a decompression bomb)"
+                    f"{max_pixels:,} (a corrupt file or a decompression bomb)"
                 )
             image.load()
     except ImageError:
@@ -72,7 +93,7 @@ def _decode_pil(data: bytes, label: str) -> np.ndarray:
     except UnidentifiedImageError:
         raise ImageError(f"{label}: not a readable image (PNG, JPEG or DICOM expected)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageError(f"{label}: decompression bomb refused ({exc})") from None
+        raise ImageTooLarge(f"{label}: decompression bomb refused ({exc})") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageError(f"{label}: corrupt or truncated image ({exc})") from None
     if min(image.size) < 1:
@@ -102,19 +123,31 @@ def scale_to_uint8(pixels: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
 
 
-def _decode_dicom(data: bytes, label: str) -> np.ndarray:
+# ---------------------------------------------------------------------------- DICOM
+
+# Bytes a deflated DICOM may inflate to, per pixel of the budget: 16-bit gray or 8-bit RGB
+# pixel data plus room for the other elements. Anything larger is refused while inflating.
+_INFLATED_BYTES_PER_PIXEL = 3
+_INFLATED_OVERHEAD = 16 * 2**20
+_INFLATE_STEP = 2**20
+_SUPPORTED_SYNTAXES = (
+    *pydicom.uid.UncompressedTransferSyntaxes,
+    *pydicom.uid.JPEGTransferSyntaxes,
+    *pydicom.uid.JPEGLSTransferSyntaxes,
+    *pydicom.uid.JPEG2000TransferSyntaxes,
+    *pydicom.uid.RLETransferSyntaxes,
+)
+
+
+def _decode_dicom(data: bytes, label: str, max_pixels: int) -> np.ndarray:
+    data = _inflated(data, label, max_pixels)
     try:
         dataset = pydicom.dcmread(io.BytesIO(data))
     except Exception as exc:  # pydicom raises many types for malformed files
         raise ImageError(f"{label}: not a readable DICOM file ({exc})") from None
     if "PixelData" not in dataset:
         raise ImageError(f"{label}: DICOM has no pixel data (not an image object)")
-    frames = int(getattr(dataset, "NumberOfFrames", 1) or 1)
-    if frames > 1:
-        raise ImageError(f"{label}: multi-frame DICOM ({frames} frames) is not a radiograph")
-    rows, cols = int(getattr(dataset, "Rows", 0)), int(getattr(dataset, "Columns", 0))
-    if rows * cols > MAX_PIXELS:
-        raise ImageError(f"{label}: DICOM is {cols}x{rows} pixels, more than {MAX_PIXELS:,}")
+    _check_declared_size(dataset, label, max_pixels)
     try:
         pixels = dataset.pixel_array
     except Exception as exc:
@@ -124,12 +157,146 @@ def _decode_dicom(data: bytes, label: str) -> np.ndarray:
         if photometric in ("RGB", "YBR_FULL", "YBR_FULL_422") and pixels.shape[-1] == 3:
             return np.asarray(Image.fromarray(pixels.astype(np.uint8)).convert("L"))
         raise ImageError(f"{label}: DICOM pixel array has shape {pixels.shape}, expected 2-D")
-    values = apply_modality_lut(pixels, dataset)
-    values = apply_voi_lut(values, dataset)
-    gray = scale_to_uint8(values)
+    gray = scale_to_uint8(_apply_luts(pixels, dataset, label))
     if photometric == "MONOCHROME1":
         gray = 255 - gray
     return gray
+
+
+def _inflated(data: bytes, label: str, max_pixels: int) -> bytes:
+    """``data`` itself, or for the Deflated Explicit VR Little Endian transfer syntax the same
+    file inflated (as Explicit VR Little Endian), inflating once and incrementally: a file
+    whose dataset inflates past the budget's bytes is refused before it gets there."""
+    handle = io.BytesIO(data)
+    try:
+        read_preamble(handle, False)
+        meta = _read_file_meta_info(handle)
+    except Exception as exc:
+        raise ImageError(f"{label}: not a readable DICOM file ({exc})") from None
+    if meta.get("TransferSyntaxUID") != pydicom.uid.DeflatedExplicitVRLittleEndian:
+        return data
+    cap = max_pixels * _INFLATED_BYTES_PER_PIXEL + _INFLATED_OVERHEAD
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+    inflated = bytearray()
+    pending = data[handle.tell() :]
+    try:
+        while pending and not inflater.eof:
+            inflated += inflater.decompress(pending, _INFLATE_STEP)
+            if len(inflated) > cap:
+                raise ImageTooLarge(
+                    f"{label}: deflated DICOM inflates to more than {cap:,} bytes (the limit "
+                    f"for {max_pixels:,} pixels): a decompression bomb"
+                )
+            pending = inflater.unconsumed_tail
+    except zlib.error as exc:
+        raise ImageError(f"{label}: corrupt deflated DICOM ({exc})") from None
+    meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+    rebuilt = DicomBytesIO()
+    rebuilt.write(b"\0" * 128 + b"DICM")
+    write_file_meta_info(rebuilt, meta, enforce_standard=False)
+    rebuilt.write(bytes(inflated))
+    return rebuilt.getvalue()
+
+
+def _check_declared_size(dataset, label: str, max_pixels: int) -> None:
+    """Refuse, before decoding, pixel data whose declared size is over the budget or does not
+    match what the pixel data holds (a compressed header claiming another size, a truncated
+    codestream, native data shorter than Rows x Columns)."""
+    rows, cols = int(getattr(dataset, "Rows", 0) or 0), int(getattr(dataset, "Columns", 0) or 0)
+    frames = int(getattr(dataset, "NumberOfFrames", 1) or 1)
+    if rows <= 0 or cols <= 0:
+        raise ImageError(f"{label}: DICOM declares {cols}x{rows} pixels")
+    if rows * cols * frames > max_pixels:
+        raise ImageTooLarge(
+            f"{label}: DICOM is {cols}x{rows} pixels"
+            f"{f' x {frames} frames' if frames > 1 else ''}, more than {max_pixels:,}"
+        )
+    if frames > 1:
+        raise ImageError(f"{label}: multi-frame DICOM ({frames} frames) is not a radiograph")
+    syntax = dataset.file_meta.get("TransferSyntaxUID", pydicom.uid.ImplicitVRLittleEndian)
+    if syntax not in _SUPPORTED_SYNTAXES:
+        raise ImageError(f"{label}: DICOM transfer syntax {syntax} is not supported")
+    if not syntax.is_compressed:
+        samples = int(getattr(dataset, "SamplesPerPixel", 1) or 1)
+        bits = int(getattr(dataset, "BitsAllocated", 8) or 8)
+        expected = rows * cols * samples * ((bits + 7) // 8)
+        if len(dataset.PixelData) < expected:
+            raise ImageError(
+                f"{label}: DICOM pixel data is truncated ({len(dataset.PixelData):,} of "
+                f"{expected:,} bytes)"
+            )
+        return
+    try:
+        frame = next(generate_frames(dataset.PixelData, number_of_frames=1))
+    except Exception as exc:
+        raise ImageError(f"{label}: malformed compressed DICOM pixel data ({exc})") from None
+    if syntax in pydicom.uid.RLETransferSyntaxes:
+        return  # RLE decodes into Rows x Columns, already checked
+    size = codestream_size(frame, syntax)
+    if size is None:
+        raise ImageError(f"{label}: compressed pixel data has no readable image header")
+    if size[0] * size[1] > max_pixels:
+        raise ImageTooLarge(
+            f"{label}: compressed pixel data declares {size[0]}x{size[1]} pixels, more than "
+            f"{max_pixels:,} (a decompression bomb)"
+        )
+    if size != (cols, rows):
+        raise ImageError(
+            f"{label}: compressed pixel data declares {size[0]}x{size[1]} pixels but the DICOM "
+            f"says {cols}x{rows}"
+        )
+    if not frame.rstrip(b"\0").endswith(b"\xff\xd9"):
+        raise ImageError(f"{label}: compressed pixel data is truncated (no end-of-image marker)")
+
+
+# JPEG start-of-frame markers (baseline, extended, progressive, lossless; not DHT/JPG/DAC)
+# and JPEG-LS's SOF55: each is followed by length, precision, height, width.
+_SOF_MARKERS = {*range(0xC0, 0xD0)} - {0xC4, 0xC8, 0xCC} | {0xF7}
+_STANDALONE_MARKERS = {0x01, *range(0xD0, 0xD9)}  # TEM, RSTn, SOI: no length field
+
+
+def codestream_size(frame: bytes, syntax: str) -> tuple[int, int] | None:
+    """(width, height) declared by a JPEG, JPEG-LS or JPEG 2000 codestream's header, read
+    without decoding; ``None`` if no header is found. Written here because no installed
+    decoder exposes the header without starting to decode."""
+    if syntax in pydicom.uid.JPEG2000TransferSyntaxes:
+        start = frame.find(b"\xff\x4f\xff\x51")  # SOC then SIZ (also inside a JP2 box)
+        if start < 0 or len(frame) < start + 24:
+            return None
+        xsiz, ysiz, xosiz, yosiz = struct.unpack(">IIII", frame[start + 8 : start + 24])
+        return xsiz - xosiz, ysiz - yosiz
+    position = 2 if frame.startswith(b"\xff\xd8") else -1
+    while 0 <= position < len(frame) - 3:
+        if frame[position] != 0xFF:
+            return None
+        marker = frame[position + 1]
+        if marker == 0xFF:  # fill byte
+            position += 1
+            continue
+        if marker in _STANDALONE_MARKERS:
+            position += 2
+            continue
+        if marker == 0xDA:  # start of scan: no frame header before it
+            return None
+        (length,) = struct.unpack(">H", frame[position + 2 : position + 4])
+        if marker in _SOF_MARKERS and len(frame) >= position + 9:
+            height, width = struct.unpack(">HH", frame[position + 5 : position + 9])
+            return width, height
+        position += 2 + length
+    return None
+
+
+def _apply_luts(pixels: np.ndarray, dataset, label: str) -> np.ndarray:
+    """The modality LUT (rescale) and the VOI LUT or window, as the file describes them."""
+    widths = dataset.get("WindowWidth")
+    if widths is not None and "VOILUTSequence" not in dataset:
+        values = widths if isinstance(widths, pydicom.multival.MultiValue) else [widths]
+        if any(float(v) <= 0 for v in values):
+            raise ImageError(f"{label}: DICOM VOI window width must be positive, not {widths}")
+    try:
+        return apply_voi_lut(apply_modality_lut(pixels, dataset), dataset)
+    except Exception as exc:  # a malformed LUT or window description
+        raise ImageError(f"{label}: invalid DICOM modality or VOI LUT ({exc})") from None
 
 
 def find_unreadable(
