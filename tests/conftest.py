@@ -8,6 +8,8 @@ generated under ``tmp_path``.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -283,3 +285,62 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
+
+
+# Decodes ``sys.argv[3]`` (a file, or "-" for stdin's bytes, named ``sys.argv[2]``) with an
+# address space that may grow by ``sys.argv[1]`` bytes at most, and prints the ImageError.
+_DECODE_UNDER_LIMIT = """
+import resource, sys
+from pathlib import Path
+from cxr.data.images import decode_gray
+from cxr.errors import ImageError
+
+headroom, name, source = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+data = sys.stdin.buffer.read() if source == "-" else None
+now = next(
+    int(line.split()[1]) * 1024
+    for line in Path("/proc/self/status").read_text().splitlines()
+    if line.startswith("VmSize:")
+)
+resource.setrlimit(resource.RLIMIT_AS, (now + headroom, now + headroom))
+try:
+    bytearray(2 * headroom)
+except MemoryError:
+    pass
+else:
+    sys.exit("the address-space limit does not bind")
+try:
+    decode_gray(data if data is not None else source, name=name)
+except ImageError as exc:
+    print(exc)
+    sys.exit(0)
+sys.exit("decoded without an error")
+"""
+
+
+def decode_with_little_memory(
+    source: Path | bytes, name: str, claimed_bytes: int, headroom: int | None = None
+) -> str:
+    """The ImageError message of decoding ``source`` in a child process that may allocate
+    far less than the ``claimed_bytes`` its header asks for (``headroom``; by default a
+    quarter, 64 MiB at most).
+
+    A refusal from the header passes; a decoder that allocated the pixels first would die
+    of MemoryError instead, however fast the machine is.
+    """
+    if not sys.platform.startswith("linux"):
+        pytest.skip("needs Linux's /proc/self/status and RLIMIT_AS")
+    headroom = headroom or min(claimed_bytes // 4, 64 << 20)
+    source_arg = "-" if isinstance(source, bytes) else str(source)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    result = subprocess.run(
+        [sys.executable, "-c", _DECODE_UNDER_LIMIT, str(headroom), name, source_arg],
+        input=source if isinstance(source, bytes) else b"",
+        capture_output=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    stderr = result.stderr.decode(errors="replace")
+    assert result.returncode == 0, stderr
+    return result.stdout.decode().strip()

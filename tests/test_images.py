@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import csv
 import io
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
+from conftest import decode_with_little_memory
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
@@ -260,62 +258,6 @@ def test_missing_file_and_folder(tmp_path):
         decode_gray(tmp_path)
 
 
-# Decodes ``sys.argv[3]`` (a file, or "-" for stdin's bytes, named ``sys.argv[2]``) with an
-# address space that may grow by ``sys.argv[1]`` bytes at most, and prints the ImageError.
-_DECODE_UNDER_LIMIT = """
-import resource, sys
-from pathlib import Path
-from cxr.data.images import decode_gray
-from cxr.errors import ImageError
-
-headroom, name, source = int(sys.argv[1]), sys.argv[2], sys.argv[3]
-data = sys.stdin.buffer.read() if source == "-" else None
-now = next(
-    int(line.split()[1]) * 1024
-    for line in Path("/proc/self/status").read_text().splitlines()
-    if line.startswith("VmSize:")
-)
-resource.setrlimit(resource.RLIMIT_AS, (now + headroom, now + headroom))
-try:
-    bytearray(2 * headroom)
-except MemoryError:
-    pass
-else:
-    sys.exit("the address-space limit does not bind")
-try:
-    decode_gray(data if data is not None else source, name=name)
-except ImageError as exc:
-    print(exc)
-    sys.exit(0)
-sys.exit("decoded without an error")
-"""
-
-
-def decode_with_little_memory(source: Path | bytes, name: str, claimed_bytes: int) -> str:
-    """The ImageError message of decoding ``source`` in a child process that may allocate
-    far less than the ``claimed_bytes`` its header asks for (a quarter, 64 MiB at most).
-
-    A refusal from the header passes; a decoder that allocated the pixels first would die
-    of MemoryError instead, however fast the machine is.
-    """
-    if not sys.platform.startswith("linux"):
-        pytest.skip("needs Linux's /proc/self/status and RLIMIT_AS")
-    headroom = min(claimed_bytes // 4, 64 << 20)
-    source_arg = "-" if isinstance(source, bytes) else str(source)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    result = subprocess.run(
-        [sys.executable, "-c", _DECODE_UNDER_LIMIT, str(headroom), name, source_arg],
-        input=source if isinstance(source, bytes) else b"",
-        capture_output=True,
-        env=env,
-        timeout=120,
-        check=False,
-    )
-    stderr = result.stderr.decode(errors="replace")
-    assert result.returncode == 0, stderr
-    return result.stdout.decode().strip()
-
-
 def test_decompression_bomb_is_refused_from_its_header(tmp_path):
     path = tmp_path / "bomb.png"
     path.write_bytes(png_claiming_size(60_000, 60_000))
@@ -439,7 +381,8 @@ def test_truncated_dicom_pixel_data(tmp_path):
     data = make_dicom(RAMP8)
     path = tmp_path / "cut.dcm"
     path.write_bytes(data[: len(data) - 300])
-    with pytest.raises(ImageError, match="DICOM pixel data is truncated \(468 of 768 bytes\)") as info:
+    message = r"DICOM pixel data is truncated \(468 of 768 bytes\)"
+    with pytest.raises(ImageError, match=message) as info:
         decode_gray(path)
     assert str(path) in str(info.value)
 

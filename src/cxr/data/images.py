@@ -130,6 +130,7 @@ def scale_to_uint8(pixels: np.ndarray) -> np.ndarray:
 _INFLATED_BYTES_PER_PIXEL = 3
 _INFLATED_OVERHEAD = 16 * 2**20
 _INFLATE_STEP = 2**20
+_PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010) in little-endian byte order
 _SUPPORTED_SYNTAXES = (
     *pydicom.uid.UncompressedTransferSyntaxes,
     *pydicom.uid.JPEGTransferSyntaxes,
@@ -146,6 +147,8 @@ def _decode_dicom(data: bytes, label: str, max_pixels: int) -> np.ndarray:
     except Exception as exc:  # pydicom raises many types for malformed files
         raise ImageError(f"{label}: not a readable DICOM file ({exc})") from None
     if "PixelData" not in dataset:
+        if _PIXEL_DATA_TAG in data:  # the element starts, but pydicom could not read it whole
+            raise ImageError(f"{label}: DICOM pixel data is truncated or malformed")
         raise ImageError(f"{label}: DICOM has no pixel data (not an image object)")
     _check_declared_size(dataset, label, max_pixels)
     try:
