@@ -99,7 +99,7 @@ def test_a_valid_deflated_dicom_decodes_to_its_pixels():
 def test_a_truncated_jpeg_dicom_is_refused_not_padded(real_jpeg_dicom):
     assert decode_gray(real_jpeg_dicom, name="whole.dcm").shape == (1024, 1024)
     third = real_jpeg_dicom[: len(real_jpeg_dicom) // 3]
-    with pytest.raises(ImageError, match="^third.dcm: DICOM pixel data is truncated"):
+    with pytest.raises(ImageError, match=r"^third\.dcm: DICOM pixel data is truncated"):
         decode_gray(third, name="third.dcm")
     # The compressed frame of a file cut inside its pixel data, with its item length fixed
     # up so that pydicom reads it: still refused, for the missing end-of-image marker.
