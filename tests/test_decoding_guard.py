@@ -143,3 +143,35 @@ def test_an_unsupported_transfer_syntax_is_refused():
     dataset.save_as(buffer)
     with pytest.raises(ImageError, match=r"transfer syntax 1\.2\.840\.10008\.1\.2\.4\.100 is not"):
         decode_gray(buffer.getvalue(), name="video.dcm")
+
+
+def test_cxr_predict_names_each_bad_dicom_and_predicts_the_rest(
+    tmp_path, untrained_bundle, real_jpeg_dicom
+):
+    from typer.testing import CliRunner
+
+    from cxr.cli import app
+
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    (folder / "good.dcm").write_bytes(real_jpeg_dicom)
+    (folder / "jpeg-bomb.dcm").write_bytes(jpeg_dicom_claiming(65500, 65500))
+    (folder / "deflate-bomb.dcm").write_bytes(deflated_dicom_bomb(256 * 2**20))
+    (folder / "third.dcm").write_bytes(real_jpeg_dicom[: len(real_jpeg_dicom) // 3])
+    window = dicom_bytes(np.full((8, 8), 9, np.uint8), WindowCenter=9, WindowWidth=0)
+    (folder / "window.dcm").write_bytes(window)
+    out = tmp_path / "out.csv"
+    args = ["predict", str(untrained_bundle), str(folder), "--out", str(out), "--workers", "0"]
+    result = CliRunner().invoke(app, [*args, "--backend", "torch"])
+    assert result.exit_code == 1, result.output  # some files failed, the rest predicted
+    assert "Traceback" not in result.output
+    assert out.read_text().splitlines()[1].startswith(str(folder / "good.dcm") + ",")
+    expected = {
+        "jpeg-bomb.dcm": "compressed pixel data declares 65500x65500 pixels",
+        "deflate-bomb.dcm": "deflated DICOM inflates to more than",
+        "third.dcm": "DICOM pixel data is truncated",
+        "window.dcm": "VOI window width must be positive",
+    }
+    lines = [line for line in result.output.splitlines() if line.startswith("error: ")]
+    for name, reason in expected.items():
+        assert any(str(folder / name) in line and reason in line for line in lines), (name, lines)
