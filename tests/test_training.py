@@ -63,10 +63,12 @@ def test_mixed_precision_is_bf16_only_where_the_hardware_computes_it(monkeypatch
     assert mixed_precision(False, cpu) == (False, torch.float32)
     monkeypatch.setattr(cxr.runtime, "cpu_has_native_bf16", lambda: False)  # emulated: slower
     assert mixed_precision(True, cpu) == (False, torch.float32)
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
-    assert mixed_precision(True, torch.device("cuda", 0)) == (True, torch.float16)
+    # Emulated bf16 (T4: 7.5, V100: 7.0) is slower than fp16, whatever torch says it supports.
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    assert mixed_precision(True, torch.device("cuda", 0)) == (True, torch.bfloat16)
+    for capability, dtype in (((7, 0), torch.float16), ((7, 5), torch.float16),
+                              ((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16)):  # fmt: skip
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a, c=capability: c)
+        assert mixed_precision(True, torch.device("cuda", 0)) == (True, dtype), capability
 
 
 def cpuinfo_flags() -> set[str] | None:

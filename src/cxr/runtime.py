@@ -55,13 +55,22 @@ def cpu_has_native_bf16() -> bool:
         return False
 
 
+def cuda_has_native_bf16(device: torch.device) -> bool:
+    """Whether this GPU computes bfloat16 in hardware: compute capability 8.0 (Ampere) and up.
+
+    Not ``torch.cuda.is_bf16_supported()``: in current torch it also says yes where bf16 is
+    only emulated (T4, V100), where it is slower than fp16 with a GradScaler.
+    """
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
 def mixed_precision(requested: bool, device: torch.device) -> tuple[bool, torch.dtype]:
-    """``(enabled, dtype)`` for ``torch.autocast``: bf16 where the hardware has it, else fp16
-    on CUDA, else off."""
+    """``(enabled, dtype)`` for ``torch.autocast``: bf16 where the hardware computes it, else
+    fp16 (with a GradScaler) on CUDA, else off."""
     if not requested:
         return False, torch.float32
     if device.type == "cuda":
-        return True, torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return True, torch.bfloat16 if cuda_has_native_bf16(device) else torch.float16
     if device.type == "cpu" and cpu_has_native_bf16():
         return True, torch.bfloat16
     return False, torch.float32
