@@ -748,3 +748,32 @@ def test_cli_demo_quick(runner, tmp_path):
     assert localization["shifts"] == demo_settings(quick=True).localize_shifts
     assert localization["overall"]["findings"] > 0
     assert "Grad-CAM pointing game on the planted findings" in _text(result)
+
+
+def test_a_given_split_finds_its_images_in_one_walk_of_the_tree(
+    tmp_path, synth_data, synth_frames, monkeypatch
+):
+    import cxr.data.nih
+    from cxr.data.split import Split, write_split
+    from cxr.workflows.train import create_run
+
+    split_dir = tmp_path / "split"
+    frames = {name: frame.drop(columns=["path"]) for name, frame in synth_frames.items()}
+    write_split(Split(**frames, method="test", seed=0), split_dir)
+    walks = []
+    real = cxr.data.nih.index_images
+
+    def counting(root):
+        walks.append(root)
+        return real(root)
+
+    monkeypatch.setattr(cxr.workflows.train, "index_images", counting)
+    monkeypatch.setattr(cxr.data.nih, "index_images", counting)
+    from conftest import tiny_train_config
+
+    config = tiny_train_config(check_images=False)
+    create_run(synth_data, tmp_path / "run", config, split_dir=split_dir)
+    assert len(walks) == 1  # not one per split
+    run = RunFolder(tmp_path / "run")
+    for name, frame in synth_frames.items():
+        assert run.read_split(name)["path"].tolist() == frame["path"].tolist()

@@ -249,9 +249,12 @@ def attach_image_paths(
     *,
     drop_missing: bool = False,
     table_path: Path | None = None,
+    found: dict[str, Path] | None = None,
 ) -> NihData:
+    """The table with each image's path (``found``: an :func:`index_images` of ``root``
+    already made, so that several tables share one walk of the image tree)."""
     root = Path(root)
-    paths = index_images(root)
+    paths = index_images(root) if found is None else found
     resolved = table[IMAGE_COLUMN].map(lambda name: str(paths[name]) if name in paths else "")
     missing_mask = resolved == ""
     missing = table.loc[missing_mask, IMAGE_COLUMN].tolist()
