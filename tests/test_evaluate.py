@@ -217,3 +217,30 @@ def test_thresholds_are_chosen_on_val_and_kept_by_evaluation(trained_run: Path):
     assert stored == pytest.approx(meta["thresholds"], abs=1e-12)
     both = json.loads(run.metrics.read_text())
     assert set(both) >= {"val", "test"}
+
+
+def test_evaluating_another_table_refuses_the_runs_training_patients(trained_run, tmp_path):
+    from typer.testing import CliRunner
+
+    from cxr.cli import app
+    from cxr.errors import LeakageError
+    from cxr.run import RunFolder
+
+    run = RunFolder(trained_run)
+    test = run.read_split("test")
+    fresh = tmp_path / "fresh.csv"
+    test.to_csv(fresh, index=False)
+    result = evaluate_run(trained_run, str(fresh), device="cpu")
+    assert result["split"] == "fresh" and result["images"] == len(test)
+
+    train = run.read_split("train")
+    mixed = tmp_path / "mixed.csv"
+    pd.concat([test, train.iloc[:3]]).to_csv(mixed, index=False)
+    patients = sorted(set(train.iloc[:3][PATIENT_COLUMN].astype(str)))
+    with pytest.raises(LeakageError) as info:
+        evaluate_run(trained_run, str(mixed), device="cpu")
+    assert info.value.shared == {"train": patients}
+    outcome = CliRunner().invoke(app, ["evaluate", str(trained_run), "--split", str(mixed)])
+    assert outcome.exit_code == 3 and "leakage:" in outcome.output
+    assert f"{len(patients)} in train (first: {', '.join(patients)})" in outcome.output
+    assert not (trained_run / "predictions-mixed.csv").exists()

@@ -23,7 +23,7 @@ from cxr.data.nih import (
 )
 from cxr.data.transforms import Preprocess
 from cxr.engine.inference import predict_logits
-from cxr.errors import DataError
+from cxr.errors import DataError, LeakageError
 from cxr.metrics import apply_thresholds, classification_metrics, mean_defined, probabilities
 from cxr.model.bundle import BUNDLE_META, BUNDLE_WEIGHTS, Bundle, load_bundle
 from cxr.run import SPLIT_NAMES, RunFolder, read_split_table
@@ -45,9 +45,33 @@ def split_frame(run: RunFolder, split: str) -> tuple[pd.DataFrame, str]:
             data = run.load_info().get("data")
             root = Path(data) if data else path.parent
             frame = attach_image_paths(frame, root if root.is_dir() else root.parent).table
+        _check_no_training_patients(run, frame, path)
     if frame.empty:
         raise DataError(f"split {split!r} of {run.root} has no images")
     return frame, name
+
+
+def _check_no_training_patients(run: RunFolder, frame: pd.DataFrame, path: Path) -> None:
+    """Refuse a table sharing patients with the run's train or val split: their images (or
+    images of the same people) shaped the weights or the thresholds, so the numbers would
+    overstate the model."""
+    shared: dict[str, list[str]] = {}
+    patients = set(frame[PATIENT_COLUMN].astype(str))
+    for name in ("train", "val"):
+        if run.split_file(name).exists():
+            seen = set(run.read_split(name)[PATIENT_COLUMN].astype(str))
+            overlap = sorted(patients & seen)
+            if overlap:
+                shared[name] = overlap
+    if shared:
+        where = "; ".join(
+            f"{len(ids):,} in {name} (first: {', '.join(ids[:5])})" for name, ids in shared.items()
+        )
+        raise LeakageError(
+            f"{path}: patients of this table are in the run's training data: {where}. "
+            "Evaluate on patients the run never saw",
+            shared,
+        )
 
 
 def bundle_logits(
