@@ -777,3 +777,25 @@ def test_a_given_split_finds_its_images_in_one_walk_of_the_tree(
     run = RunFolder(tmp_path / "run")
     for name, frame in synth_frames.items():
         assert run.read_split(name)["path"].tolist() == frame["path"].tolist()
+
+
+def test_train_without_a_split_says_which_split_it_made(tmp_path, synth_data):
+    from conftest import tiny_train_config
+
+    from cxr.data.nih import load_nih
+    from cxr.workflows.train import create_run
+
+    notes = create_run(synth_data, tmp_path / "run", tiny_train_config(check_images=False))
+    run = RunFolder(tmp_path / "run")
+    split = run.load_info()["split"]
+    assert (split["val_fraction"], split["test_fraction"], split["seed"]) == (0.1, 0.2, 0)
+    # 16 patients: 10 % and 20 %, rounded half up, are 2 and 3 (hand-computed).
+    patients = [run.read_split(n)["Patient ID"].nunique() for n in ("train", "val", "test")]
+    assert patients == [11, 2, 3]
+    assert load_nih(synth_data).table["Patient ID"].nunique() == 16
+    assert any(
+        "no --split given" in note
+        and "11 / 2 / 3 train / val / test patients" in note
+        and "--val-patients 1672 --test-patients 389" in note
+        for note in notes
+    ), notes

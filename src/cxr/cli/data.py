@@ -71,10 +71,20 @@ def _split_table(split) -> Table:
 def data_split(
     data: Annotated[Path, typer.Argument(help="NIH folder, or a Data_Entry CSV.")],
     out: Annotated[Path, typer.Option("--out", help="Folder for train.csv, val.csv, test.csv.")],
-    val_patients: Annotated[int | None, typer.Option(help="Validation patients (1672).")] = None,
-    test_patients: Annotated[int | None, typer.Option(help="Test patients (389).")] = None,
-    val_fraction: Annotated[float | None, typer.Option(help="Fraction of patients.")] = None,
-    test_fraction: Annotated[float | None, typer.Option(help="Fraction of patients.")] = None,
+    val_patients: Annotated[
+        int | None,
+        typer.Option(help="Validation patients (default: 10% of them; the method used 1672)."),
+    ] = None,
+    test_patients: Annotated[
+        int | None,
+        typer.Option(help="Test patients (default: 20% of them; the method used 389)."),
+    ] = None,
+    val_fraction: Annotated[
+        float | None, typer.Option(help="Fraction of patients for validation (default 0.1).")
+    ] = None,
+    test_fraction: Annotated[
+        float | None, typer.Option(help="Fraction of patients for test (default 0.2).")
+    ] = None,
     seed: Annotated[int, typer.Option(help="Seed; the same seed gives the same split.")] = 0,
     official: Annotated[
         bool, typer.Option("--official", help="Use NIH's train_val_list / test_list.")

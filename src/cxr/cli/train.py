@@ -94,7 +94,12 @@ def train(
     ] = None,
     out: Annotated[Path | None, typer.Option("--out", help="Run folder to create.")] = None,
     split: Annotated[
-        Path | None, typer.Option("--split", help="Folder with train/val/test.csv to use.")
+        Path | None,
+        typer.Option(
+            "--split",
+            help="Folder with train/val/test.csv to use (default: a patient-level split of "
+            "DATA, 10% val and 20% test patients, by --seed).",
+        ),
     ] = None,
     resume: Annotated[
         Path | None, typer.Option("--resume", help="Continue this run from its checkpoint.")

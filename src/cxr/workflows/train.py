@@ -18,8 +18,20 @@ from cxr.config import TrainConfig
 from cxr.data.cache import open_cache
 from cxr.data.images import find_unreadable
 from cxr.data.loaders import split_loader
-from cxr.data.nih import PATH_COLUMN, attach_image_paths, index_images, label_matrix, load_nih
-from cxr.data.split import read_split, split_by_patients
+from cxr.data.nih import (
+    PATH_COLUMN,
+    PATIENT_COLUMN,
+    attach_image_paths,
+    index_images,
+    label_matrix,
+    load_nih,
+)
+from cxr.data.split import (
+    DEFAULT_TEST_FRACTION,
+    DEFAULT_VAL_FRACTION,
+    read_split,
+    split_by_patients,
+)
 from cxr.data.transforms import Augment, Preprocess
 from cxr.engine.trainer import (
     TrainCallbacks,
@@ -35,7 +47,7 @@ from cxr.metrics import choose_thresholds
 from cxr.model.bundle import BundleMeta, save_bundle
 from cxr.model.factory import SCRATCH, create_model
 from cxr.model.network import build_model
-from cxr.run import RunFolder, require_paths
+from cxr.run import SPLIT_NAMES, RunFolder, require_paths
 from cxr.runtime import Distributed, resolve_device, setup_distributed
 from cxr.utils import atomic_write_bytes, atomic_write_csv
 
@@ -286,7 +298,19 @@ def create_run(
             notes.append(f"dropped {len(nih.dropped_missing):,} image(s) not found on disk")
         split = split_by_patients(nih.table, seed=config.seed)
         frames = split.frames()
-        split_note = {"method": split.method, "seed": split.seed}
+        split_note = {
+            "method": split.method,
+            "seed": split.seed,
+            "val_fraction": DEFAULT_VAL_FRACTION,
+            "test_fraction": DEFAULT_TEST_FRACTION,
+        }
+        sizes = " / ".join(f"{frames[n][PATIENT_COLUMN].nunique():,}" for n in SPLIT_NAMES)
+        notes.append(
+            f"no --split given: {data} split by patient into {sizes} train / val / test "
+            f"patients ({DEFAULT_VAL_FRACTION:.0%} val, {DEFAULT_TEST_FRACTION:.0%} test, seed "
+            f"{split.seed}); for the method's split make one with `cxr data split "
+            "--val-patients 1672 --test-patients 389` and pass it with --split"
+        )
     if config.cache:
         # A cache that is stale, incomplete or lacks a training image fails before the run
         # folder exists, not after. Its build decoded every image, so no second check.
