@@ -527,10 +527,12 @@ def test_cli_localize_real_boxes_on_the_ten_real_sample_images(
     result = CliRunner().invoke(
         app,
         ["localize", str(bundle_dir), "--boxes", str(real_boxes), "--images", str(sample_images),
-         "--out", str(out)],
+         "--out", str(out), "--split", "all"],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
-    assert "overall" in result.output and "10 of 880 image(s)" in result.output
+    assert "overall" in result.output and "split all: 10 of 880 image(s)" in result.output
+    # A bare bundle has no training split to check against: nothing is "trained on".
+    assert "0 trained on" in result.output
     assert "±16" in result.output  # the tolerant pointing game's column
     report = json.loads(out.read_text())
     assert report["images_scored"] == 10 and report["images_not_found"] == 870
@@ -568,10 +570,22 @@ def test_localize_run_on_synthetic_boxes(tmp_path: Path, make_run, synth_data: P
     for finding in report["findings"]:
         assert finding["original_size"] == [64, 64]  # synthetic boxes are in 64 px pixels
         assert finding["boxes"] == [pytest.approx(b) for b in finding["boxes_original"]]
+    assert report["split"] == "test" and report["images_trained_on"] == 0
     # Every image with a box, not only the test split.
     everything = localize(bundle, synth_data / "BBox_List_2017.csv", synth_data)
     assert everything["images_scored"] == boxes["image"].nunique()
     assert everything["overall"]["findings"] > report["overall"]["findings"]
+    # The run's own `all` says how many of them the model trained on, and warns.
+    trained = set(RunFolder(run).read_split("train")["Image Index"])
+    trained |= set(RunFolder(run).read_split("val")["Image Index"])
+    scored_all = localize_run(run, split="all", out=tmp_path / "all.json")
+    expected_trained = len(set(boxes["image"]) & trained)
+    assert scored_all["images_trained_on"] == expected_trained > 0
+    assert len(scored_all["warnings"]) == 1
+    assert f"{expected_trained:,} of the" in scored_all["warnings"][0]
+    assert "cxr data split --official" in scored_all["warnings"][0]
+    with pytest.raises(DataError, match="split must be one of test, val, train, all"):
+        localize_run(run, split="holdout")
 
 
 def test_cli_localize_and_explain_with_shift_and_stitch(
@@ -581,7 +595,7 @@ def test_cli_localize_and_explain_with_shift_and_stitch(
     result = CliRunner().invoke(
         app,
         ["localize", str(bundle_dir), "--boxes", str(real_boxes), "--images", str(sample_images),
-         "--out", str(out), "--shifts", "2"],
+         "--out", str(out), "--shifts", "2", "--split", "all"],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     assert "sampled every 16 px (shift-and-stitch)" in result.output

@@ -10,7 +10,7 @@ from rich import box
 from rich.markup import escape
 from rich.table import Table
 
-from cxr.cli.common import app, console, friendly_errors, progress_task
+from cxr.cli.common import app, console, friendly_errors, progress_task, warn
 from cxr.cli.options import BatchSizeOption, DeviceOption, ShiftsOption
 from cxr.errors import CxrError
 
@@ -131,9 +131,12 @@ def localize(
         typer.Option("--images", help="Folder searched for the images; default: the run's data."),
     ] = None,
     split: Annotated[
-        str | None,
-        typer.Option(help="Score only this split of the run (train, val, test); default: all."),
-    ] = None,
+        str,
+        typer.Option(
+            help="The run's split to score: test (default: images the model never trained "
+            "on), val, train, or all."
+        ),
+    ] = "test",
     threshold: Annotated[
         list[float] | None,
         typer.Option("--threshold", help="Heatmap threshold for IoU (repeatable)."),
@@ -174,9 +177,13 @@ def localize(
         )
     console.print(localization_table(result))
     console.print(
-        f"{result['images_scored']:,} of {result['images_with_boxes']:,} image(s) with boxes "
-        f"scored ({result['images_not_found']:,} not found); wrote {result['path']}"
+        f"split {result['split']}: {result['images_scored']:,} of "
+        f"{result['images_with_boxes']:,} image(s) with boxes scored "
+        f"({result['images_not_found']:,} not found, {result['images_trained_on']:,} trained "
+        f"on); wrote {result['path']}"
     )
+    for message in result["warnings"]:
+        warn(message)
 
 
 def localization_table(result: dict) -> Table:
