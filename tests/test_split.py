@@ -304,3 +304,23 @@ def test_official_lists_must_cover_the_table_and_be_disjoint_by_patient(tmp_path
     with pytest.raises(LeakageError, match="share patients") as caught:
         split_official(table, tmp_path)
     assert caught.value.shared == {1: {"train_val": 1, "test": 1}}
+
+
+def test_nih_boxes_fall_in_the_test_set_only_with_the_official_split(shared_data):
+    """What `cxr localize` warns about, on the real NIH table and box file."""
+    from cxr.data.nih import load_nih
+    from cxr.data.split import find_official_lists, split_by_patients, split_official
+    from cxr.explain.localize import read_boxes
+
+    meta = shared_data / "nih" / "metadata"
+    table = load_nih(meta / "Data_Entry_2017_v2020.csv.gz", require_images=False).table
+    boxed = set(read_boxes(meta / "BBox_List_2017.csv.gz")["image"])
+    assert len(boxed) == 880
+
+    def boxed_per_set(split) -> list[int]:
+        return [len(set(f["Image Index"]) & boxed) for f in (split.train, split.val, split.test)]
+
+    method = split_by_patients(table, val_patients=1672, test_patients=389, seed=0)
+    assert boxed_per_set(method) == [825, 47, 8]
+    official = split_official(table, find_official_lists([meta]), seed=0)
+    assert boxed_per_set(official) == [0, 0, 880]
