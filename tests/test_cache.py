@@ -274,7 +274,33 @@ def test_training_from_the_cache_equals_training_from_the_pngs(tmp_path, synth_d
     for column in ("train_loss", "val_loss", "val_auroc_mean"):
         assert cache_log[column].tolist() == pytest.approx(png_log[column].tolist(), abs=1e-6)
     info = json.loads((cache_run / "run.json").read_text())
-    assert info["cache"] == {"path": str(cache), "image_size": 64}
+    index_sha = json.loads((cache / "cache.json").read_text())["index_sha256"]
+    assert info["cache"] == {"path": str(cache), "image_size": 64, "index_sha256": index_sha}
+
+
+def test_a_resume_cannot_switch_what_the_run_reads(tmp_path, synth_data, make_run):
+    import shutil
+
+    from cxr.errors import ConfigError
+    from cxr.workflows.train import check_resume_cache, train_run
+
+    table = load_nih(synth_data).table
+    cache = build_cache(table, tmp_path / "cache", image_size=64, workers=0).path
+    png_run = make_run(tmp_path / "png", max_epochs=2)
+    with pytest.raises(ConfigError, match="this run reads the image files"):
+        check_resume_cache(png_run, str(cache))
+    result = CliRunner().invoke(app, ["train", "--resume", str(png_run), "--cache", str(cache)])
+    assert result.exit_code == 2 and "this run reads the image files" in result.output
+    assert not (png_run / "checkpoint.pt").exists()  # refused before any training
+    cache_run = make_run(tmp_path / "cached", max_epochs=2, cache=str(cache))
+    train_run(cache_run, stop_after_epochs=1)
+    other = build_cache(table, tmp_path / "other", image_size=48, workers=0).path
+    with pytest.raises(ConfigError, match="not the cache this run started with"):
+        check_resume_cache(cache_run, str(other))
+    moved = tmp_path / "moved"
+    shutil.copytree(cache, moved)
+    check_resume_cache(cache_run, str(moved))  # the same cache elsewhere is fine
+    check_resume_cache(cache_run, None)
 
 
 def test_train_refuses_a_cache_without_the_split_images(tmp_path, synth_data):

@@ -183,8 +183,11 @@ def _resume(run: Path, runtime: dict, given: list[str]) -> None:
             "--resume continues a run with its own data, split and method; only --max-epochs, "
             "--max-plateaus, --workers, --device, --amp, --compile and --cache apply"
         )
+    from cxr.workflows.train import check_resume_cache
+
     if runtime.get("cache") is not None:
         runtime["cache"] = str(Path(runtime["cache"]).resolve())
+    check_resume_cache(run, runtime.get("cache"))
     changed = {k: v for k, v in runtime.items() if v is not None}
     run_folder = RunFolder(run).require()
 

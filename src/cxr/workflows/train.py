@@ -41,7 +41,7 @@ from cxr.engine.trainer import (
     fit,
     load_checkpoint,
 )
-from cxr.errors import DataError
+from cxr.errors import ConfigError, DataError
 from cxr.labels import PATHOLOGIES
 from cxr.metrics import choose_thresholds
 from cxr.model.bundle import BundleMeta, save_bundle
@@ -119,6 +119,33 @@ def train_run(
             writer.close()
 
 
+def check_resume_cache(run_dir: str | Path, cache: str | None) -> None:
+    """Refuse a ``--cache`` on ``--resume`` that would change what the run reads part-way:
+    a run that started from the image files stays on them (a cache's images are resized
+    twice), and a run that started from a cache may move to a copy of that cache only."""
+    if cache is None:
+        return
+    run = RunFolder(run_dir).require()
+    config = run.load_config()
+    if config.cache is None:
+        raise ConfigError(
+            f"{run.root}: this run reads the image files; --cache on --resume would switch it "
+            "to a cache part-way (its images are resized twice). Resume without --cache, or "
+            "start a new run with --cache"
+        )
+    new = open_cache(cache, min_size=config.image_size)
+    note = run.load_info().get("cache") or {}
+    started = (note.get("index_sha256"), note.get("image_size"))
+    if started[1] is not None and (
+        new.image_size != started[1]
+        or (started[0] is not None and new.meta.get("index_sha256") != started[0])
+    ):
+        raise ConfigError(
+            f"{cache}: not the cache this run started with ({note.get('path')}, "
+            f"{started[1]} px); a resumed run must read the same images"
+        )
+
+
 def _training_splits(run: RunFolder) -> tuple[pd.DataFrame, pd.DataFrame]:
     train_frame = require_paths(run.read_split("train"), str(run.split_file("train")))
     val_frame = require_paths(run.read_split("val"), str(run.split_file("val")))
@@ -155,7 +182,11 @@ def _loaders(
     if config.cache:
         cache = open_cache(config.cache, min_size=config.image_size)
         train_reader, val_reader = cache.reader(train_frame), cache.reader(val_frame)
-        cache_note = {"path": str(cache.root), "image_size": cache.image_size}
+        cache_note = {
+            "path": str(cache.root),
+            "image_size": cache.image_size,
+            "index_sha256": cache.meta.get("index_sha256"),
+        }
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input size: pick the fastest kernels
     preprocess = Preprocess(config.image_size, config.normalization)
