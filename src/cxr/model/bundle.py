@@ -46,8 +46,10 @@ _OPTIONAL = (
 # A model.json must say these itself: a default would guess which output is which pathology
 # and what input the weights were trained on.
 _REQUIRED_IN_FILE = ("labels", "image_size")
-# Fields given by numerical code (numpy scalars and arrays) before they are checked.
-_NUMERIC = ("image_size", "thresholds", "temperature", "epoch", "val_loss", "val_auroc_mean")
+# Fields code may give as numpy scalars and arrays or tuples (PATHOLOGIES is one); made plain
+# Python before the strict checks. JSON has none of these, so a file is judged as written.
+_FROM_CODE = ("image_size", "labels", "thresholds", "temperature", "epoch", "val_loss")
+_FROM_CODE += ("val_auroc_mean",)
 
 Threshold = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
 
@@ -86,7 +88,7 @@ class BundleMeta(BaseModel):
         if image_size is not PydanticUndefined:
             values["image_size"] = image_size
         try:
-            super().__init__(**_plain_numbers(values))
+            super().__init__(**_plain(values))
         except ValidationError as exc:
             raise _InvalidMeta(_problems(exc)) from None
 
@@ -207,11 +209,12 @@ def _one_of(value: str, choices: tuple[str, ...]) -> str:
     return value
 
 
-def _plain_numbers(values: dict[str, Any]) -> dict[str, Any]:
-    """numpy scalars and arrays in the numeric fields as Python numbers and lists, so that the
-    strict checks judge the value (np.float32(0.3) is a number) and not its type."""
+def _plain(values: dict[str, Any]) -> dict[str, Any]:
+    """numpy values and tuples in the fields of :data:`_FROM_CODE` as Python numbers and
+    lists, so that the strict checks judge the value (np.float32(0.3) is a number, a tuple of
+    labels is a list of them) and not its type."""
     plain = dict(values)
-    for key in _NUMERIC:
+    for key in _FROM_CODE:
         value = plain.get(key)
         if isinstance(value, (np.ndarray, np.generic)):
             plain[key] = value.tolist()
