@@ -68,7 +68,7 @@ def test_bundle_description_defaults_and_errors_name_the_file(tmp_path):
     values = json.loads((folder / "model.json").read_text())
     del values["image_size"]
     (folder / "model.json").write_text(json.dumps(values))
-    with pytest.raises(ModelError, match=r"model\.json: no image_size"):
+    with pytest.raises(ModelError, match=r"model\.json: image_size: missing"):
         read_bundle_meta(folder)
     (folder / "model.json").write_text("[1, 2]")
     with pytest.raises(ModelError, match="expected a JSON object"):

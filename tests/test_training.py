@@ -519,7 +519,8 @@ def test_load_config_from_json_and_toml(tmp_path):
     [
         ('{"imagesize": 48}', "unknown setting.*imagesize"),
         ('{"normalization": "zscore"}', "normalization must be one of imagenet, sample.*zscore"),
-        ('{"image_size": 16}', "image_size must be at least 32"),
+        ('{"image_size": 16}', "image_size must be from 32 to 1024 pixels, not 16"),
+        ('{"image_size": 100000}', "image_size must be from 32 to 1024 pixels, not 100000"),
         ('{"hflip": "yes"}', "hflip must be true or false"),
         ('{"lr": "fast"}', "lr must be a number"),
         ("{not json", "not valid json"),

@@ -17,6 +17,10 @@ else:  # pragma: no cover - Python 3.10 has no tomllib; the tomli backport is a 
     import tomli as tomllib
 
 NORMALIZATIONS = ("imagenet", "sample")
+# The input sizes a model may be trained and run at: below 32 px DenseNet121's feature map
+# vanishes; above 1024 px (NIH's own size) an image is only upsampled, and one image costs
+# gigabytes (a bundle's image_size is checked against the same range).
+MIN_IMAGE_SIZE, MAX_IMAGE_SIZE = 32, 1024
 
 
 @dataclass
@@ -57,8 +61,11 @@ class TrainConfig:
                 f"normalization must be one of {', '.join(NORMALIZATIONS)}, "
                 f"not {self.normalization!r}"
             )
-        if self.image_size < 32:
-            raise ConfigError(f"image_size must be at least 32 pixels, not {self.image_size}")
+        if not MIN_IMAGE_SIZE <= self.image_size <= MAX_IMAGE_SIZE:
+            raise ConfigError(
+                f"image_size must be from {MIN_IMAGE_SIZE} to {MAX_IMAGE_SIZE} pixels, "
+                f"not {self.image_size}"
+            )
         if not 0 < self.scale_min <= self.scale_max:
             raise ConfigError("need 0 < scale_min <= scale_max")
         for name in ("batch_size", "max_epochs"):

@@ -8,19 +8,22 @@ or :func:`load_bundle`.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_core import PydanticUndefined
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from torch import nn
 
+from cxr.config import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, NORMALIZATIONS
 from cxr.errors import ModelError
 from cxr.labels import PATHOLOGIES
 from cxr.model.network import ARCHITECTURE, build_model, unwrap
@@ -29,6 +32,7 @@ from cxr.utils import atomic_write_bytes, atomic_write_text
 BUNDLE_WEIGHTS = "model.safetensors"
 BUNDLE_META = "model.json"
 BUNDLE_FORMAT = "cxr-bundle/1"
+OUTPUTS = ("sigmoid",)
 DEFAULT_THRESHOLD = 0.5
 # Written only when set: a bundle gains them as it is trained, calibrated and thresholded.
 _OPTIONAL = (
@@ -39,40 +43,109 @@ _OPTIONAL = (
     "calibration",
     "threshold_fit",
 )
+# A model.json must say these itself: a default would guess which output is which pathology
+# and what input the weights were trained on.
+_REQUIRED_IN_FILE = ("labels", "image_size")
+# Fields code may give as numpy scalars and arrays or tuples (PATHOLOGIES is one); made plain
+# Python before the strict checks. JSON has none of these, so a file is judged as written.
+_FROM_CODE = ("image_size", "labels", "thresholds", "temperature", "epoch", "val_loss")
+_FROM_CODE += ("val_auroc_mean",)
+
+Threshold = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
 
 
-@dataclass
-class BundleMeta:
+class BundleMeta(BaseModel):
     """What ``model.json`` holds: the labels and their order, the input the model expects,
-    the decision thresholds and the calibration, and how the model was trained."""
+    the decision thresholds and the calibration, and how the model was trained.
 
-    image_size: int
+    Validated when made (strict types: ``image_size`` ``"224"``, ``224.0`` or ``true`` is
+    refused, not converted), so a description that exists is one the model can run with.
+    Made from a file with :meth:`from_dict`, whose errors name the file and the field.
+    """
+
+    # Strict: JSON's "224" is not 224. Frozen: a change goes through updated(), which checks.
+    model_config = ConfigDict(strict=True, frozen=True, extra="forbid")
+
+    image_size: Annotated[int, Field(ge=MIN_IMAGE_SIZE, le=MAX_IMAGE_SIZE)]
     normalization: str = "imagenet"
-    labels: list[str] = field(default_factory=lambda: list(PATHOLOGIES))
-    thresholds: list[float] | None = None  # None: DEFAULT_THRESHOLD for every label
+    labels: list[str] = Field(default_factory=lambda: list(PATHOLOGIES))
+    thresholds: list[Threshold] | None = None  # None: DEFAULT_THRESHOLD for every label
     threshold_rule: str | None = None
-    temperature: float = 1.0
+    temperature: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 1.0
     format: str = BUNDLE_FORMAT
     architecture: str = ARCHITECTURE
     output: str = "sigmoid"
-    epoch: int | None = None
+    epoch: Annotated[int, Field(ge=0)] | None = None
     val_loss: float | None = None
     val_auroc_mean: float | None = None
     training_data: dict[str, Any] | None = None
     calibration: dict[str, Any] | None = None
     threshold_fit: dict[str, Any] | None = None
-    extra: dict[str, Any] = field(default_factory=dict)  # keys of newer versions, kept
+    extra: dict[str, Any] = Field(default_factory=dict)  # keys of newer versions, kept
+
+    def __init__(self, image_size: Any = PydanticUndefined, /, **values: Any):
+        # ``BundleMeta(224, ...)`` as well as ``BundleMeta(image_size=224, ...)``.
+        if image_size is not PydanticUndefined:
+            values["image_size"] = image_size
+        try:
+            super().__init__(**_plain(values))
+        except ValidationError as exc:
+            raise _InvalidMeta(_problems(exc)) from None
+
+    @field_validator("normalization")
+    @classmethod
+    def _known_normalization(cls, value: str) -> str:
+        return _one_of(value, NORMALIZATIONS)
+
+    @field_validator("format")
+    @classmethod
+    def _known_format(cls, value: str) -> str:
+        return _one_of(value, (BUNDLE_FORMAT,))
+
+    @field_validator("architecture")
+    @classmethod
+    def _known_architecture(cls, value: str) -> str:
+        return _one_of(value, (ARCHITECTURE,))
+
+    @field_validator("output")
+    @classmethod
+    def _known_output(cls, value: str) -> str:
+        return _one_of(value, OUTPUTS)
+
+    @field_validator("labels")
+    @classmethod
+    def _distinct_labels(cls, labels: list[str]) -> list[str]:
+        # A blank or repeated label would collapse two outputs into one JSON key or CSV column.
+        if not labels:
+            raise ValueError("expected at least one label, got none")
+        blank = [i for i, label in enumerate(labels) if not label.strip()]
+        if blank:
+            raise ValueError(f"expected non-empty labels, got {_shown(labels[blank[0]])}")
+        repeated = sorted({label for label in labels if labels.count(label) > 1})
+        if repeated:
+            raise ValueError(f"expected distinct labels, got repeated {', '.join(repeated)}")
+        return labels
+
+    @field_validator("thresholds")
+    @classmethod
+    def _one_threshold_per_label(cls, thresholds: list[float] | None, info) -> list[float] | None:
+        labels = info.data.get("labels")  # absent when the labels themselves were refused
+        if thresholds is not None and labels is not None and len(thresholds) != len(labels):
+            raise ValueError(
+                f"expected {len(labels)} values (one per label), got {len(thresholds)}"
+            )
+        return thresholds
 
     @property
     def decision_thresholds(self) -> list[float]:
         """One threshold per label: the stored ones, else the default."""
-        if self.thresholds:
+        if self.thresholds is not None:
             return [float(v) for v in self.thresholds]
         return [DEFAULT_THRESHOLD] * len(self.labels)
 
     @property
     def effective_temperature(self) -> float:
-        return float(self.temperature or 1.0)
+        return float(self.temperature)
 
     def to_dict(self) -> dict[str, Any]:
         values = {
@@ -91,24 +164,116 @@ class BundleMeta:
         return values
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any], *, source: str = BUNDLE_META) -> BundleMeta:
+    def from_dict(cls, values: Any, *, source: str = BUNDLE_META) -> BundleMeta:
+        """A checked description from ``model.json``'s content; :class:`ModelError` names
+        ``source`` and each field that is wrong."""
         if not isinstance(values, dict):
-            raise ModelError(f"{source}: expected a JSON object describing the model")
-        if "image_size" not in values:
-            raise ModelError(f"{source}: no image_size")
-        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+            raise ModelError(
+                f"{source}: expected a JSON object describing the model, got {_json_type(values)}"
+            )
+        for key in _REQUIRED_IN_FILE:
+            if key not in values:
+                raise ModelError(f"{source}: {key}: missing (every {BUNDLE_META} states it)")
+        names = set(cls.model_fields) - {"extra"}
         known = {k: v for k, v in values.items() if k in names}
         extra = {k: v for k, v in values.items() if k not in names}
+        # null says "not scaled", as a missing key does; 0 or a negative one is refused.
+        if known.get("temperature", 1.0) is None:
+            known["temperature"] = 1.0
         try:
-            meta = cls(**known, extra=extra)
-            meta.image_size = int(meta.image_size)
-            meta.temperature = float(meta.temperature if meta.temperature is not None else 1.0)
-        except (TypeError, ValueError) as exc:
-            raise ModelError(f"{source}: invalid model description ({exc})") from None
-        return meta
+            return cls(**known, extra=extra)
+        except _InvalidMeta as exc:
+            raise ModelError(f"{source}: {exc.problems}") from None
 
     def updated(self, **changes: Any) -> BundleMeta:
         return BundleMeta.from_dict({**self.to_dict(), **changes})
+
+
+class _InvalidMeta(ModelError):
+    """A description that fails the checks; :meth:`BundleMeta.from_dict` names its file."""
+
+    def __init__(self, problems: str):
+        super().__init__(f"{BUNDLE_META}: {problems}")
+        self.problems = problems
+
+
+def meta_digest(meta: BundleMeta) -> str:
+    """SHA-256 of the description's canonical JSON (sorted keys, no spaces)."""
+    text = json.dumps(meta.to_dict(), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _one_of(value: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValueError(f"expected one of {', '.join(choices)}, got {_shown(value)}")
+    return value
+
+
+def _plain(values: dict[str, Any]) -> dict[str, Any]:
+    """numpy values and tuples in the fields of :data:`_FROM_CODE` as Python numbers and
+    lists, so that the strict checks judge the value (np.float32(0.3) is a number, a tuple of
+    labels is a list of them) and not its type."""
+    plain = dict(values)
+    for key in _FROM_CODE:
+        value = plain.get(key)
+        if isinstance(value, (np.ndarray, np.generic)):
+            plain[key] = value.tolist()
+        elif isinstance(value, (list, tuple)):
+            plain[key] = [v.item() if isinstance(v, np.generic) else v for v in value]
+    return plain
+
+
+# Pydantic's wording for the checks a bundle fails, in the "expected ..., got ..." form.
+_EXPECTED = {
+    "int_type": "an integer",
+    "float_type": "a number",
+    "string_type": "a string",
+    "list_type": "a list",
+    "dict_type": "an object",
+    "finite_number": "a finite number",
+}
+
+
+def _problems(exc: ValidationError) -> str:
+    """One line: ``field: expected ..., got ...`` for each error, separated by ``; ``."""
+    return "; ".join(_problem(error) for error in exc.errors(include_url=False))
+
+
+def _problem(error: dict[str, Any]) -> str:
+    where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error["loc"]).lstrip(".")
+    kind, ctx, got = error["type"], error.get("ctx") or {}, _shown(error.get("input"))
+    if kind == "value_error":
+        text = str(ctx.get("error", error["msg"]))
+    elif kind == "missing":
+        text = "missing"
+    elif kind == "extra_forbidden":
+        text = "not a field of a bundle description"
+    elif kind in _EXPECTED:
+        text = f"expected {_EXPECTED[kind]}, got {got}"
+    elif kind in ("greater_than_equal", "less_than_equal", "greater_than", "less_than"):
+        bound = {"ge": "at least", "le": "at most", "gt": "more than", "lt": "less than"}
+        (name, limit), *_ = ctx.items()
+        text = f"expected {bound[name]} {limit:g}, got {got}"
+    else:
+        text = f"{error['msg'][:1].lower()}{error['msg'][1:]}, got {got}"
+    return f"{where or 'description'}: {text}"
+
+
+def _shown(value: Any, limit: int = 40) -> str:
+    """A value as the JSON file spells it (NaN as nan), shortened."""
+    if isinstance(value, float) and not math.isfinite(value):
+        text = str(value)
+    else:
+        try:
+            text = json.dumps(value)
+        except (TypeError, ValueError):
+            text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _json_type(value: Any) -> str:
+    names = {list: "a list", str: "a string", bool: "a boolean", type(None): "null"}
+    return names.get(type(value), "a number" if isinstance(value, (int, float)) else "a value")
 
 
 @dataclass
@@ -161,10 +326,7 @@ def read_bundle_meta(path: str | Path) -> BundleMeta:
         values = json.loads(meta_path.read_text())
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ModelError(f"{meta_path}: unreadable bundle description ({exc})") from None
-    meta = BundleMeta.from_dict(values, source=str(meta_path))
-    if meta.architecture != ARCHITECTURE:
-        raise ModelError(f"{meta_path}: architecture {meta.architecture!r} is not supported")
-    return meta
+    return BundleMeta.from_dict(values, source=str(meta_path))
 
 
 def save_bundle(directory: str | Path, model: nn.Module, meta: BundleMeta) -> Path:
@@ -182,9 +344,15 @@ def write_bundle_meta(directory: str | Path, meta: BundleMeta) -> None:
 
 
 def update_bundle_meta(directory: str | Path, **changes: Any) -> BundleMeta:
-    """Change some entries of ``model.json`` (atomically); returns the new description."""
-    meta = read_bundle_meta(directory).updated(**changes)
-    write_bundle_meta(resolve_bundle(directory)[1].parent, meta)
+    """Change some entries of ``model.json`` (atomically); returns the new description.
+
+    The result is checked like a file being read, so a bad change raises :class:`ModelError`
+    and the file on disk stays as it was.
+    """
+    meta_path = resolve_bundle(directory)[1]
+    values = {**read_bundle_meta(directory).to_dict(), **changes}
+    meta = BundleMeta.from_dict(values, source=f"{meta_path} (update)")
+    write_bundle_meta(meta_path.parent, meta)
     return meta
 
 
@@ -197,15 +365,28 @@ def _read_weights(weights: Path) -> dict[str, torch.Tensor]:
 
 def load_bundle(path: str | Path, *, device: str | torch.device = "cpu") -> Bundle:
     """The model in eval mode on ``device``, with its description."""
-    weights = resolve_bundle(path)[0]
-    meta = read_bundle_meta(path)
+    weights, meta_path = resolve_bundle(path)
+    meta = read_bundle_meta(path)  # checked first: nothing is built for a bad description
+    state = _read_weights(weights)
+    for key in ("classifier.weight", "classifier.bias"):
+        if key in state and state[key].ndim >= 1:
+            check_outputs(meta, int(state[key].shape[0]), meta_path, f"{weights.name}'s {key}")
     model = build_model(num_classes=len(meta.labels))
     try:
-        model.load_state_dict(_read_weights(weights))
+        model.load_state_dict(state)
     except RuntimeError as exc:
         raise ModelError(f"{weights}: weights do not fit the model ({exc})") from None
     model.to(device).eval()
     return Bundle(model=model, meta=meta)
+
+
+def check_outputs(meta: BundleMeta, outputs: int | None, source: str | Path, model: str) -> None:
+    """One label per model output; ``outputs`` None (unknown) passes."""
+    if outputs is not None and outputs != len(meta.labels):
+        raise ModelError(
+            f"{source}: labels: expected {outputs} labels (one per output of {model}), "
+            f"got {len(meta.labels)}"
+        )
 
 
 def shift_classifier_bias(directory: str | Path, shift: np.ndarray) -> None:

@@ -5,6 +5,7 @@ weights, in the cache, or exported on first use)."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -18,13 +19,22 @@ import torch
 
 from cxr.errors import ModelError
 from cxr.metrics import probabilities
-from cxr.model.bundle import Bundle, BundleMeta, load_bundle, resolve_bundle, weights_digest
+from cxr.model.bundle import (
+    Bundle,
+    BundleMeta,
+    check_outputs,
+    load_bundle,
+    meta_digest,
+    resolve_bundle,
+    weights_digest,
+)
 from cxr.utils import atomic_write_bytes
 
 ONNX_INPUT = "image"
 ONNX_OUTPUT = "logits"
 ONNX_META_KEY = "cxr_bundle"  # the bundle's model.json, stored in the ONNX metadata
 ONNX_WEIGHTS_KEY = "cxr_weights_sha256"  # which model.safetensors it was exported from
+ONNX_META_DIGEST_KEY = "cxr_bundle_sha256"  # and which model.json (bundle.meta_digest)
 ONNX_CACHE_ENV = "CXR_CACHE_DIR"
 OPSET = 17
 # The issue's bar for "agree": probabilities within 1e-4 of PyTorch's.
@@ -79,6 +89,9 @@ def onnx_bytes(
     entry = proto.metadata_props.add()
     entry.key = ONNX_META_KEY
     entry.value = json.dumps(meta.to_dict())
+    entry = proto.metadata_props.add()
+    entry.key = ONNX_META_DIGEST_KEY
+    entry.value = meta_digest(meta)
     if weights_sha256:
         entry = proto.metadata_props.add()
         entry.key = ONNX_WEIGHTS_KEY
@@ -88,14 +101,39 @@ def onnx_bytes(
 
 
 def read_onnx_meta(path: str | Path) -> BundleMeta:
-    """The bundle description embedded by :func:`export_onnx`."""
+    """The bundle description embedded by :func:`export_onnx`, checked as ``model.json`` is
+    and against the model's input and output shapes."""
     session = onnx_session(path)
-    meta = session.get_modelmeta().custom_metadata_map.get(ONNX_META_KEY)
-    if not meta:
+    text = session.get_modelmeta().custom_metadata_map.get(ONNX_META_KEY)
+    if not text:
         raise ModelError(
             f"{path}: ONNX file has no cxr bundle description (not made by cxr export)"
         )
-    return BundleMeta.from_dict(json.loads(meta), source=f"{path} (metadata {ONNX_META_KEY})")
+    source = f"{path} (metadata {ONNX_META_KEY})"
+    try:
+        values = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ModelError(f"{source}: not JSON ({exc})") from None
+    meta = BundleMeta.from_dict(values, source=source)
+    check_session(meta, session, source)
+    return meta
+
+
+def check_session(meta: BundleMeta, session: ort.InferenceSession, source: str) -> None:
+    """The description fits the ONNX model: one label per output, the input's image size.
+    Dimensions the file leaves symbolic (the batch) are not checked."""
+    outputs = [o for o in session.get_outputs() if o.name == ONNX_OUTPUT]
+    inputs = [i for i in session.get_inputs() if i.name == ONNX_INPUT]
+    if not outputs or not inputs:
+        raise ModelError(f"{source}: the ONNX model has no {ONNX_INPUT!r} -> {ONNX_OUTPUT!r}")
+    classes = outputs[0].shape[-1] if outputs[0].shape else None
+    check_outputs(meta, classes if isinstance(classes, int) else None, source, "the ONNX model")
+    sizes = {d for d in inputs[0].shape[2:] if isinstance(d, int)}
+    if sizes and sizes != {meta.image_size}:
+        raise ModelError(
+            f"{source}: image_size: expected {min(sizes)} (the ONNX model's input), "
+            f"got {meta.image_size}"
+        )
 
 
 def onnx_session(source: str | Path | bytes, threads: int | None = None):
@@ -139,20 +177,43 @@ def default_cache_dir() -> Path:
 
 
 def bundle_session(bundle: Bundle, weights: Path, cache_dir=None) -> ort.InferenceSession:
-    """An onnxruntime session for these exact weights: beside them, cached, or made now."""
+    """An onnxruntime session for these exact weights and this exact ``model.json``: beside
+    them, cached, or made now.
+
+    The description is part of the key because it shapes the export (``image_size`` is the
+    input's size, the labels its outputs): a model exported before ``model.json`` changed
+    would start and then fail every request.
+    """
     digest = weights_digest(weights)
-    cached = Path(cache_dir or default_cache_dir()) / "onnx" / f"{digest[:24]}.onnx"
+    described = meta_digest(bundle.meta)
+    key = hashlib.sha256(f"{digest}\n{described}".encode()).hexdigest()
+    cached = Path(cache_dir or default_cache_dir()) / "onnx" / f"{key[:24]}.onnx"
     for candidate in (weights.parent / "model.onnx", cached):
-        if candidate.is_file():
-            try:
-                session = onnx_session(candidate)
-            except ModelError:
-                continue
-            stored = session.get_modelmeta().custom_metadata_map.get(ONNX_WEIGHTS_KEY)
-            if stored == digest:
-                return session
+        session = _matching_session(candidate, bundle.meta, digest, described)
+        if session is not None:
+            return session
     data = onnx_bytes(bundle.model, bundle.image_size, bundle.meta, weights_sha256=digest)
     check_onnx(data, bundle.model, bundle.image_size)
     with contextlib.suppress(OSError):  # a read-only home: run from memory this time
         atomic_write_bytes(cached, data)
     return onnx_session(data)
+
+
+def _matching_session(
+    path: Path, meta: BundleMeta, weights_sha256: str, meta_sha256: str
+) -> ort.InferenceSession | None:
+    """A session for ``path`` if it was exported from these weights and this description."""
+    if not path.is_file():
+        return None
+    try:
+        session = onnx_session(path)
+        stored = session.get_modelmeta().custom_metadata_map
+        if (stored.get(ONNX_WEIGHTS_KEY), stored.get(ONNX_META_DIGEST_KEY)) != (
+            weights_sha256,
+            meta_sha256,
+        ):
+            return None
+        check_session(meta, session, str(path))
+    except ModelError:  # unreadable or foreign: exported again
+        return None
+    return session
