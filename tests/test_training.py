@@ -800,3 +800,20 @@ def test_train_without_a_split_says_which_split_it_made(tmp_path, synth_data):
         and "--val-patients 1672 --test-patients 389" in note
         for note in notes
     ), notes
+
+
+def test_training_workers_default_to_the_cores_available(monkeypatch, tmp_path, make_run):
+    import os
+
+    from cxr.data.loaders import default_train_workers
+
+    assert TrainConfig().workers is None  # chosen when the run starts, not fixed at 2
+    for cores, workers in ((1, 1), (2, 1), (8, 7), (64, 16)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, n=cores: set(range(n)))
+        assert default_train_workers() == workers, cores
+    with pytest.raises(ConfigError, match="workers must be a whole number >= 0"):
+        TrainConfig(workers="many").validate()
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2})
+    run = make_run(tmp_path / "run", workers=None, max_epochs=1)
+    train_run(run)
+    assert RunFolder(run).load_info()["workers"] == 2

@@ -46,7 +46,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # "auto": CUDA when present, else CPU
     amp: bool = True  # mixed precision: CUDA, and bf16 on CPUs that compute it natively
-    workers: int = 2
+    workers: int | None = None  # DataLoader workers; None: one per core but one, at most 16
     channels_last: bool = True  # NHWC memory layout (faster convolutions on CUDA and CPU)
     compile: bool = False
     drop_missing: bool = False
@@ -73,8 +73,10 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be at least 1")
         if self.lr <= 0:
             raise ConfigError("lr must be positive")
-        if self.workers < 0:
-            raise ConfigError("workers must be >= 0")
+        if self.workers is not None and (
+            not isinstance(self.workers, int) or isinstance(self.workers, bool) or self.workers < 0
+        ):
+            raise ConfigError(f"workers must be a whole number >= 0, not {self.workers!r}")
         if self.cache is not None and not isinstance(self.cache, str):
             raise ConfigError(f"cache must be a folder path, not {self.cache!r}")
         if self.cache == "":

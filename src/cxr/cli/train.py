@@ -115,7 +115,10 @@ def train(
     max_epochs: Annotated[int | None, typer.Option(help="Upper bound on epochs.")] = None,
     max_plateaus: Annotated[int | None, typer.Option(help="Stop after this many.")] = None,
     plateau_patience: Annotated[int | None, typer.Option(help="Epochs before LR/10.")] = None,
-    workers: Annotated[int | None, typer.Option(help="DataLoader worker processes.")] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(help="DataLoader worker processes (default: one per core but one, max 16)."),
+    ] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N.")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed for split, init and shuffling.")] = None,
     amp: Annotated[

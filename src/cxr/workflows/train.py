@@ -17,7 +17,7 @@ from cxr import __version__
 from cxr.config import TrainConfig
 from cxr.data.cache import open_cache
 from cxr.data.images import find_unreadable
-from cxr.data.loaders import split_loader
+from cxr.data.loaders import default_train_workers, split_loader
 from cxr.data.nih import (
     PATH_COLUMN,
     PATIENT_COLUMN,
@@ -89,6 +89,7 @@ def train_run(
             "init": init_note,
             "cache": cache_note,
             "precision": trainer.precision,
+            "workers": loaders[0].num_workers,
         }
         run.write_json(run.info, {**run.load_info(), **info})
         writer = SummaryWriter(log_dir=str(run.tensorboard))
@@ -191,7 +192,7 @@ def _loaders(
         torch.backends.cudnn.benchmark = True  # fixed input size: pick the fastest kernels
     preprocess = Preprocess(config.image_size, config.normalization)
     shared = dict(
-        workers=config.workers,
+        workers=default_train_workers() if config.workers is None else config.workers,
         seed=config.seed,
         rank=dist.rank,
         world_size=dist.world_size,
