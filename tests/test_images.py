@@ -390,3 +390,46 @@ def test_truncated_dicom_pixel_data(tmp_path):
 def test_scale_to_uint8():
     assert np.array_equal(scale_to_uint8(np.array([[-5.0, 0.0, 5.0]])), [[0, 128, 255]])
     assert not scale_to_uint8(np.full((3, 3), 7.0)).any()
+
+
+def test_the_header_check_reads_headers_and_trailers_not_pixels(tmp_path, monkeypatch, nih_dir):
+    from cxr.data.images import check_header, find_unreadable
+
+    real = sorted((nih_dir / "images").glob("*.png"))[:3]
+    jpeg = tmp_path / "scan.jpg"
+    Image.fromarray(RAMP8).save(jpeg, format="JPEG")
+    cut_png, cut_jpeg = tmp_path / "cut.png", tmp_path / "cut.jpg"
+    cut_png.write_bytes(real[0].read_bytes()[:-200])
+    cut_jpeg.write_bytes(jpeg.read_bytes()[:-10])
+    # A PNG whose pixels are damaged but whose ends are whole: only a full decode sees it.
+    damaged = bytearray(real[1].read_bytes())
+    damaged[5000:5400] = bytes(400)
+    inside = tmp_path / "damaged.png"
+    inside.write_bytes(bytes(damaged))
+
+    def no_decoding(self, *args):
+        raise AssertionError("the header check must not decode pixels")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Image.Image, "load", no_decoding)
+        for path in [*real, jpeg, inside]:
+            check_header(path)
+    paths = [str(p) for p in (*real, jpeg, cut_png, cut_jpeg, inside)]
+    header = dict(find_unreadable(paths, mode="header", workers=1))
+    assert set(header) == {str(cut_png), str(cut_jpeg)}
+    assert header[str(cut_png)] == "corrupt or truncated image (its end is missing)"
+    full = dict(find_unreadable(paths, mode="full", workers=1))
+    assert set(full) == {str(cut_png), str(cut_jpeg), str(inside)}
+
+
+def test_check_images_modes_in_the_training_config():
+    from cxr.config import TrainConfig
+    from cxr.errors import ConfigError
+
+    assert TrainConfig().check_images == "header"
+    # Config files written for cxr 0.1 said true / false.
+    assert TrainConfig.from_dict({"check_images": True}).check_images == "header"
+    assert TrainConfig.from_dict({"check_images": False}).check_images == "none"
+    assert TrainConfig.from_dict({"check_images": "full"}).check_images == "full"
+    with pytest.raises(ConfigError, match="check_images must be one of header, full, none"):
+        TrainConfig.from_dict({"check_images": "quick"})

@@ -772,7 +772,7 @@ def test_a_given_split_finds_its_images_in_one_walk_of_the_tree(
     monkeypatch.setattr(cxr.data.nih, "index_images", counting)
     from conftest import tiny_train_config
 
-    config = tiny_train_config(check_images=False)
+    config = tiny_train_config(check_images="none")
     create_run(synth_data, tmp_path / "run", config, split_dir=split_dir)
     assert len(walks) == 1  # not one per split
     run = RunFolder(tmp_path / "run")
@@ -786,7 +786,7 @@ def test_train_without_a_split_says_which_split_it_made(tmp_path, synth_data):
     from cxr.data.nih import load_nih
     from cxr.workflows.train import create_run
 
-    notes = create_run(synth_data, tmp_path / "run", tiny_train_config(check_images=False))
+    notes = create_run(synth_data, tmp_path / "run", tiny_train_config(check_images="none"))
     run = RunFolder(tmp_path / "run")
     split = run.load_info()["split"]
     assert (split["val_fraction"], split["test_fraction"], split["seed"]) == (0.1, 0.2, 0)

@@ -17,6 +17,7 @@ else:  # pragma: no cover - Python 3.10 has no tomllib; the tomli backport is a 
     import tomli as tomllib
 
 NORMALIZATIONS = ("imagenet", "sample")
+CHECK_MODES = ("header", "full", "none")
 # The input sizes a model may be trained and run at: below 32 px DenseNet121's feature map
 # vanishes; above 1024 px (NIH's own size) an image is only upsampled, and one image costs
 # gigabytes (a bundle's image_size is checked against the same range).
@@ -51,7 +52,9 @@ class TrainConfig:
     compile: bool = False
     drop_missing: bool = False
     cache: str | None = None  # a `cxr data cache` folder to read pre-decoded images from
-    check_images: bool = True  # decode every image once before training starts
+    # Before training: "header" reads each image's header (nearly free), "full" decodes each
+    # one, "none" skips the check (a cache's build decoded every image already).
+    check_images: str = "header"
     skip_bad_images: bool = False  # train without unreadable images (warned) instead of refusing
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -79,6 +82,12 @@ class TrainConfig:
             raise ConfigError(f"workers must be a whole number >= 0, not {self.workers!r}")
         if self.cache is not None and not isinstance(self.cache, str):
             raise ConfigError(f"cache must be a folder path, not {self.cache!r}")
+        if isinstance(self.check_images, bool):  # config files of cxr 0.1: true / false
+            self.check_images = "header" if self.check_images else "none"
+        if self.check_images not in CHECK_MODES:
+            raise ConfigError(
+                f"check_images must be one of {', '.join(CHECK_MODES)}, not {self.check_images!r}"
+            )
         if self.cache == "":
             self.cache = None
         return self

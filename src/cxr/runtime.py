@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -153,6 +154,18 @@ def setup_distributed(device_name: str) -> Distributed:
     return Distributed(
         rank=torch_dist.get_rank(), world_size=torch_dist.get_world_size(), local_rank=local_rank
     )
+
+
+# How long the other ranks wait while rank 0 prepares the run (split, image check): a full
+# check of 112,120 NIH PNGs takes longer than NCCL's default 10-minute collective timeout.
+SETUP_WAIT = timedelta(hours=24)
+
+
+def setup_wait_group() -> torch_dist.ProcessGroup:
+    """A CPU (gloo) group for the one wait while rank 0 prepares the run, with a timeout of
+    :data:`SETUP_WAIT`; training's own collectives keep the default timeout, which is what
+    catches a rank that hangs in training. Every rank must call it."""
+    return torch_dist.new_group(backend="gloo", timeout=SETUP_WAIT)
 
 
 def teardown_distributed() -> None:

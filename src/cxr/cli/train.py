@@ -134,10 +134,11 @@ def train(
         bool, typer.Option("--drop-missing", help="Train without listed images not on disk.")
     ] = False,
     check_images: Annotated[
-        bool | None,
+        str | None,
         typer.Option(
-            "--check-images/--no-check-images",
-            help="Decode every image once before training (default on; off with --cache).",
+            "--check-images",
+            help="Before training: header (default: each image's header, nearly free), full "
+            "(decode every image once) or none. Not needed with --cache.",
         ),
     ] = None,
     skip_bad_images: Annotated[
@@ -215,9 +216,10 @@ def _main_rank_first(action, device: str) -> None:
         return
     import torch.distributed as torch_dist
 
-    from cxr.runtime import setup_distributed
+    from cxr.runtime import setup_distributed, setup_wait_group
 
     info = setup_distributed(device)
+    group = setup_wait_group()
     failure: BaseException | None = None
     if info.is_main:
         try:
@@ -225,7 +227,7 @@ def _main_rank_first(action, device: str) -> None:
         except BaseException as exc:  # every rank must hear of it, or they would wait forever
             failure = exc
     outcome = [None if failure is None else str(failure) or type(failure).__name__]
-    torch_dist.broadcast_object_list(outcome, src=0)
+    torch_dist.broadcast_object_list(outcome, src=0, group=group)
     if failure is not None:
         raise failure
     if outcome[0] is not None:

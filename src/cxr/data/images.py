@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 import struct
 import warnings
 import zlib
@@ -140,7 +141,8 @@ _SUPPORTED_SYNTAXES = (
 )
 
 
-def _decode_dicom(data: bytes, label: str, max_pixels: int) -> np.ndarray:
+def _read_dicom(data: bytes, label: str, max_pixels: int):
+    """The dataset, its pixel data read but not decoded, every declared size checked."""
     data = _inflated(data, label, max_pixels)
     try:
         dataset = pydicom.dcmread(io.BytesIO(data))
@@ -151,6 +153,11 @@ def _decode_dicom(data: bytes, label: str, max_pixels: int) -> np.ndarray:
             raise ImageError(f"{label}: DICOM pixel data is truncated or malformed")
         raise ImageError(f"{label}: DICOM has no pixel data (not an image object)")
     _check_declared_size(dataset, label, max_pixels)
+    return dataset
+
+
+def _decode_dicom(data: bytes, label: str, max_pixels: int) -> np.ndarray:
+    dataset = _read_dicom(data, label, max_pixels)
     try:
         pixels = dataset.pixel_array
     except Exception as exc:
@@ -302,21 +309,86 @@ def _apply_luts(pixels: np.ndarray, dataset, label: str) -> np.ndarray:
         raise ImageError(f"{label}: invalid DICOM modality or VOI LUT ({exc})") from None
 
 
+CHECK_MODES = ("header", "full", "none")
+_HEADER_BYTES = 64 * 1024  # PNG's IHDR, a JPEG's frame header
+_TRAILER_BYTES = 64  # PNG's IEND chunk, a JPEG's end-of-image marker (and some padding)
+
+
+def check_header(path: str | os.PathLike, *, max_pixels: int = MAX_PIXELS) -> None:
+    """What can be known of an image without decoding its pixels, nearly for free: a
+    readable regular file; for PNG / JPEG the header (first 64 KB: a known format, a size
+    within the budget) and the trailer (PNG's IEND chunk, JPEG's end-of-image marker: a
+    truncated file lacks them); for DICOM everything :func:`decode_gray` checks before
+    decoding. Raises :class:`ImageError` like :func:`decode_gray`."""
+    label = str(path)
+    try:
+        with open(path, "rb", opener=_nonblocking) as handle:
+            info = os.fstat(handle.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                raise ImageError(f"{label}: not a regular file (a pipe, socket or device)")
+            head = handle.read(_HEADER_BYTES)
+            if is_dicom_bytes(head[:132]):
+                if info.st_size > MAX_FILE_BYTES:
+                    raise ImageError(f"{label}: file is larger than 256 MiB (not an X-ray)")
+                _read_dicom(head + handle.read(), label, max_pixels)
+                return
+            handle.seek(max(info.st_size - _TRAILER_BYTES, 0))
+            tail = handle.read(_TRAILER_BYTES)
+    except FileNotFoundError:
+        raise ImageError(f"{label}: file not found") from None
+    except OSError as exc:
+        raise ImageError(f"{label}: cannot read file ({exc.strerror or exc})") from None
+    if not head:
+        raise ImageError(f"{label}: file is empty (0 bytes)")
+    _check_pil_header(head, tail, label, max_pixels)
+
+
+def _check_pil_header(head: bytes, tail: bytes, label: str, max_pixels: int) -> None:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(head)) as image:
+                size, kind = image.size, image.format
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLarge(f"{label}: decompression bomb refused ({exc})") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        raise ImageError(f"{label}: not a readable image (PNG, JPEG or DICOM expected)") from None
+    if size[0] * size[1] > max_pixels:
+        raise ImageTooLarge(
+            f"{label}: image is {size[0]}x{size[1]} pixels, more than the limit of "
+            f"{max_pixels:,} (a corrupt file or a decompression bomb)"
+        )
+    if min(size) < 1:
+        raise ImageError(f"{label}: image has no pixels")
+    ends = {"PNG": b"IEND\xaeB`\x82", "JPEG": b"\xff\xd9"}.get(kind)
+    if ends is not None and ends not in tail:
+        raise ImageError(f"{label}: corrupt or truncated image (its end is missing)")
+
+
+def _nonblocking(path, flags):
+    return os.open(path, flags | getattr(os, "O_NONBLOCK", 0))
+
+
 def find_unreadable(
     paths: list[str],
     *,
+    mode: str = "header",
     workers: int | None = None,
     progress=None,
 ) -> list[tuple[str, str]]:
-    """Decode every file once and return ``(path, reason)`` for each that fails.
+    """Check every file once and return ``(path, reason)`` for each that fails: ``header``
+    (:func:`check_header`, nearly free) or ``full`` (:func:`decode_gray`, a full decode).
 
     Run before training so that a damaged file stops the run in its first second, not in
-    epoch 3. Threads suffice: zlib, libjpeg and pydicom's decoders release the GIL.
+    epoch 3. Threads suffice: file reads, zlib, libjpeg and pydicom's decoders release the GIL.
     """
+    if mode not in ("header", "full"):
+        raise ValueError(f"mode must be header or full, not {mode!r}")
+    examine = check_header if mode == "header" else decode_gray
 
     def check(path: str) -> tuple[str, str] | None:
         try:
-            decode_gray(path)
+            examine(path)
         except ImageError as exc:
             return path, str(exc).removeprefix(f"{path}: ")
         return None

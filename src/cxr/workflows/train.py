@@ -277,15 +277,17 @@ def screen_images(
     frames: dict[str, pd.DataFrame],
     *,
     skip_bad: bool,
+    mode: str = "header",
     progress=None,
 ) -> tuple[dict[str, pd.DataFrame], list[tuple[str, str]]]:
-    """Decode every image of every split once, before anything trains.
+    """Check every image of every split once, before anything trains: its header (``mode``
+    ``header``) or a full decode (``full``).
 
     Unreadable files raise a :class:`DataError` listing them, or, with ``skip_bad``, are
     dropped from their split and returned so the caller can warn.
     """
     paths = [p for frame in frames.values() for p in frame[PATH_COLUMN].tolist()]
-    failures = find_unreadable(paths, progress=progress)
+    failures = find_unreadable(paths, mode=mode, progress=progress)
     if not failures:
         return frames, []
     if not skip_bad:
@@ -349,9 +351,12 @@ def create_run(
         image_cache = open_cache(config.cache, min_size=config.image_size)
         for name in ("train", "val"):
             image_cache.rows_for(frames[name])
-    elif config.check_images:
+    elif config.check_images != "none":
         frames, failures = screen_images(
-            frames, skip_bad=config.skip_bad_images, progress=on_image_check
+            frames,
+            skip_bad=config.skip_bad_images,
+            mode=config.check_images,
+            progress=on_image_check,
         )
         if failures:
             shown = "; ".join(f"{path}: {reason}" for path, reason in failures[:5])
