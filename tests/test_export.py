@@ -38,7 +38,7 @@ def onnx_file(tmp_path_factory, bundle) -> Path:
 @pytest.fixture(scope="session")
 def real_files(shared_data) -> list[Path]:
     """All of misc/ (PNG 512 px, RGB JPEG, JPEG DICOM, small RGB/RGBA) and 3 NIH PNGs."""
-    files, errors = find_images([shared_data / "misc"])
+    files, errors, _ = find_images([shared_data / "misc"])
     assert errors == []
     nih = shared_data / "nih" / "images"
     return [*files, nih / "00001369_000.png", nih / "00001933_000.png", nih / "00004296_000.png"]

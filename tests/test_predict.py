@@ -64,9 +64,9 @@ def reference_probabilities(predictor, paths: list[Path]) -> np.ndarray:
 
 def test_find_images_recurses_skips_companions_and_sniffs_dicom(tmp_path, shared_data):
     misc = shared_data / "misc"
-    files, errors = find_images([misc])
+    files, errors, skipped = find_images([misc])
     names = sorted(f.name for f in files)
-    assert errors == []
+    assert errors == [] and skipped == []
     assert len(names) == 13  # 2 PNG + JPEG + DICOM + 9 downscaled PNGs; provenance.csv skipped
     assert DICOM_NAME in names and "16747_3_1.jpg" in names
     assert not any(n.endswith(".csv") for n in names)
@@ -77,15 +77,15 @@ def test_find_images_recurses_skips_companions_and_sniffs_dicom(tmp_path, shared
     (folder / "series" / "notes").write_text("not an image")
     (folder / "series" / ".hidden" / "a.png").write_bytes(b"x")
     (folder / "series" / ".DS_Store").write_bytes(b"x")
-    files, errors = find_images([folder, folder / "series" / "IM0001"])  # listed twice
+    files, errors, skipped = find_images([folder, folder / "series" / "IM0001"])  # twice
     assert [f.name for f in files] == ["IM0001"]
-    assert errors == []
+    assert errors == [] and skipped == []
 
 
 def test_find_images_reports_missing_and_empty(tmp_path):
     (tmp_path / "empty").mkdir()
-    files, errors = find_images([tmp_path / "nope.png", tmp_path / "empty"])
-    assert files == []
+    files, errors, skipped = find_images([tmp_path / "nope.png", tmp_path / "empty"])
+    assert files == [] and skipped == []
     assert errors == [
         FileError(str(tmp_path / "nope.png"), "no such file or folder"),
         FileError(str(tmp_path / "empty"), "folder holds no PNG, JPEG or DICOM files"),

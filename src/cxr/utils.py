@@ -1,5 +1,5 @@
 """Small helpers shared by several modules: atomic writes, bounded reads of regular files,
-and safe file names."""
+safe file names, and file names as text that can always be written."""
 
 from __future__ import annotations
 
@@ -53,6 +53,48 @@ def safe_name(text: str) -> str:
     return cleaned.strip("._")[:100]
 
 
+def path_text(path: str | os.PathLike) -> str:
+    """A file name as text that always encodes to UTF-8: bytes that are not UTF-8 become
+    ``\\xNN`` (``scan\\xff.png``), everything else is kept as is.
+
+    On POSIX a name is bytes; Python decodes the ones that are not UTF-8 into lone surrogates,
+    which no UTF-8 writer accepts (a CSV of results failed after every prediction was done).
+    Every place a path becomes text in results (CSV, JSON) goes through here, so a name reads
+    the same in all of them.
+    """
+    text = os.fspath(path)
+    if isinstance(text, bytes):
+        return text.decode("utf-8", "backslashreplace")
+    try:
+        raw = os.fsencode(text)
+    except UnicodeEncodeError:  # a surrogate that did not come from the file system
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return raw.decode("utf-8", "backslashreplace")
+
+
+# C0 controls, DEL and C1 controls: ESC (and the C1 CSI, U+009B) starts a terminal escape
+# sequence, and a file name can hold any of them. Tab, newline and carriage return are
+# escaped too: a name must not start a new line that looks like another message.
+_CONTROL_ESCAPES = {
+    code: {0x09: "\\t", 0x0A: "\\n", 0x0D: "\\r"}.get(code, f"\\x{code:02x}")
+    for code in (*range(0x20), *range(0x7F, 0xA0))
+}
+
+
+def printable_text(text: object) -> str:
+    """``text`` safe to show to a person (a terminal, an image title): :func:`path_text`, then
+    control characters (C0, DEL, C1) as ``repr``-style escapes (``\\x1b``, ``\\n``); other
+    Unicode is kept.
+
+    A backslash is not doubled, so a name that holds ``\\x1b`` as four characters looks the
+    same as one holding ESC: a display is safe either way, and a name reads the same as in
+    the CSV and JSON that :func:`path_text` writes.
+    """
+    if not isinstance(text, (str, bytes, os.PathLike)):
+        text = str(text)  # an exception, a number
+    return path_text(text).translate(_CONTROL_ESCAPES)
+
+
 class NotARegularFile(OSError):
     """A path that is a FIFO, socket, device or folder: reading it could block or never end."""
 
@@ -90,3 +132,22 @@ def read_regular_file(path: str | os.PathLike, max_bytes: int | None = None) -> 
     if max_bytes is not None and len(data) > max_bytes:  # grew while being read
         raise FileTooLarge(f"{path}: more than {max_bytes:,} bytes")
     return data
+
+
+def read_regular_head(path: str | os.PathLike, size: int) -> bytes:
+    """The first ``size`` bytes (or fewer) of a regular file, for sniffing its format.
+
+    Opened and checked as in :func:`read_regular_file` (non-blocking open, ``fstat`` on the
+    descriptor): a named pipe, socket or device raises :class:`NotARegularFile` instead of
+    hanging, even if it replaced a regular file after the caller looked at the path.
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    try:
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+        if not stat.S_ISREG(info.st_mode):
+            raise NotARegularFile(f"{path}: not a regular file")
+        return os.read(fd, size)
+    finally:
+        os.close(fd)

@@ -23,6 +23,7 @@ from rich.progress import (
 from rich.table import Table
 
 from cxr.errors import CxrError, LeakageError
+from cxr.utils import printable_text
 
 app = typer.Typer(
     help="Chest X-ray diagnosis on NIH ChestX-ray14: data, training, evaluation, explanation.",
@@ -37,6 +38,22 @@ console = Console(soft_wrap=True)
 err_console = Console(stderr=True, soft_wrap=True)
 
 
+def printable(text: object) -> str:
+    """``text`` safe to print: control characters (C0, DEL, C1) as ``repr``-style escapes
+    (``\\x1b``, ``\\n``), bytes that are not UTF-8 as ``\\xNN`` (as in the files ``cxr predict``
+    writes); other Unicode is kept (:func:`cxr.utils.printable_text`).
+
+    Every file name and every library message the CLI prints goes through here, and through
+    :func:`rich.markup.escape` when printed as markup (:func:`shown`).
+    """
+    return printable_text(text)
+
+
+def shown(value: object) -> str:
+    """A file name or message inside rich markup: :func:`printable`, then markup-escaped."""
+    return escape(printable(value))
+
+
 def friendly_errors(func: Callable) -> Callable:
     """Turn the library's typed errors into one readable line and an exit status."""
 
@@ -45,16 +62,16 @@ def friendly_errors(func: Callable) -> Callable:
         try:
             return func(*args, **kwargs)
         # Messages are escaped (a CSV header like 'OriginalImagePixelSpacing[x,y]' or a label
-        # '[bold]' is text, not rich markup) and never wrapped (paths stay whole).
+        # '[bold]' is text, not rich markup), control characters in a file name are shown as
+        # '\x1b' instead of reaching the terminal, and lines are never wrapped (paths stay
+        # whole).
         except LeakageError as exc:
             err_console.print(
-                f"[bold red]leakage:[/] {escape(str(exc))}", highlight=False, soft_wrap=True
+                f"[bold red]leakage:[/] {shown(exc)}", highlight=False, soft_wrap=True
             )
             raise typer.Exit(3) from None
         except CxrError as exc:
-            err_console.print(
-                f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True
-            )
+            err_console.print(f"[bold red]error:[/] {shown(exc)}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted[/]")
@@ -64,7 +81,7 @@ def friendly_errors(func: Callable) -> Callable:
 
 
 def warn(message: str) -> None:
-    err_console.print(f"[yellow]warning:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    err_console.print(f"[yellow]warning:[/] {shown(message)}", highlight=False, soft_wrap=True)
 
 
 def progress_bar() -> Progress:

@@ -8,10 +8,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.markup import escape
 from rich.table import Table
 
-from cxr.cli.common import console, data_app, friendly_errors, progress_task, warn
+from cxr.cli.common import console, data_app, friendly_errors, progress_task, shown, warn
 from cxr.data.cache import build_cache
 from cxr.data.nih import dataset_stats, find_table, load_nih, read_table
 from cxr.data.split import (
@@ -38,7 +37,7 @@ def data_stats(
     if as_json:
         sys.stdout.write(json.dumps(stats, indent=2) + "\n")
         return
-    console.print(f"[bold]{escape(str(table_path))}[/]", soft_wrap=True)
+    console.print(f"[bold]{shown(table_path)}[/]", soft_wrap=True)
     console.print(f"images: {stats['images']:,}   patients: {stats['patients']:,}")
     if "views" in stats:
         console.print("views: " + ", ".join(f"{k} {v:,}" for k, v in stats["views"].items()))
@@ -115,15 +114,16 @@ def data_split(
         )
     paths = write_split(split, out)
     console.print(_split_table(split))
-    console.print(f"no patient in two sets; wrote {', '.join(str(p) for p in paths.values())}")
+    written = ", ".join(shown(p) for p in paths.values())
+    console.print(f"no patient in two sets; wrote {written}", highlight=False)
 
 
 def _load_for_split(data: Path, drop_missing: bool):
     # A CSV alone is enough to split; a folder promises images, so they are checked.
     nih = load_nih(data, require_images=Path(data).is_dir(), drop_missing=drop_missing)
     if nih.dropped_missing:
-        shown = ", ".join(nih.dropped_missing[:5])
-        warn(f"dropped {len(nih.dropped_missing):,} image(s) not found on disk (first: {shown})")
+        first = ", ".join(nih.dropped_missing[:5])
+        warn(f"dropped {len(nih.dropped_missing):,} image(s) not found on disk (first: {first})")
     if "path" in nih.table.columns:
         # Split files stay portable: images are found again from the data folder.
         nih.table = nih.table.drop(columns=["path"])
@@ -157,7 +157,7 @@ def data_synth(
         )
     console.print(
         f"wrote SYNTHETIC dataset (not NIH data): {summary.images:,} images of "
-        f"{summary.patients:,} patients, {summary.boxes:,} boxes, {image_size} px -> {out}"
+        f"{summary.patients:,} patients, {summary.boxes:,} boxes, {image_size} px -> {shown(out)}"
     )
 
 
@@ -183,8 +183,8 @@ def data_cache(
     """
     nih = load_nih(data, drop_missing=drop_missing)
     if nih.dropped_missing:
-        shown = ", ".join(nih.dropped_missing[:5])
-        warn(f"left out {len(nih.dropped_missing):,} image(s) not found on disk (first: {shown})")
+        first = ", ".join(nih.dropped_missing[:5])
+        warn(f"left out {len(nih.dropped_missing):,} image(s) not found on disk (first: {first})")
     with progress_task(f"caching at {image_size} px", total=len(nih.table)) as task:
         summary = build_cache(
             nih.table,
@@ -202,5 +202,5 @@ def data_cache(
         note = f"{summary.decoded:,} decoded"
     console.print(
         f"cache of {summary.images:,} images at {summary.image_size}x{summary.image_size} px "
-        f"({summary.bytes / 1e9:.2f} GB, {note}) -> {summary.path}"
+        f"({summary.bytes / 1e9:.2f} GB, {note}) -> {shown(summary.path)}"
     )

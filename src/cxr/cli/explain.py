@@ -7,10 +7,9 @@ from typing import Annotated
 
 import typer
 from rich import box
-from rich.markup import escape
 from rich.table import Table
 
-from cxr.cli.common import app, console, friendly_errors, progress_task, warn
+from cxr.cli.common import app, console, friendly_errors, progress_task, shown, warn
 from cxr.cli.options import BatchSizeOption, DeviceOption, ShiftsOption
 from cxr.errors import CxrError
 
@@ -74,7 +73,7 @@ def explain(
     _check_shifts(shifts)
     missing = [str(p) for p in images if not p.is_file()]
     if missing:
-        raise CxrError(f"image file(s) not found: {', '.join(missing)}")
+        raise CxrError(f"image file(s) not found or not regular files: {', '.join(missing)}")
     bundle = load_bundle(run, device=resolve_device(device))
     mode = "all" if all_ else "positive" if positive else "auto"
     with progress_task("explaining", total=len(images)) as task:
@@ -94,7 +93,10 @@ def explain(
     for record in results:
         console.print(_prediction_table(record, bundle.labels))
     overlays = sum(len(r["explained"]) for r in results)
-    console.print(f"wrote {overlays} overlay(s) (.png) and heatmap(s) (.npy) under {out}")
+    console.print(
+        f"wrote {overlays} overlay(s) (.png) and heatmap(s) (.npy) under {shown(out)}",
+        highlight=False,
+    )
 
 
 def _prediction_table(record: dict, labels: list[str]) -> Table:
@@ -105,13 +107,13 @@ def _prediction_table(record: dict, labels: list[str]) -> Table:
         "threshold",
         "call",
         "Grad-CAM",
-        title=f"{escape(record['image'])} (explained: {record['selection']})",
+        title=f"{shown(record['image'])} (explained: {record['selection']})",
     )
     for name in labels:
         prob, threshold = record["probabilities"][name], record["thresholds"][name]
         call = "[bold red]positive[/]" if prob >= threshold else "negative"
-        shown = "overlay + map" if name in explained else ""
-        table.add_row(name, f"{prob:.3f}", f"{threshold:.3f}", call, shown)
+        maps = "overlay + map" if name in explained else ""
+        table.add_row(name, f"{prob:.3f}", f"{threshold:.3f}", call, maps)
     return table
 
 
@@ -180,7 +182,7 @@ def localize(
         f"split {result['split']}: {result['images_scored']:,} of "
         f"{result['images_with_boxes']:,} image(s) with boxes scored "
         f"({result['images_not_found']:,} not found, {result['images_trained_on']:,} trained "
-        f"on); wrote {result['path']}"
+        f"on); wrote {shown(result['path'])}"
     )
     for message in result["warnings"]:
         warn(message)

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from cxr.cli.common import app, console, friendly_errors, number, progress_task
+from cxr.cli.common import app, console, friendly_errors, number, progress_task, shown
 from cxr.cli.options import BatchSizeOption, DeviceOption, WorkersOption
 from cxr.errors import CxrError
 
@@ -96,7 +96,7 @@ def report(
     if data["data"]["synthetic"]:
         title = "SYNTHETIC " + title
     console.print(report_table(data, title))
-    console.print(f"wrote {result['html']} ({len(result['figures'])} figures beside it)")
+    console.print(f"wrote {shown(result['html'])} ({len(result['figures'])} figures beside it)")
 
 
 # ---------------------------------------------------------------------------- thresholds
@@ -145,7 +145,8 @@ def thresholds(
         )
     )
     console.print(
-        f"stored in {run / 'model.json'} (fitted on {result['threshold_fit']['images']:,} "
+        f"stored in {shown(run / 'model.json')} (fitted on "
+        f"{result['threshold_fit']['images']:,} "
         "validation images); re-run `cxr evaluate` or `cxr report` for calls at them"
     )
 
@@ -190,6 +191,6 @@ def calibrate(
         )
     )
     console.print(
-        f"stored in {run / 'model.json'}; AUROCs are unchanged (the transform keeps every "
+        f"stored in {shown(run / 'model.json')}; AUROCs are unchanged (the transform keeps every "
         "ranking). Re-run `cxr evaluate` or `cxr report` for calibrated probabilities."
     )

@@ -9,7 +9,16 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from cxr.cli.common import app, console, err_console, friendly_errors, progress_task
+from cxr.cli.common import (
+    app,
+    console,
+    err_console,
+    friendly_errors,
+    printable,
+    progress_task,
+    shown,
+    warn,
+)
 from cxr.cli.options import BatchSizeOption, DeviceOption
 from cxr.data.files import find_images
 from cxr.errors import CxrError
@@ -19,6 +28,9 @@ from cxr.errors import CxrError
 # commands start in a fraction of a second instead of several seconds.
 
 EXIT_SOME_FAILED = 1
+# Skipped entries named one warning line each, then counted: a folder of 10,000 broken links
+# must not bury the predictions.
+SKIPPED_SHOWN = 20
 
 
 @app.command("predict")
@@ -45,14 +57,18 @@ def predict(
 ):
     """Probabilities and positive/negative calls for PNG, JPEG and DICOM files.
 
-    Unreadable files are reported and skipped; the exit status is 1 when any failed.
+    Unreadable files are reported and skipped; the exit status is 1 when any failed. A path
+    given that is not a file or folder (a named pipe, a socket, a device) counts as failed;
+    a named pipe, socket, broken link or symbolic-link loop found inside a folder is named in
+    a warning and does not change the exit status.
     """
     from cxr.engine.inference import check_out_path, load_predictor, predict_files
 
     check_out_path(out)
-    files, errors = find_images(paths)
+    files, errors, skipped = find_images(paths)
     for error in errors:
         _report(error)
+    _warn_skipped(skipped)
     if not files:
         raise CxrError("no PNG, JPEG or DICOM files to predict")
     predictor = load_predictor(model, backend=backend, device=device)
@@ -67,14 +83,15 @@ def predict(
             on_error=lambda error: _report(error, task.console),
         )
     result.errors = errors + result.errors
+    result.skipped = skipped
     if out is not None:
         result.write(out)
-        console.print(f"wrote {len(result.files):,} prediction(s) to {out}", highlight=False)
+        console.print(f"wrote {len(result.files):,} prediction(s) to {shown(out)}", highlight=False)
     else:
         console.print(_summary_table(result))
     if explain is not None:
         count = sum(len(v) for v in result.overlays.values())
-        console.print(f"wrote {count:,} Grad-CAM overlay(s) to {explain}", highlight=False)
+        console.print(f"wrote {count:,} Grad-CAM overlay(s) to {shown(explain)}", highlight=False)
     if result.errors:
         err_console.print(
             f"[bold red]{len(result.errors):,} file(s) failed[/], {len(result.files):,} predicted",
@@ -85,8 +102,15 @@ def predict(
 
 def _report(error, target=None) -> None:
     (target or err_console).print(
-        f"[bold red]error:[/] {escape(str(error))}", highlight=False, soft_wrap=True
+        f"[bold red]error:[/] {shown(error)}", highlight=False, soft_wrap=True
     )
+
+
+def _warn_skipped(skipped) -> None:
+    for entry in skipped[:SKIPPED_SHOWN]:
+        warn(f"skipped {entry}")
+    if len(skipped) > SKIPPED_SHOWN:
+        warn(f"skipped {len(skipped) - SKIPPED_SHOWN:,} more entries that are not image files")
 
 
 def _summary_table(result) -> Table:
@@ -94,15 +118,16 @@ def _summary_table(result) -> Table:
     table = Table(title="predictions")
     # A file name is what a user searches the table for: the column takes the longest name
     # (up to 100 characters) and the calls wrap instead; a longer name folds, never an ellipsis.
-    longest = max((len(r["file"]) for r in records), default=4)
+    names = [printable(r["file"]) for r in records]
+    longest = max(map(len, names), default=4)
     table.add_column("file", overflow="fold", min_width=min(longest, 100))
     table.add_column("positive calls (probability)")
     table.add_column("highest", no_wrap=True)
-    for record in records:
+    for name, record in zip(names, records):
         probabilities = record["probabilities"]
         positive = ", ".join(f"{n} ({probabilities[n]:.2f})" for n in record["positive"])
         top = max(probabilities, key=probabilities.get)
-        table.add_row(escape(record["file"]), positive or "none", f"{top} {probabilities[top]:.2f}")
+        table.add_row(escape(name), positive or "none", f"{top} {probabilities[top]:.2f}")
     return table
 
 
@@ -126,7 +151,7 @@ def export(
         else ""
     )
     console.print(
-        f"wrote {onnx} ({result['bytes'] / 1e6:.1f} MB, opset {result['opset']}){agreement}",
+        f"wrote {shown(onnx)} ({result['bytes'] / 1e6:.1f} MB, opset {result['opset']}){agreement}",
         highlight=False,
     )
 
@@ -160,11 +185,11 @@ def serve(
     )
     if host not in ("127.0.0.1", "localhost", "::1"):
         err_console.print(
-            f"[yellow]warning:[/] listening on {escape(host)}: the service has no "
+            f"[yellow]warning:[/] listening on {shown(host)}: the service has no "
             "authentication; put it behind one before exposing it",
             highlight=False,
         )
     console.print(
-        f"serving on http://{host}:{port}/ (docs at /docs); Ctrl+C stops", highlight=False
+        f"serving on http://{shown(host)}:{port}/ (docs at /docs); Ctrl+C stops", highlight=False
     )
     uvicorn.run(application, host=host, port=port, log_level="warning", workers=1)

@@ -16,6 +16,7 @@ from cxr.cli.common import (
     friendly_errors,
     progress_bar,
     progress_task,
+    shown,
     warn,
 )
 from cxr.cli.options import BatchSizeOption, DeviceOption, WorkersOption
@@ -272,7 +273,9 @@ def _print_train_end(run_dir: Path, state) -> None:
         if state.best_epoch > 0
         else "no epoch finished"
     )
-    console.print(f"stopped: {state.stopped or 'interrupted'}; {best}; run folder: {run_dir}")
+    console.print(
+        f"stopped: {shown(state.stopped or 'interrupted')}; {best}; run folder: {shown(run_dir)}"
+    )
 
 
 # ---------------------------------------------------------------------------- evaluate
@@ -290,14 +293,14 @@ def evaluate(
     """Probabilities for every image, AUROC per class, and positive/negative calls."""
     from cxr.workflows.evaluate import evaluate_run
 
-    with progress_task(f"evaluating {split}") as task:
+    with progress_task(f"evaluating {shown(split)}") as task:
         result = evaluate_run(
             run, split, device=device, batch_size=batch_size, workers=workers,
             on_batch=task.advance,
         )  # fmt: skip
-    title = f"{result['split']}: {result['images']:,} images"
+    title = f"{shown(result['split'])}: {result['images']:,} images"
     console.print(auroc_table(result, title, list(result["per_class"])))
-    console.print(f"wrote {run / result['predictions']} and {result['path']}")
+    console.print(f"wrote {shown(run / result['predictions'])} and {shown(result['path'])}")
 
 
 # ---------------------------------------------------------------------------- demo
@@ -351,10 +354,10 @@ def demo(
         f"findings, map sampled every {spacing:g} px): hit rate "
         f"{overall['pointing_hit_rate']:.2f} inside the box, "
         f"{overall['pointing_hit_rate_tolerant']:.2f} within {localization['tolerance_px']:g} px "
-        f"(half a feature-map cell); see {localization['path']}"
+        f"(half a feature-map cell); see {shown(localization['path'])}"
     )
     console.print(
         f"mean test AUROC {evaluation['auroc_mean']:.3f} in {time.perf_counter() - started:.0f} s"
-        f"; run folder: {result['run']}"
+        f"; run folder: {shown(result['run'])}"
     )
-    console.print(f"evaluation report (opens offline): {result['report']['html']}")
+    console.print(f"evaluation report (opens offline): {shown(result['report']['html'])}")

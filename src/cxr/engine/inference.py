@@ -32,7 +32,7 @@ from cxr.model.bundle import BundleMeta, load_bundle, resolve_bundle
 from cxr.model.network import unwrap
 from cxr.model.onnx import ONNX_INPUT, ONNX_OUTPUT, bundle_session, onnx_session, read_onnx_meta
 from cxr.runtime import resolve_device
-from cxr.utils import atomic_write_text
+from cxr.utils import atomic_write_text, path_text
 
 BACKENDS = ("auto", "torch", "onnx")
 
@@ -183,13 +183,21 @@ def load_predictor(
 
 @dataclass
 class Predictions:
-    """One row per predicted file (in input order), plus the files that failed."""
+    """One row per predicted file (in input order), plus the files that failed and the
+    entries the search for images skipped.
+
+    ``files`` and the keys of ``overlays`` are the paths as given (file-system text); the
+    table, the records and the JSON show them through :func:`cxr.utils.path_text`, so that a
+    name that is not UTF-8 is written (as ``\\xNN``) instead of failing the whole output,
+    and reads the same in CSV and JSON.
+    """
 
     labels: list[str]
     thresholds: list[float]
     files: list[str] = field(default_factory=list)
     probabilities: np.ndarray = field(default_factory=lambda: np.zeros((0, 14)))
     errors: list[FileError] = field(default_factory=list)
+    skipped: list[FileError] = field(default_factory=list)
     overlays: dict[str, list[str]] = field(default_factory=dict)
     backend: str = ""
 
@@ -199,7 +207,7 @@ class Predictions:
 
     def table(self):
         """pandas: ``file``, ``prob_<label>`` x C, ``call_<label>`` x C (1 = positive)."""
-        columns: dict[str, Any] = {"file": self.files}
+        columns: dict[str, Any] = {"file": [path_text(name) for name in self.files]}
         for c, label in enumerate(self.labels):
             columns[f"prob_{label}"] = self.probabilities[:, c]
         calls = self.calls.astype(np.int8)
@@ -210,8 +218,12 @@ class Predictions:
     def records(self) -> list[dict[str, Any]]:
         calls = self.calls
         return [
-            image_record(self.labels, self.probabilities[row], calls[row], file=name)
-            | ({"overlays": self.overlays[name]} if name in self.overlays else {})
+            image_record(self.labels, self.probabilities[row], calls[row], file=path_text(name))
+            | (
+                {"overlays": [path_text(p) for p in self.overlays[name]]}
+                if name in self.overlays
+                else {}
+            )
             for row, name in enumerate(self.files)
         ]
 
@@ -221,7 +233,8 @@ class Predictions:
             "labels": self.labels,
             "thresholds": dict(zip(self.labels, self.thresholds)),
             "predictions": self.records(),
-            "errors": [{"file": e.file, "reason": e.reason} for e in self.errors],
+            "errors": [_error_record(e) for e in self.errors],
+            "skipped": [_error_record(e) for e in self.skipped],
         }
 
     def write(self, out: str | os.PathLike) -> Path:
@@ -235,6 +248,10 @@ class Predictions:
         else:
             raise CxrError(f"{out}: --out must end in .csv or .json")
         return out
+
+
+def _error_record(error: FileError) -> dict[str, str]:
+    return {"file": path_text(error.file), "reason": path_text(error.reason)}
 
 
 def image_record(

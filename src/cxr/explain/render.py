@@ -17,7 +17,7 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
 from cxr.labels import PATHOLOGIES, canonical_pathology
-from cxr.utils import atomic_write_bytes, npy_bytes, safe_name
+from cxr.utils import atomic_write_bytes, npy_bytes, path_text, printable_text, safe_name
 
 OVERLAY_CMAP = "jet"
 OVERLAY_ALPHA = 0.45
@@ -94,7 +94,12 @@ def overlay_title(image: str, pathology: str, probability: float, threshold: flo
 
 
 def unique_stems(paths: Sequence[str | os.PathLike]) -> list[str]:
-    """A file-name-safe stem per path; repeats get ``-2``, ``-3``, ... in input order."""
+    """A file-name-safe stem per path; repeats get ``-2``, ``-3``, ... in input order.
+
+    :func:`~cxr.utils.safe_name` keeps letters, digits and ``._-``: bytes that are not UTF-8
+    (lone surrogates in a ``str`` path) and control characters become ``_``, so a folder name
+    can always be created and written as text.
+    """
     seen: dict[str, int] = {}
     names = []
     for path in paths:
@@ -126,7 +131,9 @@ class ExplanationWriter:
     ) -> dict[str, object]:
         folder = self.folders[index]
         folder.mkdir(parents=True, exist_ok=True)
-        title = overlay_title(Path(self.images[index]).name, pathology, probability, threshold)
+        # A title is drawn: no control characters (no glyph) and no lone surrogates.
+        name = printable_text(Path(self.images[index]).name)
+        title = overlay_title(name, pathology, probability, threshold)
         png, npy = folder / f"{pathology}.png", folder / f"{pathology}.npy"
         atomic_write_bytes(png, overlay_png(crop, heatmap, title))
         atomic_write_bytes(npy, npy_bytes(np.asarray(heatmap, dtype=np.float32)))
@@ -134,6 +141,7 @@ class ExplanationWriter:
             "pathology": pathology,
             "probability": float(probability),
             "call": call_name(probability, threshold),
-            "png": str(png),
-            "npy": str(npy),
+            # Results are text: the output folder's name may hold bytes that are not UTF-8.
+            "png": path_text(png),
+            "npy": path_text(npy),
         }

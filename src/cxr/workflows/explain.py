@@ -22,7 +22,7 @@ from cxr.labels import canonical_pathology
 from cxr.metrics import probabilities
 from cxr.model.bundle import Bundle
 from cxr.model.network import FEATURE_STRIDE
-from cxr.utils import atomic_write_text
+from cxr.utils import atomic_write_text, path_text
 
 EXPLANATIONS_NAME = "explanations.json"
 
@@ -94,8 +94,10 @@ def explain_images(
 def _record(bundle: Bundle, item: PreparedImage, folder: Path, probs, explained) -> dict:
     labels, thresholds = bundle.labels, bundle.thresholds
     return {
-        "image": item.path,
-        "folder": str(folder),
+        # As text that always encodes (see cxr.utils.path_text): explanations.json and the
+        # CLI's tables show names that are not UTF-8 as \xNN, like cxr predict's outputs.
+        "image": path_text(item.path),
+        "folder": path_text(folder),
         "image_size": bundle.image_size,
         "original_size": list(item.original_size),
         "crop": dict(zip(("resized_h", "resized_w", "top", "left"), item.geometry)),
