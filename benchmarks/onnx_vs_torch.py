@@ -60,7 +60,7 @@ def main() -> None:
         )
         torch_speed = speed(eager.logits, batch, args.repeats)
         onnx_speed = speed(onnx.logits, batch, args.repeats)
-        files, _ = find_images([SHARED / "misc"])
+        files = find_images([SHARED / "misc"]).files
         files += sorted((SHARED / "nih" / "images").glob("*.png"))[:16]
         a = predict_files(eager, files, batch_size=args.batch_size, workers=0)
         b = predict_files(onnx, files, batch_size=args.batch_size, workers=0)
