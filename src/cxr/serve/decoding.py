@@ -21,7 +21,10 @@ future only drops a task that has not started; killing a worker behind its back 
 executor broken (``BrokenProcessPool``) and fails every other task in flight. Here each worker
 is its own process with its own pipe, so one is killed and replaced without touching the rest.
 Why spawn, not fork: the service holds torch and its threads, and forking a multi-threaded
-process can deadlock the child; a spawned worker imports only the decoders.
+process can deadlock the child; a spawned worker imports only the decoders (and, as spawned
+processes do, the main module: a script that starts a pool needs the ``__main__`` guard).
+The cap reads the worker's size from Linux's ``/proc``; without it a worker runs uncapped
+and the parent logs a warning.
 
 What comes back from a worker is read as JSON and raw pixel bytes of a size the parent checks,
 never unpickled: a worker parses untrusted input and is not trusted with the parent's code.
