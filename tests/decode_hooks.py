@@ -21,6 +21,8 @@ class ImageTooLarge(ImageError):
 
 def misbehave_by_name(data: bytes, name: str):
     if name == "slow.png":
+        if "CXR_TEST_DECODE_STARTED" in os.environ:  # tell a test that the job is under way
+            open(os.environ["CXR_TEST_DECODE_STARTED"], "w").close()
         time.sleep(600)  # a decode that would outlive any request
     if name == "crash.png":
         os.kill(os.getpid(), signal.SIGKILL)  # a decoder library dying on its input

@@ -12,8 +12,12 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import signal
 import socket
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -25,6 +29,7 @@ from decode_hooks import misbehave_by_name
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
+import cxr
 from cxr.cli import app as cli
 from cxr.engine.inference import load_predictor
 from cxr.errors import ConfigError
@@ -70,12 +75,13 @@ def post(client, data: bytes, name: str, url="/v1/predict", **form):
 
 
 def running(pid: int) -> bool:
-    """Whether a process with this id exists (the pool reaps the workers it ends)."""
+    """Whether a process with this id exists and is not a zombie (the pool reaps the workers
+    it ends; an orphan is reaped by whoever adopts it, perhaps later)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except (FileNotFoundError, ProcessLookupError):
         return False
-    return True
+    return re.search(r"^State:\s+Z", status, re.M) is None
 
 
 def address_space_limit(pid: int) -> int:
@@ -167,6 +173,45 @@ def test_worker_errors_keep_their_kind_and_the_worker(hooked):
     assert response.status_code == 422
     assert response.json()["detail"].startswith("cut.png: corrupt or truncated image")
     assert pool.pids() == pids  # none of these cost a worker
+
+
+ORPHAN = """
+import os, signal, sys, threading, time
+from decode_hooks import misbehave_by_name
+from cxr.serve.decoding import DecodePool
+
+pool = DecodePool(1, decode=misbehave_by_name)
+pool.start()
+print(pool.pids()[0], flush=True)
+job = {"name": "slow.png", "timeout": 1.0}
+threading.Thread(target=pool.decode, args=(b"",), kwargs=job, daemon=True).start()
+for _ in range(1200):
+    if os.path.exists(os.environ["CXR_TEST_DECODE_STARTED"]):
+        break
+    time.sleep(0.05)
+os.kill(os.getpid(), signal.SIGKILL)  # the service dies mid-decode: nobody will kill the worker
+"""
+
+
+@pytest.mark.slow
+def test_a_worker_whose_service_died_mid_decode_ends_itself(tmp_path):
+    started = tmp_path / "started"
+    paths = [str(Path(__file__).parent), str(Path(cxr.__file__).parents[1])]
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(paths),
+        "CXR_TEST_DECODE_STARTED": str(started),
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", ORPHAN], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == -signal.SIGKILL and started.exists(), result.stderr
+    worker = int(result.stdout.split()[0])
+    for _ in range(600):  # its alarm goes off 5 s after the job's 1 s deadline; 60 s bound
+        if not running(worker):
+            break
+        time.sleep(0.1)
+    assert not running(worker)
 
 
 # ---------------------------------------------------------------------------- statuses

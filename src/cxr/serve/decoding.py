@@ -12,6 +12,8 @@ the service's process beyond the first few that say which format it is.
   (``MemoryError``), which is replaced; :class:`DecodeOutOfMemory`.
 - A worker that dies (a decoder library crashing on the input, a kill from outside):
   :class:`DecoderCrashed`, and it is replaced.
+- A service that dies: an idle worker sees its pipe close and exits; a busy one ends itself
+  (SIGALRM) :data:`ALARM_GRACE_S` after its job's deadline.
 
 So the service's memory stays within its idle size plus workers x budget, and no decode runs on
 after its request has been answered.
@@ -62,6 +64,9 @@ from cxr.serve.limits import (
 
 START_TIMEOUT_S = 60.0
 MAX_REPLY_HEADER = 64 * 1024
+# A worker ends itself (SIGALRM) this long after its job's deadline: the parent kills it at
+# the deadline, so this only matters when the parent is gone (killed) mid-job.
+ALARM_GRACE_S = 5.0
 log = logging.getLogger("cxr.serve")
 
 DecodeFunction = Callable[[bytes, str], np.ndarray]
@@ -353,9 +358,10 @@ class _Worker:
         self, data: bytes, name: str, deadline: float | None, max_pixels: int
     ) -> tuple[dict, np.ndarray | None]:
         """Send one job; the reply (and the pixels) or :class:`_Expired` after killing."""
-        self.conn.send_bytes(json.dumps({"name": name}).encode())
-        self.conn.send_bytes(data)
         wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+        alarm = 0.0 if wait is None else wait + ALARM_GRACE_S
+        self.conn.send_bytes(json.dumps({"name": name, "alarm": alarm}).encode())
+        self.conn.send_bytes(data)
         if not self.conn.poll(wait):
             self.end()
             raise _Expired
@@ -399,15 +405,19 @@ def _serve_jobs(conn, function: DecodeFunction, memory_bytes: int) -> None:
     """The worker's main loop: cap the address space, then decode one job after another."""
     # Ctrl+C in a terminal reaches the whole process group: the parent stops its workers.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGALRM, signal.SIG_DFL)  # the job alarm below ends the process
     limit = _cap_address_space(memory_bytes)
     conn.send_bytes(json.dumps({"status": "ready", "pid": os.getpid(), "limit": limit}).encode())
     while True:
         try:
-            name = str(json.loads(conn.recv_bytes())["name"])
+            job = json.loads(conn.recv_bytes())
             data = conn.recv_bytes()
         except (EOFError, OSError):
-            return  # the parent closed the pipe: the pool is closing
-        reply, pixels = _decode_one(function, data, name)
+            return  # the parent closed the pipe (the pool is closing, or the parent is gone)
+        # SIGALRM's default action ends the process, even inside a decoder's C code.
+        signal.setitimer(signal.ITIMER_REAL, float(job["alarm"]))
+        reply, pixels = _decode_one(function, data, str(job["name"]))
+        signal.setitimer(signal.ITIMER_REAL, 0)
         del data
         try:
             conn.send_bytes(json.dumps(reply).encode())
