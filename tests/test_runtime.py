@@ -22,6 +22,7 @@ def test_auto_is_cuda_only_when_present(monkeypatch):
     assert resolve_device("auto") == torch.device("cpu")
     assert resolve_device("cpu") == torch.device("cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)  # a numbered one must exist
     assert resolve_device("auto") == torch.device("cuda", 0)
     # Under torchrun a bare `cuda` is this process's GPU; a numbered one is kept.
     assert resolve_device("cuda", local_rank=3) == torch.device("cuda", 3)

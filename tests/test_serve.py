@@ -289,7 +289,9 @@ def test_requests_over_the_time_limit_get_503_and_the_service_recovers(
         return original(images)
 
     monkeypatch.setattr(predictor, "probabilities", stuck)
-    client = TestClient(create_app(predictor=predictor, request_timeout_s=0.2))
+    app = create_app(predictor=predictor, request_timeout_s=0.2, decode_workers=1)
+    app.state.service.start()  # a worker up and idle: the limit is spent in the model
+    client = TestClient(app)
     try:
         response = post(client, small_png(), name="../slow.png")
     finally:
@@ -306,7 +308,7 @@ def test_requests_over_the_time_limit_get_503_and_the_service_recovers(
     # The model answers again once the abandoned call, still finishing in its thread, lets
     # go of it. Asked through an app with a limit no machine's speed reaches: under the
     # 0.2 s limit a slow, busy machine would time out this normal request too.
-    patient = TestClient(create_app(predictor=predictor, request_timeout_s=120))
+    patient = TestClient(create_app(predictor=predictor, request_timeout_s=120, decode_workers=1))
     response = post(patient, small_png(), name="fine.png")
     assert response.status_code == 200 and response.json()["file"] == "fine.png"
     assert patient.get("/healthz").json()["status"] == "ok"

@@ -38,6 +38,12 @@ def resolve_device(device: str | torch.device = "auto", *, local_rank: int = 0) 
             raise ConfigError(f"--device {name} was asked for but no CUDA device is available")
         if resolved.index is None:
             return torch.device("cuda", local_rank)
+        count = torch.cuda.device_count()
+        if resolved.index >= count:
+            raise ConfigError(
+                f"--device {name} was asked for but this machine has {count} CUDA device(s)"
+                f" (cuda:0 to cuda:{count - 1})"
+            )
     return resolved
 
 

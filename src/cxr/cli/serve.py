@@ -161,7 +161,7 @@ def export(
 def serve(
     model: Annotated[Path, typer.Argument(help="Run folder or model bundle.")],
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    port: Annotated[int, typer.Option(help="TCP port (1-65535).")] = 8000,
     backend: Annotated[str, typer.Option(help="auto, torch or onnx.")] = "auto",
     device: DeviceOption = "auto",
     max_upload_mb: Annotated[float, typer.Option(help="Largest accepted upload.")] = 32.0,
@@ -169,19 +169,52 @@ def serve(
     request_timeout: Annotated[
         float, typer.Option(help="Seconds before a request is answered 503 (0: no limit).")
     ] = 60.0,
+    header_timeout: Annotated[
+        float, typer.Option(help="Seconds a client may take to send a request's headers.")
+    ] = 10.0,
+    body_timeout: Annotated[
+        float, typer.Option(help="Seconds a request body may stall between two parts (408).")
+    ] = 10.0,
+    decode_workers: Annotated[
+        int, typer.Option(help="Decoding processes (each decodes one upload at a time).")
+    ] = 2,
+    decode_memory_mb: Annotated[
+        float | None,
+        typer.Option(
+            help="Memory one decode may use, enforced per worker (default: 40 bytes per "
+            "allowed pixel + twice the upload limit + 64 MiB: 1654 MiB at the defaults)."
+        ),
+    ] = None,
 ):
     """HTTP service: POST /v1/predict, POST /v1/explain, GET /healthz, /docs, and a page at /."""
-    import uvicorn
-
     from cxr.serve.app import create_app
+    from cxr.serve.limits import check_positive
+    from cxr.serve.server import check_port, run_server
 
+    # Every option is checked before the model is loaded (create_app checks the device first).
+    check_port(port, "--port")
+    for option, value in [
+        ("--max-upload-mb", max_upload_mb),
+        ("--max-megapixels", max_megapixels),
+        ("--header-timeout", header_timeout),
+        ("--body-timeout", body_timeout),
+        ("--decode-workers", decode_workers),
+    ]:
+        check_positive(option, value)
+    check_positive("--request-timeout", request_timeout, zero_means_none=True)
+    if decode_memory_mb is not None:
+        check_positive("--decode-memory-mb", decode_memory_mb)
     application = create_app(
         model,
         backend=backend,
         device=device,
-        max_upload_bytes=int(max_upload_mb * 1024 * 1024),
+        max_upload_bytes=int(max_upload_mb * 2**20),
         max_pixels=int(max_megapixels * 1_000_000),
         request_timeout_s=request_timeout or None,
+        header_timeout_s=header_timeout,
+        body_timeout_s=body_timeout,
+        decode_workers=decode_workers,
+        decode_memory_bytes=None if decode_memory_mb is None else int(decode_memory_mb * 2**20),
     )
     if host not in ("127.0.0.1", "localhost", "::1"):
         err_console.print(
@@ -192,4 +225,4 @@ def serve(
     console.print(
         f"serving on http://{shown(host)}:{port}/ (docs at /docs); Ctrl+C stops", highlight=False
     )
-    uvicorn.run(application, host=host, port=port, log_level="warning", workers=1)
+    run_server(application, host=host, port=port)

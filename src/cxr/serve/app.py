@@ -1,14 +1,18 @@
 """The HTTP service: ``POST /v1/predict``, ``POST /v1/explain``, ``GET /healthz``, a page at ``/``.
 
-:func:`create_app` loads the model once and returns a FastAPI app (served by uvicorn in
-``cxr serve``). Uploads are read from memory only, never from a path the client names:
-the request body is capped (413), so is the decoded image's pixel count (413, checked from the
-header before decoding), anything that is not PNG, JPEG or DICOM gets 415, and an image of a
-supported type that cannot be decoded gets 422. Decoding and the model run in a bounded thread
-pool under a per-request time limit (503 with ``Retry-After`` when it expires). Error bodies
-are ``{"detail": message}`` with messages naming the upload by its (sanitised) file name only;
-an unexpected failure is logged on the server and answered 500 with the exception's class
-name, never a stack trace or a server path.
+:func:`create_app` checks its limits and the device, loads the model once and returns a FastAPI
+app (served by :func:`cxr.serve.server.run_server` in ``cxr serve``). Uploads are read from
+memory only, never from a path the client names: the request body is capped (413) and must keep
+arriving (408 when it stalls), one ``file`` part per request, anything that is not PNG, JPEG or
+DICOM gets 415. Decoding runs in worker processes with a memory cap
+(:mod:`cxr.serve.decoding`): an image over the pixel limit (read from its header) or needing more
+memory than the per-decode budget gets 413, one that cannot be decoded 422. The model runs in a
+bounded thread pool. A request not answered within its time limit gets 503 with
+``Retry-After``, and its decode, if still running, is ended. Error bodies are
+``{"detail": message}`` with messages naming the upload by its (sanitised) file name only and
+never echoing what a client sent; an unexpected failure is logged on the server and answered 500
+with the exception's class name, never a stack trace or a server path. ``/docs`` is served
+with its scripts from this service, never from a CDN.
 """
 
 from __future__ import annotations
@@ -16,33 +20,65 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from importlib import resources
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
+import numpy as np
 from fastapi import FastAPI, File, Form, HTTPException, Request, UploadFile
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
 
-from cxr.data.images import decode_gray
 from cxr.engine.inference import Predictor, image_record, load_predictor
-from cxr.errors import CxrError, ImageError
+from cxr.errors import CxrError
 from cxr.explain.render import overlay_png, overlay_title
+from cxr.runtime import resolve_device
+from cxr.serve.decoding import (
+    DecodeOutOfMemory,
+    DecodePool,
+    DecoderCrashed,
+    DecodeRefused,
+    DecoderFailed,
+    DecoderUnavailable,
+    DecodeTimeout,
+)
 from cxr.serve.limits import (
+    DEFAULT_BODY_TIMEOUT_S,
+    DEFAULT_DECODE_WORKERS,
+    DEFAULT_HEADER_TIMEOUT_S,
     DEFAULT_MAX_PIXELS,
     DEFAULT_MAX_UPLOAD_BYTES,
+    DEFAULT_REQUEST_TIMEOUT_S,
     FORM_OVERHEAD,
-    TOO_BIG,
     BodyLimit,
-    header_size,
+    BodyTimeout,
+    ServiceLimits,
     mib,
     sniff,
 )
 from cxr.utils import safe_name
 
-DEFAULT_REQUEST_TIMEOUT_S = 60.0
 MEDIA_TYPES = "PNG, JPEG or DICOM"
+# Errors from a decoding worker that mean "too large" (413) rather than "unreadable" (422):
+# by class name, as the worker sends it (ImageTooLarge comes from cxr.data.images' size guard).
+TOO_LARGE = frozenset({"TooManyPixels", "ImageTooLarge"})
+# Threads that wait for a decoding worker's answer; they hold no pixels while they wait.
+WAITING_THREADS = 32
+# The pool ends a decode at the request's deadline itself; past it by this much, a request
+# still queued for a waiting thread (none started its decode) is answered 503 and dropped.
+DECODE_GRACE_S = 2.0
+SWAGGER_ASSETS = {
+    "swagger-ui-bundle.js": "text/javascript",
+    "swagger-ui.css": "text/css",
+    "favicon.png": "image/png",
+}
 log = logging.getLogger("cxr.serve")
 
 
@@ -54,21 +90,42 @@ def create_app(
     device: str = "auto",
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
     max_pixels: int = DEFAULT_MAX_PIXELS,
-    max_parallel_decodes: int = 4,
     request_timeout_s: float | None = DEFAULT_REQUEST_TIMEOUT_S,
+    header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S,
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
+    decode_workers: int = DEFAULT_DECODE_WORKERS,
+    decode_memory_bytes: int | None = None,
+    compute_threads: int = 4,
+    decoder: DecodePool | None = None,
 ) -> FastAPI:
     """The app for a run folder or bundle (or an already loaded ``predictor``).
 
-    ``request_timeout_s`` bounds the time from a request's upload being read to its answer
-    (queueing for a worker included); ``None`` or 0 turns the limit off.
+    Every limit must be positive (:class:`~cxr.errors.ConfigError` otherwise, raised before the
+    model is loaded, as is one for a device that is not there). ``request_timeout_s`` bounds
+    the time from a request's upload being read to its answer (queueing included); ``None`` or
+    0 turns it off. ``header_timeout_s`` is the server's (:func:`cxr.serve.server.server_config`).
+    ``decode_memory_bytes`` defaults to :func:`cxr.serve.limits.default_memory_budget`.
+    ``decoder`` replaces the decoding pool the limits describe (tests pass one with a hook).
     """
+    limits = ServiceLimits(
+        max_upload_bytes=max_upload_bytes,
+        max_pixels=max_pixels,
+        request_timeout_s=request_timeout_s,
+        header_timeout_s=header_timeout_s,
+        body_timeout_s=body_timeout_s,
+        decode_workers=decode_workers,
+        decode_memory_bytes=decode_memory_bytes,
+    )
     if predictor is None:
         if model_path is None:
             raise CxrError("create_app needs a model path or a predictor")
+        resolve_device(device)  # an absent device is an error before the model is read
         predictor = load_predictor(model_path, backend=backend, device=device)
-    service = _Service(
-        predictor, max_upload_bytes, max_pixels, max_parallel_decodes, request_timeout_s
-    )
+    if decoder is None:
+        decoder = DecodePool(
+            limits.decode_workers, limits.decode_budget, max_pixels=limits.max_pixels
+        )
+    service = _Service(predictor, limits, decoder, compute_threads)
     app = FastAPI(
         title="cxr",
         version=_version(),
@@ -76,9 +133,37 @@ def create_app(
             "Chest X-ray classification (NIH ChestX-ray14, 14 pathologies) with Grad-CAM. "
             "Research software: not a medical device."
         ),
+        docs_url=None,  # served below with local assets instead of a CDN's
+        redoc_url=None,
+        lifespan=_lifespan,
     )
     app.state.service = service
-    app.add_middleware(BodyLimit, limit=max_upload_bytes + FORM_OVERHEAD)
+    app.state.limits = limits
+    app.add_middleware(BodyLimit, limit=limits.max_upload_bytes + FORM_OVERHEAD)
+    # Added last, so outermost: it times the reads that BodyLimit makes.
+    app.add_middleware(BodyTimeout, timeout_s=limits.body_timeout_s)
+    _add_error_handlers(app)
+    _add_docs(app)
+    _add_routes(app, service)
+    return app
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI):
+    service = app.state.service
+    await run_in_threadpool(service.start)
+    try:
+        yield
+    finally:
+        service.close()
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's own handler echoes each invalid input back (a 1 MiB text field named
+        # `file` came back as 6 MiB of JSON): say which field and what is wrong, nothing more.
+        return JSONResponse({"detail": _invalid_request(exc.errors())}, 422)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -88,8 +173,31 @@ def create_app(
             {"detail": f"internal error ({type(exc).__name__}); see the server log"}, 500
         )
 
-    _add_routes(app, service)
-    return app
+
+def _add_docs(app: FastAPI) -> None:
+    """Swagger UI at /docs, its script, style and icon from the fastapi-offline package."""
+
+    @app.get("/docs", include_in_schema=False)
+    def docs(request: Request) -> HTMLResponse:
+        root = request.scope.get("root_path", "")
+        return get_swagger_ui_html(
+            openapi_url=f"{root}{app.openapi_url}",
+            title=f"{app.title} - API",
+            swagger_js_url=f"{root}/docs/assets/swagger-ui-bundle.js",
+            swagger_css_url=f"{root}/docs/assets/swagger-ui.css",
+            swagger_favicon_url=f"{root}/docs/assets/favicon.png",
+            swagger_ui_parameters={"validatorUrl": None},  # no badge fetched from swagger.io
+        )
+
+    @app.get("/docs/assets/{name}", include_in_schema=False)
+    def docs_asset(name: str) -> FileResponse:
+        media_type = SWAGGER_ASSETS.get(name)
+        if media_type is None:
+            raise HTTPException(404, "Not Found")
+        path = resources.files("fastapi_offline") / "static" / name
+        return FileResponse(
+            str(path), media_type=media_type, headers={"Cache-Control": "max-age=86400"}
+        )
 
 
 def _add_routes(app: FastAPI, service: _Service) -> None:
@@ -101,16 +209,21 @@ def _add_routes(app: FastAPI, service: _Service) -> None:
 
     @app.get("/healthz")
     def healthz() -> dict[str, Any]:
-        """Liveness and the model's description (labels, thresholds, image size, backend)."""
-        return {"status": "ok", "model": predictor.describe()}
+        """Liveness, the model's description and the decoding workers' state."""
+        return {
+            "status": "ok",
+            "model": predictor.describe(),
+            "decoding": service.decoder.describe(),
+        }
 
     @app.post("/v1/predict")
     async def predict(
+        request: Request,
         file: UploadFile = File(..., description=f"An X-ray: {MEDIA_TYPES}."),
     ) -> dict[str, Any]:
         """The 14 probabilities, the positive/negative calls and the thresholds used."""
-        name, data = await service.read(file)
-        return await service.run(name, "predicting", service.predict, name, data)
+        name, data = await service.read(request, file)
+        return await service.run(name, "predicting", service.predict, data)
 
     @app.post(
         "/v1/explain",
@@ -118,6 +231,7 @@ def _add_routes(app: FastAPI, service: _Service) -> None:
         responses={200: {"content": {"image/png": {}}, "description": "Grad-CAM overlay PNG"}},
     )
     async def explain(
+        request: Request,
         file: UploadFile = File(..., description=f"An X-ray: {MEDIA_TYPES}."),
         pathology: str = Form(..., description="A pathology name (e.g. Effusion) or index 0-13."),
     ) -> Response:
@@ -125,57 +239,116 @@ def _add_routes(app: FastAPI, service: _Service) -> None:
         index = _pathology_index(predictor.labels, pathology)
         if predictor.torch_model is None:
             raise HTTPException(501, "Grad-CAM is not available: the service runs an ONNX file")
-        name, data = await service.read(file)
-        return await service.run(name, "explaining", service.explain, name, data, index)
+        name, data = await service.read(request, file)
+        return await service.run(name, "explaining", service.explain, data, index)
 
 
 class _Service:
-    """Reads and checks uploads; bounds the memory that parallel decodes can take."""
+    """Reads and checks uploads, has them decoded by worker processes and runs the model in a
+    bounded thread pool, each request within its time limit."""
 
     def __init__(
-        self,
-        predictor: Predictor,
-        max_upload_bytes,
-        max_pixels,
-        max_parallel_decodes,
-        request_timeout_s=DEFAULT_REQUEST_TIMEOUT_S,
+        self, predictor: Predictor, limits: ServiceLimits, decoder: DecodePool, threads: int
     ):
         self.predictor = predictor
         self.preprocess = predictor.preprocess
-        self.max_upload_bytes = int(max_upload_bytes)
-        self.max_pixels = int(max_pixels)
-        parallel = max(1, int(max_parallel_decodes))
-        self.decodes = threading.BoundedSemaphore(parallel)
-        self.timeout = float(request_timeout_s) if request_timeout_s else None
+        self.limits = limits
+        self.decoder = decoder
+        self.timeout = limits.request_timeout
         # Bounded: requests beyond it wait (and time out) instead of starting more threads.
-        self.pool = ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="cxr-serve")
+        self.compute = ThreadPoolExecutor(max(1, int(threads)), thread_name_prefix="cxr-serve")
+        self.waiting = ThreadPoolExecutor(WAITING_THREADS, thread_name_prefix="cxr-decode-wait")
 
-    async def read(self, upload: UploadFile) -> tuple[str, bytes]:
+    def start(self) -> None:
+        self.decoder.start()
+
+    def close(self) -> None:
+        self.decoder.close()
+        self.compute.shutdown(wait=False, cancel_futures=True)
+        self.waiting.shutdown(wait=False, cancel_futures=True)
+
+    async def read(self, request: Request, upload: UploadFile) -> tuple[str, bytes]:
+        """The upload's name (a label, never a path) and bytes, or an HTTP error."""
+        form = await request.form()  # already parsed for the route: cached, not read again
+        parts = len(form.getlist("file"))
+        if parts > 1:
+            raise HTTPException(422, f"one file per request (the form has {parts} 'file' parts)")
         name = safe_name(os.path.basename((upload.filename or "").replace("\\", "/"))) or "upload"
-        data = await upload.read(self.max_upload_bytes + 1)
-        if len(data) > self.max_upload_bytes:
-            raise HTTPException(
-                413, f"{name}: upload is larger than the limit of {mib(self.max_upload_bytes)}"
-            )
+        limit = self.limits.max_upload_bytes
+        data = await upload.read(limit + 1)
+        if len(data) > limit:
+            raise HTTPException(413, f"{name}: upload is larger than the limit of {mib(limit)}")
+        if sniff(data) is None:
+            what = "empty (0 bytes)" if not data else f"not a {MEDIA_TYPES} image"
+            raise HTTPException(415, f"{name}: {what}")
         return name, data
 
-    async def run(self, name: str, doing: str, work, *args):
-        """``work(*args)`` in the pool, within the time limit; failures become JSON errors.
+    async def run(self, name: str, doing: str, work, data: bytes, *args):
+        """Decode ``data`` in a worker, then ``work(name, gray, *args)`` in the thread pool,
+        both within the request's time limit; failures become JSON errors."""
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        gray = await self._decode(name, data, deadline)
+        return await self._compute(name, doing, work, gray, deadline, *args)
 
-        On expiry the client gets 503 at once; work not yet started is dropped, work already
-        running finishes in its thread (Python threads cannot be killed) and its result is
-        discarded.
-        """
-        future = asyncio.get_running_loop().run_in_executor(self.pool, work, *args)
+    async def _decode(self, name: str, data: bytes, deadline: float | None) -> np.ndarray:
+        """The decoded image, or the HTTP error that the decoding pool's outcome stands for."""
         try:
-            return await asyncio.wait_for(future, self.timeout)
-        except (asyncio.TimeoutError, TimeoutError):
+            return await self._decoded(name, data, deadline)
+        except DecodeTimeout:
+            raise self._too_slow(name) from None
+        except DecodeRefused as exc:
+            raise HTTPException(413 if exc.kind in TOO_LARGE else 422, str(exc)) from None
+        except DecodeOutOfMemory as exc:  # a size limit, like the pixel limit: 413
+            raise HTTPException(413, str(exc)) from None
+        except DecoderCrashed as exc:  # the input made a decoder library die: unreadable
+            log.warning("%s", exc)
+            raise HTTPException(422, str(exc)) from None
+        except DecoderUnavailable as exc:
+            log.error("%s: no decoding worker: %s", name, exc)
             raise HTTPException(
                 503,
-                f"{name}: not answered within the time limit of {self.timeout:g} s "
-                "(the service is busy or the image is too slow to process); try again later",
+                f"{name}: no decoder is available; try again later",
                 headers={"Retry-After": "5"},
             ) from None
+        except DecoderFailed as exc:
+            kind = exc.kind if re.fullmatch(r"\w{1,60}", exc.kind) else "error"
+            log.error("%s: decoding failed: %s: %s", name, kind, exc)
+            raise HTTPException(500, f"{name}: internal error while decoding ({kind})") from None
+
+    async def _decoded(self, name: str, data: bytes, deadline: float | None) -> np.ndarray:
+        started = threading.Event()
+        job = asyncio.get_running_loop().run_in_executor(
+            self.waiting, self._decode_by, name, data, deadline, started
+        )
+        bound = None if deadline is None else _remaining(deadline) + DECODE_GRACE_S
+        done, _ = await asyncio.wait({job}, timeout=bound)
+        if not done and not started.is_set():
+            job.cancel()  # still queued for a waiting thread: dropped before it starts
+            raise DecodeTimeout(name)
+        # Started: the pool itself ends the decode at the deadline, killing its worker before
+        # it returns, so a 503 never leaves a decode running behind it.
+        return await job
+
+    def _decode_by(
+        self, name: str, data: bytes, deadline: float | None, started: threading.Event
+    ) -> np.ndarray:
+        """Runs in a waiting thread: the decode, with what is left of the time limit."""
+        started.set()
+        remaining = None if deadline is None else _remaining(deadline)
+        if remaining == 0.0:
+            raise DecodeTimeout(name)
+        return self.decoder.decode(data, name=name, timeout=remaining)
+
+    async def _compute(self, name, doing, work, gray, deadline, *args):
+        future = asyncio.get_running_loop().run_in_executor(self.compute, work, name, gray, *args)
+        try:
+            return await asyncio.wait_for(
+                future, None if deadline is None else _remaining(deadline)
+            )
+        except (asyncio.TimeoutError, TimeoutError):
+            # Work not yet started is dropped; a model call already running finishes in its
+            # thread (Python threads cannot be killed) and its result is discarded.
+            raise self._too_slow(name) from None
         except HTTPException:
             raise
         except Exception as exc:
@@ -184,9 +357,17 @@ class _Service:
                 500, f"{name}: internal error while {doing} ({type(exc).__name__})"
             ) from None
 
-    def predict(self, name: str, data: bytes) -> dict[str, Any]:
-        """One upload's probabilities, calls and thresholds (runs in the pool)."""
-        gray, _crop, image = self.prepare(name, data)
+    def _too_slow(self, name: str) -> HTTPException:
+        return HTTPException(
+            503,
+            f"{name}: not answered within the time limit of {self.timeout:g} s "
+            "(the service is busy or the image is too slow to process); try again later",
+            headers={"Retry-After": "5"},
+        )
+
+    def predict(self, name: str, gray: np.ndarray) -> dict[str, Any]:
+        """One image's probabilities, calls and thresholds (runs in the pool)."""
+        image = self.preprocess.to_tensor(self.preprocess.crop_resized(gray))
         predictor, labels = self.predictor, self.predictor.labels
         probabilities = predictor.probabilities(image[None])[0]
         calls = predictor.calls(probabilities[None])[0]
@@ -202,9 +383,10 @@ class _Service:
             backend=predictor.backend,
         )
 
-    def explain(self, name: str, data: bytes, index: int) -> Response:
-        """One upload's Grad-CAM overlay PNG for the pathology ``index`` (runs in the pool)."""
-        _gray, crop, image = self.prepare(name, data)
+    def explain(self, name: str, gray: np.ndarray, index: int) -> Response:
+        """One image's Grad-CAM overlay PNG for the pathology ``index`` (runs in the pool)."""
+        crop = self.preprocess.crop_resized(gray)
+        image = self.preprocess.to_tensor(crop)
         predictor, labels = self.predictor, self.predictor.labels
         probability = float(predictor.probabilities(image[None])[0][index])
         try:
@@ -223,41 +405,50 @@ class _Service:
             },
         )
 
-    def prepare(self, name: str, data: bytes):
-        """(gray image, model crop, normalised tensor) or an HTTP error saying what is wrong."""
-        kind = sniff(data)
-        if kind is None:
-            what = "empty (0 bytes)" if not data else f"not a {MEDIA_TYPES} image"
-            raise HTTPException(415, f"{name}: {what}")
-        size = header_size(data, kind)
-        if size is not None and size[0] * size[1] > self.max_pixels:
-            shown = "too many" if size == TOO_BIG else f"{size[0]}x{size[1]}"
-            raise HTTPException(
-                413,
-                f"{name}: image is {shown} pixels, more than the limit of {self.max_pixels:,}",
-            )
-        with self.decodes:
-            try:
-                gray = decode_gray(data, name=name)
-            except ImageError as exc:
-                raise HTTPException(422, str(exc)) from None
-            if gray.size > self.max_pixels:
-                raise HTTPException(413, f"{name}: image has more than {self.max_pixels:,} pixels")
-            crop = self.preprocess.crop_resized(gray)
-        return gray, crop, self.preprocess.to_tensor(crop)
+
+def _remaining(deadline: float) -> float:
+    return max(0.0, deadline - time.monotonic())
 
 
 def _pathology_index(labels: list[str], pathology: str) -> int:
+    """The index that ``pathology`` names: ASCII decimal digits in range, or a label
+    (case-insensitive, space for underscore); 422 for anything else."""
     text = pathology.strip()
-    if text.isdigit() and int(text) < len(labels):
+    # Not str.isdigit(): it accepts '²' and '①' (int() then fails: a 500), and int() reads
+    # '٣' and '３' as 3, an index the client did not write.
+    if re.fullmatch(r"[0-9]{1,3}", text) and int(text) < len(labels):
         return int(text)
-    folded = {label.lower(): i for i, label in enumerate(labels)}
-    key = text.lower().replace(" ", "_")
-    if key in folded:
-        return folded[key]
+    if text.isascii():
+        index = {label.lower(): i for i, label in enumerate(labels)}.get(
+            text.lower().replace(" ", "_")
+        )
+        if index is not None:
+            return index
+    shown = ascii(text[:40]) + ("..." if len(text) > 40 else "")
     raise HTTPException(
-        422, f"unknown pathology {text[:60]!r}; choose one of {', '.join(labels)} or 0-13"
+        422,
+        f"unknown pathology {shown}; choose one of {', '.join(labels)} or 0-{len(labels) - 1}",
     )
+
+
+def _invalid_request(errors) -> str:
+    """One line for a request FastAPI could not validate: the fields and what is wrong with
+    each, in words of our own (nothing the client sent is repeated)."""
+    problems: list[str] = []
+    for error in list(errors)[:5]:
+        location = error.get("loc") or ()
+        field = str(location[-1]) if location else "request"
+        if not re.fullmatch(r"[A-Za-z_]{1,30}", field):
+            field = "a field"
+        if error.get("type") == "missing":
+            problem = f"{field}: missing"
+        elif field == "file":
+            problem = "file: expected an uploaded file (a multipart part with a file name)"
+        else:
+            problem = f"{field}: invalid value"
+        if problem not in problems:
+            problems.append(problem)
+    return "invalid request: " + "; ".join(problems or ["malformed"])
 
 
 def _version() -> str:

@@ -1,22 +1,90 @@
-"""What the service accepts: a bounded request body (ASGI middleware, before parsing) and
-the image's declared size, read from its header before any pixel is decoded."""
+"""What the service accepts: positive limits (checked before anything starts), a bounded
+request body that keeps arriving (ASGI middleware, before parsing), the image's declared size,
+read from its header before any pixel is decoded, and the memory one decode may use."""
 
 from __future__ import annotations
 
+import asyncio
 import io
+import math
 import warnings
+from dataclasses import dataclass
 
 import pydicom
 from fastapi.responses import JSONResponse
 from PIL import Image
 
 from cxr.data.images import is_dicom_bytes
+from cxr.errors import ConfigError
 
 DEFAULT_MAX_UPLOAD_BYTES = 32 * 1024 * 1024
 DEFAULT_MAX_PIXELS = 40_000_000
+DEFAULT_REQUEST_TIMEOUT_S = 60.0
+DEFAULT_HEADER_TIMEOUT_S = 10.0
+DEFAULT_BODY_TIMEOUT_S = 10.0
+DEFAULT_DECODE_WORKERS = 2
+# Measured peak of one decode at 40 Mpx: about 34 bytes per pixel for 16-bit PNG and DICOM
+# (float64 temporaries while rescaling to 8 bits), 7 for RGB(A), 3 for 8-bit gray. 40 leaves
+# headroom; the fixed part covers the upload the worker holds, a copy of it, and slack.
+DECODE_BYTES_PER_PIXEL = 40
+DECODE_FIXED_BYTES = 64 * 2**20
 # Multipart framing around the file: boundaries, part headers, the pathology field.
 FORM_OVERHEAD = 64 * 1024
 TOO_BIG = (1 << 31, 1)
+
+
+def check_positive(name: str, value: float, *, zero_means_none: bool = False) -> None:
+    """Raise :class:`ConfigError` unless ``value`` is a finite number above 0 (or exactly 0,
+    where ``zero_means_none``); ``name`` is what the caller calls it (a parameter, an option)."""
+    if zero_means_none and value == 0:
+        return
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        allowed = "a positive number (0 turns it off)" if zero_means_none else "a positive number"
+        raise ConfigError(f"{name} must be {allowed}, not {value!r}")
+
+
+def default_memory_budget(
+    max_pixels: int = DEFAULT_MAX_PIXELS, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
+) -> int:
+    """Bytes one decode may use: enough for the largest accepted image at any bit depth
+    (1,654 MiB at the default 40 Mpx and 32 MiB)."""
+    return DECODE_FIXED_BYTES + 2 * int(max_upload_bytes) + DECODE_BYTES_PER_PIXEL * int(max_pixels)
+
+
+@dataclass(frozen=True)
+class ServiceLimits:
+    """The service's limits, each checked when made (:class:`ConfigError` for a bad one)."""
+
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    request_timeout_s: float | None = DEFAULT_REQUEST_TIMEOUT_S  # None or 0: no limit
+    header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S
+    decode_workers: int = DEFAULT_DECODE_WORKERS
+    decode_memory_bytes: int | None = None  # None: default_memory_budget(...)
+
+    def __post_init__(self):
+        for name in ("max_upload_bytes", "max_pixels", "header_timeout_s", "body_timeout_s"):
+            check_positive(name, getattr(self, name))
+        if self.request_timeout_s is not None:
+            check_positive("request_timeout_s", self.request_timeout_s, zero_means_none=True)
+        if isinstance(self.decode_workers, bool) or not isinstance(self.decode_workers, int):
+            raise ConfigError(f"decode_workers must be a whole number, not {self.decode_workers!r}")
+        check_positive("decode_workers", self.decode_workers)
+        if self.decode_memory_bytes is not None:
+            check_positive("decode_memory_bytes", self.decode_memory_bytes)
+
+    @property
+    def request_timeout(self) -> float | None:
+        """Seconds a request may take, or ``None`` for no limit."""
+        return float(self.request_timeout_s) if self.request_timeout_s else None
+
+    @property
+    def decode_budget(self) -> int:
+        """Bytes one decode may use."""
+        if self.decode_memory_bytes is not None:
+            return int(self.decode_memory_bytes)
+        return default_memory_budget(self.max_pixels, self.max_upload_bytes)
 
 
 def sniff(data: bytes) -> str | None:
@@ -127,3 +195,58 @@ class BodyLimit:
             headers={"Connection": "close"},
         )
         await response(scope, receive, send)
+
+
+class BodyTimeout:
+    """ASGI middleware: answer 408 and close when a request body stalls.
+
+    While the app waits for the next part of the body, each wait is bounded by ``timeout_s``;
+    a client that stops sending mid-body gets ``408`` with ``Connection: close`` instead of
+    holding a connection (and the upload received so far) open for as long as it likes. Once
+    the body is complete, ``receive`` is passed through untouched (the app may wait on it for
+    a disconnect while it answers).
+    """
+
+    def __init__(self, app, timeout_s: float):
+        self.app = app
+        self.timeout_s = float(timeout_s)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        body_done = False
+        started = False
+
+        async def timed_receive():
+            nonlocal body_done
+            if body_done:
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.timeout_s)
+            except (asyncio.TimeoutError, TimeoutError):
+                raise _BodyStalled from None
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                body_done = True
+            return message
+
+        async def tracked_send(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, timed_receive, tracked_send)
+        except _BodyStalled:
+            if started:  # nothing sensible to add to a response under way: the server closes
+                raise
+            response = JSONResponse(
+                {"detail": f"request body stalled: nothing received for {self.timeout_s:g} s"},
+                408,
+                headers={"Connection": "close"},
+            )
+            await response(scope, receive, send)
+
+
+class _BodyStalled(Exception):
+    """The client sent no part of the request body within the body timeout."""
