@@ -175,3 +175,28 @@ def test_cxr_predict_names_each_bad_dicom_and_predicts_the_rest(
     lines = [line for line in result.output.splitlines() if line.startswith("error: ")]
     for name, reason in expected.items():
         assert any(str(folder / name) in line and reason in line for line in lines), (name, lines)
+
+
+def test_the_service_answers_each_bad_dicom_with_its_status(untrained_bundle, real_jpeg_dicom):
+    from fastapi.testclient import TestClient
+
+    from cxr.serve.app import create_app
+
+    window = dicom_bytes(np.full((8, 8), 9, np.uint8), WindowCenter=9, WindowWidth=0)
+    cases = {
+        "jpeg-bomb.dcm": (jpeg_dicom_claiming(65500, 65500), 413, "declares 65500x65500"),
+        "deflate-bomb.dcm": (deflated_dicom_bomb(256 * 2**20), 413, "deflated DICOM inflates"),
+        "third.dcm": (real_jpeg_dicom[: len(real_jpeg_dicom) // 3], 422, "is truncated"),
+        "window.dcm": (window, 422, "VOI window width must be positive"),
+    }
+    app = create_app(untrained_bundle, backend="torch", device="cpu", decode_workers=1)
+    with TestClient(app) as client:
+        for name, (data, status, reason) in cases.items():
+            files = {"file": (name, data, "application/dicom")}
+            response = client.post("/v1/predict", files=files)
+            assert response.status_code == status, (name, response.text)
+            detail = response.json()["detail"]
+            assert detail.startswith(f"{name}: ") and reason in detail, detail
+        good = {"file": ("good.dcm", real_jpeg_dicom, "application/dicom")}
+        assert client.post("/v1/predict", files=good).status_code == 200
+        assert client.get("/healthz").status_code == 200

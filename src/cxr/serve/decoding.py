@@ -118,7 +118,7 @@ def decode_upload(data: bytes, name: str, *, max_pixels: int = DEFAULT_MAX_PIXEL
         raise TooManyPixels(
             f"{name}: image is {shown} pixels, more than the limit of {max_pixels:,}"
         )
-    gray = decode_gray(data, name=name)
+    gray = decode_gray(data, name=name, max_pixels=max_pixels)
     if gray.size > max_pixels:
         raise TooManyPixels(f"{name}: image has more than {max_pixels:,} pixels")
     return gray
