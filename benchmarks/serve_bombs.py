@@ -16,8 +16,9 @@ concurrent uploads to /v1/predict, each round a mix of:
 
 It samples the resident memory of the server and of all its child processes (the decode
 workers) every 20 ms, and reports the idle total (after warm-up), the peak total, the
-per-request budget the server states in /healthz (``limits.decode_memory_mb``, else the
-``--budget-mb`` given here) and the goal ``idle + clients x budget``. Exits 1 if a valid
+per-decode budget the server states in /healthz (``decoding.memory_budget_mb``, else the
+``--budget-mb`` given here), its number of decoding workers, and the goal
+``idle + clients x budget``. Exits 1 if a valid
 image did not get 200, a bomb did not get 413, or /healthz failed afterwards.
 """
 
@@ -123,7 +124,9 @@ def main() -> int:
         model = args.model or untrained_bundle(Path(tmp) / "bundle", args.size)
         extra = ["--max-upload-mb", "8", *args.serve_options]
         with running_server(model, "auto", tmp, extra) as (server, base, health):
-            budget = (health.get("limits") or {}).get("decode_memory_mb") or args.budget_mb
+            decoding = health.get("decoding") or {}
+            budget = decoding.get("memory_budget_mb") or args.budget_mb
+            workers = decoding.get("workers")
             for name, data in valid:
                 assert send(base, name, data) == 200, name
             time.sleep(1.0)
@@ -150,7 +153,8 @@ def main() -> int:
     print(f"peak during the load:   {sampler.peak:8.0f} MB  (server + decode workers)")
     if budget:
         goal = idle + args.clients * float(budget)
-        print(f"per-request budget:     {float(budget):8.0f} MB (stated by the server)")
+        stated = f"stated by the server; {workers} decoding workers"
+        print(f"per-decode budget:      {float(budget):8.0f} MB ({stated})")
         share = sampler.peak / goal
         print(f"goal idle + {args.clients} x budget: {goal:8.0f} MB  -> peak is {share:.2f} of it")
     failed = outcomes["unexpected"] or not healthy
