@@ -288,6 +288,7 @@ def load_with_little_memory(bundle: Path, image: Path, headroom: int) -> str:
     return result.stdout.decode().strip()
 
 
+@pytest.mark.slow  # a child process that imports torch: several seconds
 def test_a_huge_image_size_is_refused_before_anything_is_allocated(bundle, image):
     """image_size 100000 once made `cxr predict` allocate 22.6 GB. With 2 GiB to spare, the
     same bundle at 32 px predicts (the limit leaves room for real work) and at 100000 px is

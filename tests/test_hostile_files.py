@@ -99,6 +99,7 @@ def runner() -> CliRunner:
 # ---------------------------------------------------------------------------- named pipes
 
 
+@pytest.mark.slow  # a child process that imports torch: several seconds
 def test_a_named_pipe_in_a_folder_is_named_in_a_warning_and_does_not_fail_the_run(
     tmp_path, untrained_bundle
 ):
@@ -118,6 +119,7 @@ def test_a_named_pipe_in_a_folder_is_named_in_a_warning_and_does_not_fail_the_ru
     assert "failed" not in stderr
 
 
+@pytest.mark.slow  # a child process that imports torch: several seconds
 def test_a_named_pipe_given_on_the_command_line_fails_the_run_promptly(
     tmp_path, untrained_bundle, runner
 ):

@@ -214,6 +214,34 @@ def test_a_worker_whose_service_died_mid_decode_ends_itself(tmp_path):
     assert not running(worker)
 
 
+IDLE_ORPHANS = """
+import os, signal
+from cxr.serve.decoding import DecodePool
+
+pool = DecodePool(2)
+pool.start()
+print(*pool.pids(), flush=True)
+os.kill(os.getpid(), signal.SIGKILL)  # the service dies with its workers idle
+"""
+
+
+@pytest.mark.slow
+def test_idle_workers_whose_service_died_end_themselves():
+    paths = [str(Path(__file__).parent), str(Path(cxr.__file__).parents[1])]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+    result = subprocess.run(
+        [sys.executable, "-c", IDLE_ORPHANS], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == -signal.SIGKILL, result.stderr
+    workers = [int(pid) for pid in result.stdout.split()]
+    assert len(workers) == 2
+    for _ in range(600):  # they look for their parent once a second; 60 s bound
+        if not any(running(pid) for pid in workers):
+            break
+        time.sleep(0.1)
+    assert not any(running(pid) for pid in workers)
+
+
 # ---------------------------------------------------------------------------- statuses
 
 

@@ -408,8 +408,14 @@ def _serve_jobs(conn, function: DecodeFunction, memory_bytes: int) -> None:
     signal.signal(signal.SIGALRM, signal.SIG_DFL)  # the job alarm below ends the process
     limit = _cap_address_space(memory_bytes)
     conn.send_bytes(json.dumps({"status": "ready", "pid": os.getpid(), "limit": limit}).encode())
+    parent = os.getppid()
     while True:
         try:
+            # An idle worker whose service was killed (SIGKILL, SIGTERM without cleanup) may
+            # never see its pipe close: it checks once a second that its parent still lives.
+            while not conn.poll(1.0):
+                if os.getppid() != parent:
+                    return
             job = json.loads(conn.recv_bytes())
             data = conn.recv_bytes()
         except (EOFError, OSError):
