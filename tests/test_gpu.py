@@ -154,7 +154,8 @@ def test_fp16_with_a_grad_scaler_where_bf16_is_not_native(monkeypatch, facts):
     trainer = make_trainer()
     dtypes = output_dtypes(trainer)
     before = parameters(trainer)
-    losses = run_steps(trainer, 8)
+    # On a GPU, steps enough for the scaler to settle (early ones may overflow and be skipped).
+    losses = run_steps(trainer, 8 if ON_CUDA else 2)
     assert all(math.isfinite(loss) for loss in losses), losses
     assert largest_change(before, parameters(trainer)) > 0  # some steps were taken
     if not ON_CUDA:
