@@ -107,15 +107,22 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 @dataclass
 class Distributed:
-    """This process's place in a torchrun job (one process, rank 0, without torchrun)."""
+    """This process's place in a torchrun job (one process, rank 0, without torchrun).
+
+    ``backend`` is the process group's (``nccl``, ``gloo``) when the process joined one:
+    every process torchrun starts does, even the only one of ``--nproc_per_node=1``, which
+    then trains through DistributedDataParallel like each of N would (how a single GPU
+    checks the NCCL path, ``tests/test_gpu.py``).
+    """
 
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    backend: str | None = None
 
     @property
     def enabled(self) -> bool:
-        return self.world_size > 1
+        return self.backend is not None or self.world_size > 1
 
     @property
     def is_main(self) -> bool:
@@ -147,9 +154,23 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+# What torchrun (and any env:// launcher) sets for each process it starts.
+LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def launched_by_torchrun() -> bool:
+    """Whether a launcher such as torchrun started this process (it describes the process
+    group in the environment, even for a group of one)."""
+    return all(name in os.environ for name in LAUNCHER_VARIABLES)
+
+
 def setup_distributed(device_name: str) -> Distributed:
-    """Join the process group torchrun describes in the environment (no-op for one process)."""
-    if world_size() <= 1:
+    """Join the process group torchrun describes in the environment (no-op without torchrun).
+
+    NCCL on CUDA (``auto`` or ``cuda``), else gloo. ``torchrun --nproc_per_node=1`` joins a
+    group of one: training then runs through DDP and its NCCL calls on a single GPU.
+    """
+    if world_size() <= 1 and not launched_by_torchrun():
         return Distributed()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = torch.cuda.is_available() and device_name in ("auto", "cuda")
@@ -158,7 +179,10 @@ def setup_distributed(device_name: str) -> Distributed:
     if use_cuda:
         torch.cuda.set_device(local_rank)
     return Distributed(
-        rank=torch_dist.get_rank(), world_size=torch_dist.get_world_size(), local_rank=local_rank
+        rank=torch_dist.get_rank(),
+        world_size=torch_dist.get_world_size(),
+        local_rank=local_rank,
+        backend=str(torch_dist.get_backend()),
     )
 
 

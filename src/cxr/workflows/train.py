@@ -86,6 +86,7 @@ def train_run(
             "torch_version": torch.__version__,
             "device": str(device),
             "world_size": dist.world_size,
+            "distributed": dist.backend,  # the process group's backend under torchrun
             "init": init_note,
             "cache": cache_note,
             "precision": trainer.precision,
