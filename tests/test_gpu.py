@@ -2,7 +2,8 @@
 channels_last, ``torch.compile``, NCCL under torchrun, and evaluation, prediction and
 Grad-CAM on CUDA agreeing with the CPU.
 
-Marked ``gpu`` and skipped where CUDA is absent, so CI's normal pass never runs them (with
+Marked ``gpu``: where CUDA is absent and ``CXR_TEST_DEVICE`` is unset they are deselected
+(tests/conftest.py), not skipped, so CI's normal pass neither runs nor skips them (with
 ``CXR_TEST_DEVICE=cuda`` a missing GPU is an error instead).
 ``CXR_TEST_DEVICE=cpu`` runs them on the CPU with tiny sizes (``benchmarks/gpu_check.sh
 --dry-run``, which CI runs): the same code paths, minus what a CPU cannot do (fp16 with a
@@ -37,13 +38,7 @@ if REQUESTED == "cuda" and not torch.cuda.is_available():
     # would pass while checking nothing.
     raise RuntimeError("CXR_TEST_DEVICE=cuda, but torch sees no CUDA device")
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(
-        ON_CUDA and not torch.cuda.is_available(),
-        reason="needs a CUDA GPU (CXR_TEST_DEVICE=cpu runs these on the CPU, tiny)",
-    ),
-]
+pytestmark = pytest.mark.gpu
 
 # Sizes: large enough on a GPU that its kernels (cuDNN, fp16, NCCL) do real work, small on a
 # CPU. Not smaller than 64 px and 8 images: at 32 px DenseNet121's last BatchNorms normalise
