@@ -302,16 +302,13 @@ CHROMIUM_ARGS = [
 ]
 
 
-# Decodes ``sys.argv[3]`` (a file, or "-" for stdin's bytes, named ``sys.argv[2]``) with an
-# address space that may grow by ``sys.argv[1]`` bytes at most, and prints the ImageError.
-_DECODE_UNDER_LIMIT = """
+# Caps a child process's address space: it may grow by ``sys.argv[1]`` bytes at most over
+# its size at that point (after its imports), and the limit is checked to bind.
+_MEMORY_CAP = """
 import resource, sys
 from pathlib import Path
-from cxr.data.images import decode_gray
-from cxr.errors import ImageError
 
-headroom, name, source = int(sys.argv[1]), sys.argv[2], sys.argv[3]
-data = sys.stdin.buffer.read() if source == "-" else None
+headroom = int(sys.argv[1])
 now = next(
     int(line.split()[1]) * 1024
     for line in Path("/proc/self/status").read_text().splitlines()
@@ -324,6 +321,39 @@ except MemoryError:
     pass
 else:
     sys.exit("the address-space limit does not bind")
+"""
+
+
+def run_with_memory_cap(
+    imports: str, code: str, headroom: int, *args: str, stdin: bytes = b""
+) -> str:
+    """Run ``imports``, then ``code`` in the same child Python, which may then allocate at
+    most ``headroom`` more bytes (``sys.argv[2:]`` are ``args``); it must exit 0; returns
+    what it printed."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("needs Linux's /proc/self/status and RLIMIT_AS")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", imports + _MEMORY_CAP + code, str(headroom), *args],
+        input=stdin,
+        capture_output=True,
+        env=env,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr.decode(errors="replace")[-2000:]
+    return result.stdout.decode().strip()
+
+
+# Decodes ``sys.argv[3]`` (a file, or "-" for stdin's bytes, named ``sys.argv[2]``) and
+# prints the ImageError.
+_DECODE_IMPORTS = """
+from cxr.data.images import decode_gray
+from cxr.errors import ImageError
+"""
+_DECODE = """
+name, source = sys.argv[2], sys.argv[3]
+data = sys.stdin.buffer.read() if source == "-" else None
 try:
     decode_gray(data if data is not None else source, name=name)
 except ImageError as exc:
@@ -343,19 +373,7 @@ def decode_with_little_memory(
     A refusal from the header passes; a decoder that allocated the pixels first would die
     of MemoryError instead, however fast the machine is.
     """
-    if not sys.platform.startswith("linux"):
-        pytest.skip("needs Linux's /proc/self/status and RLIMIT_AS")
     headroom = headroom or min(claimed_bytes // 4, 64 << 20)
+    stdin = source if isinstance(source, bytes) else b""
     source_arg = "-" if isinstance(source, bytes) else str(source)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    result = subprocess.run(
-        [sys.executable, "-c", _DECODE_UNDER_LIMIT, str(headroom), name, source_arg],
-        input=source if isinstance(source, bytes) else b"",
-        capture_output=True,
-        env=env,
-        timeout=120,
-        check=False,
-    )
-    stderr = result.stderr.decode(errors="replace")
-    assert result.returncode == 0, stderr
-    return result.stdout.decode().strip()
+    return run_with_memory_cap(_DECODE_IMPORTS, _DECODE, headroom, name, source_arg, stdin=stdin)

@@ -9,13 +9,12 @@ import json
 import math
 import os
 import shutil
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import uvicorn
+from conftest import run_with_memory_cap
 from typer.testing import CliRunner
 
 from cxr.cli import app
@@ -242,25 +241,12 @@ def test_what_a_bundle_may_say(bundle):
 
 # Loads the bundle ``sys.argv[2]`` and predicts ``sys.argv[3]`` with an address space that may
 # grow by ``sys.argv[1]`` bytes at most; prints the ModelError, or "predicted".
-_LOAD_UNDER_LIMIT = """
-import resource, sys
-from pathlib import Path
+_LOAD_IMPORTS = """
 from cxr.engine.inference import load_predictor, predict_files
 from cxr.errors import ModelError
-
-headroom, bundle, image = int(sys.argv[1]), sys.argv[2], sys.argv[3]
-now = next(
-    int(line.split()[1]) * 1024
-    for line in Path("/proc/self/status").read_text().splitlines()
-    if line.startswith("VmSize:")
-)
-resource.setrlimit(resource.RLIMIT_AS, (now + headroom, now + headroom))
-try:
-    bytearray(2 * headroom)
-except MemoryError:
-    pass
-else:
-    sys.exit("the address-space limit does not bind")
+"""
+_LOAD = """
+bundle, image = sys.argv[2], sys.argv[3]
 try:
     predictor = load_predictor(bundle, backend="torch", device="cpu")
     result = predict_files(predictor, [Path(image)], batch_size=1, workers=0)
@@ -274,18 +260,7 @@ print("predicted")
 
 
 def load_with_little_memory(bundle: Path, image: Path, headroom: int) -> str:
-    if not sys.platform.startswith("linux"):
-        pytest.skip("needs Linux's /proc/self/status and RLIMIT_AS")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [sys.executable, "-c", _LOAD_UNDER_LIMIT, str(headroom), str(bundle), str(image)],
-        capture_output=True,
-        env=env,
-        timeout=300,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr.decode(errors="replace")[-2000:]
-    return result.stdout.decode().strip()
+    return run_with_memory_cap(_LOAD_IMPORTS, _LOAD, headroom, str(bundle), str(image))
 
 
 @pytest.mark.slow  # a child process that imports torch: several seconds

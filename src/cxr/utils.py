@@ -8,7 +8,10 @@ import io
 import os
 import stat
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 
@@ -103,14 +106,14 @@ class FileTooLarge(OSError):
     """A file larger than the caller's limit (checked before reading)."""
 
 
-def read_regular_file(path: str | os.PathLike, max_bytes: int | None = None) -> bytes:
-    """The bytes of a regular file, never blocking on a FIFO and never reading more than
-    ``max_bytes``.
+@contextmanager
+def open_regular(path: str | os.PathLike) -> Iterator[tuple[BinaryIO, os.stat_result]]:
+    """``(file, its stat)`` for a regular file, opened without ever blocking.
 
     The file is opened non-blocking and checked with ``fstat`` on the open descriptor (not
     the path, which another process could swap meanwhile), so a named pipe, a socket or a
-    device raises :class:`NotARegularFile` instead of hanging. A declared size over
-    ``max_bytes`` raises :class:`FileTooLarge` before anything is read.
+    device raises :class:`NotARegularFile` instead of hanging, and a folder
+    :class:`IsADirectoryError`.
     """
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
     try:
@@ -119,35 +122,30 @@ def read_regular_file(path: str | os.PathLike, max_bytes: int | None = None) -> 
             raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
         if not stat.S_ISREG(info.st_mode):
             raise NotARegularFile(f"{path}: not a regular file")
+        handle = os.fdopen(fd, "rb", closefd=True)
+    except BaseException:
+        os.close(fd)
+        raise
+    with handle:
+        yield handle, info
+
+
+def read_regular_file(path: str | os.PathLike, max_bytes: int | None = None) -> bytes:
+    """The bytes of a regular file (:func:`open_regular`), never more than ``max_bytes``: a
+    declared size over it raises :class:`FileTooLarge` before anything is read."""
+    with open_regular(path) as (handle, info):
         if max_bytes is not None and info.st_size > max_bytes:
             raise FileTooLarge(f"{path}: {info.st_size:,} bytes, more than {max_bytes:,}")
-        with os.fdopen(fd, "rb", closefd=True) as handle:
-            fd = -1
-            # At most one byte past the declared size: enough to see a file that grew.
-            limit = info.st_size if max_bytes is None else min(info.st_size, max_bytes)
-            data = handle.read(limit + 1)
-    finally:
-        if fd >= 0:
-            os.close(fd)
+        # At most one byte past the declared size: enough to see a file that grew.
+        limit = info.st_size if max_bytes is None else min(info.st_size, max_bytes)
+        data = handle.read(limit + 1)
     if max_bytes is not None and len(data) > max_bytes:  # grew while being read
         raise FileTooLarge(f"{path}: more than {max_bytes:,} bytes")
     return data
 
 
 def read_regular_head(path: str | os.PathLike, size: int) -> bytes:
-    """The first ``size`` bytes (or fewer) of a regular file, for sniffing its format.
-
-    Opened and checked as in :func:`read_regular_file` (non-blocking open, ``fstat`` on the
-    descriptor): a named pipe, socket or device raises :class:`NotARegularFile` instead of
-    hanging, even if it replaced a regular file after the caller looked at the path.
-    """
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
-    try:
-        info = os.fstat(fd)
-        if stat.S_ISDIR(info.st_mode):
-            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
-        if not stat.S_ISREG(info.st_mode):
-            raise NotARegularFile(f"{path}: not a regular file")
-        return os.read(fd, size)
-    finally:
-        os.close(fd)
+    """The first ``size`` bytes (or fewer) of a regular file (:func:`open_regular`), for
+    sniffing its format."""
+    with open_regular(path) as (handle, _info):
+        return handle.read(size)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import io
 import os
-import stat
 import struct
 import warnings
 import zlib
@@ -29,7 +28,7 @@ from pydicom.filewriter import write_file_meta_info
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
 from cxr.errors import ImageError, ImageTooLarge
-from cxr.utils import FileTooLarge, NotARegularFile, read_regular_file
+from cxr.utils import FileTooLarge, NotARegularFile, open_regular, read_regular_file
 
 # A real NIH PNG is 1024x1024 (1 Mpx); DICOM CR/DX can reach ~4300x3500 (15 Mpx).
 # Anything far above that is a decompression bomb, not an X-ray.
@@ -322,10 +321,7 @@ def check_header(path: str | os.PathLike, *, max_pixels: int = MAX_PIXELS) -> No
     decoding. Raises :class:`ImageError` like :func:`decode_gray`."""
     label = str(path)
     try:
-        with open(path, "rb", opener=_nonblocking) as handle:
-            info = os.fstat(handle.fileno())
-            if not stat.S_ISREG(info.st_mode):
-                raise ImageError(f"{label}: not a regular file (a pipe, socket or device)")
+        with open_regular(path) as (handle, info):
             head = handle.read(_HEADER_BYTES)
             if is_dicom_bytes(head[:132]):
                 if info.st_size > MAX_FILE_BYTES:
@@ -336,6 +332,8 @@ def check_header(path: str | os.PathLike, *, max_pixels: int = MAX_PIXELS) -> No
             tail = handle.read(_TRAILER_BYTES)
     except FileNotFoundError:
         raise ImageError(f"{label}: file not found") from None
+    except NotARegularFile:
+        raise ImageError(f"{label}: not a regular file (a pipe, socket or device)") from None
     except OSError as exc:
         raise ImageError(f"{label}: cannot read file ({exc.strerror or exc})") from None
     if not head:
@@ -363,10 +361,6 @@ def _check_pil_header(head: bytes, tail: bytes, label: str, max_pixels: int) -> 
     ends = {"PNG": b"IEND\xaeB`\x82", "JPEG": b"\xff\xd9"}.get(kind)
     if ends is not None and ends not in tail:
         raise ImageError(f"{label}: corrupt or truncated image (its end is missing)")
-
-
-def _nonblocking(path, flags):
-    return os.open(path, flags | getattr(os, "O_NONBLOCK", 0))
 
 
 def find_unreadable(
