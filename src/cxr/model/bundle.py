@@ -17,7 +17,14 @@ from typing import Annotated, Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 from pydantic_core import PydanticUndefined
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
@@ -92,25 +99,16 @@ class BundleMeta(BaseModel):
         except ValidationError as exc:
             raise _InvalidMeta(_problems(exc)) from None
 
-    @field_validator("normalization")
+    @field_validator("normalization", "format", "architecture", "output")
     @classmethod
-    def _known_normalization(cls, value: str) -> str:
-        return _one_of(value, NORMALIZATIONS)
-
-    @field_validator("format")
-    @classmethod
-    def _known_format(cls, value: str) -> str:
-        return _one_of(value, (BUNDLE_FORMAT,))
-
-    @field_validator("architecture")
-    @classmethod
-    def _known_architecture(cls, value: str) -> str:
-        return _one_of(value, (ARCHITECTURE,))
-
-    @field_validator("output")
-    @classmethod
-    def _known_output(cls, value: str) -> str:
-        return _one_of(value, OUTPUTS)
+    def _known_name(cls, value: str, info: ValidationInfo) -> str:
+        known = {
+            "normalization": NORMALIZATIONS,
+            "format": (BUNDLE_FORMAT,),
+            "architecture": (ARCHITECTURE,),
+            "output": OUTPUTS,
+        }
+        return _one_of(value, known[info.field_name])
 
     @field_validator("labels")
     @classmethod
