@@ -46,6 +46,7 @@ PACKAGES = {
     "pylibjpeg": "pylibjpeg",
     "libjpeg": "pylibjpeg-libjpeg",
     "fastapi": "fastapi",
+    "fastapi_offline": "fastapi-offline",
     "starlette": "starlette",
     "uvicorn": "uvicorn",
     "multipart": "python-multipart",
