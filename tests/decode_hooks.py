@@ -26,6 +26,8 @@ def misbehave_by_name(data: bytes, name: str):
         time.sleep(600)  # a decode that would outlive any request
     if name == "crash.png":
         os.kill(os.getpid(), signal.SIGKILL)  # a decoder library dying on its input
+    if name == "rt-signal.png":
+        os.kill(os.getpid(), signal.SIGRTMIN + 6)  # a signal without a name ends it
     if name == "huge.png":
         raise ImageTooLarge(f"{name}: image would need too much memory")
     if name == "bug.png":

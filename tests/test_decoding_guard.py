@@ -200,3 +200,40 @@ def test_the_service_answers_each_bad_dicom_with_its_status(untrained_bundle, re
         good = {"file": ("good.dcm", real_jpeg_dicom, "application/dicom")}
         assert client.post("/v1/predict", files=good).status_code == 200
         assert client.get("/healthz").status_code == 200
+
+
+def test_hostile_values_inside_a_file_get_clear_short_refusals(tmp_path):
+    """From a review: malformed DICOM values gave ValueError (a 500), PIL opened any format
+    a file's bytes named (an EPS named .png runs Ghostscript), and refusals quoted the file."""
+    pixels = np.zeros((8, 8), np.uint8)
+    # Values pydicom will not write are patched into the bytes: (0028,0008) IS "12" -> "ab",
+    # (0028,1051) DS "100 " -> "abc ".
+    frames = dicom_bytes(pixels, NumberOfFrames="12")
+    frames = frames.replace(b"\x28\x00\x08\x00IS\x02\x0012", b"\x28\x00\x08\x00IS\x02\x00ab")
+    window = dicom_bytes(pixels, WindowCenter=5, WindowWidth="100")
+    window = window.replace(b"\x51\x10DS\x04\x00100 ", b"\x51\x10DS\x04\x00abc ")
+    for data in (frames, window):
+        assert b"ab" in data
+        with pytest.raises(ImageError, match=r"^bad\.dcm: "):
+            decode_gray(data, name="bad.dcm")
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n"
+    with pytest.raises(ImageError, match="not a readable image"):
+        decode_gray(eps, name="x.png")
+    dataset = pydicom.dcmread(io.BytesIO(dicom_bytes(pixels)))
+    dataset.file_meta.TransferSyntaxUID = "1." + "2" * 3000
+    buffer = io.BytesIO()
+    dataset.save_as(buffer)
+    with pytest.raises(ImageError) as info:
+        decode_gray(buffer.getvalue(), name="uid.dcm")
+    assert len(str(info.value)) < 200
+
+
+def test_the_header_check_reads_past_a_large_metadata_segment(tmp_path):
+    from cxr.data.images import check_header
+
+    path = tmp_path / "icc.jpg"
+    profile = np.random.default_rng(0).integers(0, 256, 200_000, dtype=np.uint8).tobytes()
+    Image.fromarray(np.full((40, 30), 90, np.uint8)).save(path, "JPEG", icc_profile=profile)
+    assert path.stat().st_size > 200_000
+    check_header(path)  # the frame header sits past the first 64 KB
+    assert decode_gray(path).shape == (40, 30)

@@ -382,3 +382,11 @@ def test_names_and_library_errors_are_escaped_in_process(tmp_path, untrained_bun
     assert result.exit_code == 2
     assert f"error: {tmp_path}/model{ESC_SHOWN}: no such model" in result.stderr
     assert "model\x1b" not in result.output
+
+
+def test_bidirectional_overrides_are_escaped_for_display():
+    from cxr.utils import printable_text
+
+    # U+202E would show "gnp.exe" reversed; it is escaped like a control character.
+    assert printable_text("scan\u202egnp.exe") == "scan\\u202egnp.exe"
+    assert printable_text("naïve 胸部.png") == "naïve 胸部.png"  # other Unicode is kept

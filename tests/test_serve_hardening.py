@@ -156,6 +156,20 @@ def test_a_worker_that_dies_is_422_and_replaced(hooked):
     assert post(patient, small_png(), "fine.png").status_code == 200
 
 
+def test_a_worker_ended_by_a_signal_without_a_name_is_replaced_too(hooked):
+    """A real-time signal once raised ValueError while the worker was being named: a 500,
+    and the slot was lost, so every later request waited for a worker and got 503."""
+    pool, _quick, patient = hooked
+    assert post(patient, small_png(), "warm.png").status_code == 200
+    rtmin = signal.SIGRTMIN + 6
+    for _ in range(2):
+        response = post(patient, small_png(), "rt-signal.png")
+        assert response.status_code == 422, response.text
+        assert response.json()["detail"].endswith(f"(signal {int(rtmin)})")
+        assert post(patient, small_png(), "fine.png").status_code == 200
+    assert len(pool.pids()) == 1
+
+
 def test_worker_errors_keep_their_kind_and_the_worker(hooked):
     pool, _quick, patient = hooked
     assert post(patient, small_png(), "warm.png").status_code == 200

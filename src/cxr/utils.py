@@ -82,6 +82,11 @@ _CONTROL_ESCAPES = {
     code: {0x09: "\\t", 0x0A: "\\n", 0x0D: "\\r"}.get(code, f"\\x{code:02x}")
     for code in (*range(0x20), *range(0x7F, 0xA0))
 }
+# Bidirectional overrides and isolates reorder what follows them on screen (a name could
+# show as another), so they are escaped too.
+_CONTROL_ESCAPES.update(
+    {code: f"\\u{code:04x}" for code in (*range(0x202A, 0x202F), *range(0x2066, 0x206A))}
+)
 
 
 def printable_text(text: object) -> str:

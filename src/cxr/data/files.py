@@ -124,7 +124,12 @@ def _images_below(
         folder, depth, above = stack.pop()
         try:
             with os.scandir(folder) as listing:
-                children = sorted(listing, key=lambda entry: entry.name)
+                children = []
+                for entry in listing:  # counted as read: a huge folder stops at the limit
+                    children.append(entry)
+                    if entries + len(children) > max_entries:
+                        break
+            children.sort(key=lambda entry: entry.name)
         except OSError as exc:
             if depth == 0:
                 raise  # the folder given: the caller names it

@@ -36,6 +36,9 @@ MAX_PIXELS = 40_000_000
 # A 15 Mpx 16-bit DICOM is 30 MB uncompressed; a file far larger is not a radiograph.
 MAX_FILE_BYTES = 256 * 2**20
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
+# The formats PIL may open: never whatever a file's bytes name (an EPS file named .png would
+# run Ghostscript; PSD, FITS and others are parsers nobody here needs).
+PIL_FORMATS = ("PNG", "JPEG")
 
 
 def is_dicom_bytes(head: bytes) -> bool:
@@ -80,7 +83,7 @@ def _decode_pil(data: bytes, label: str, max_pixels: int) -> np.ndarray:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data), formats=PIL_FORMATS)
             width, height = image.size
             if width * height > max_pixels:
                 raise ImageTooLarge(
@@ -95,7 +98,7 @@ def _decode_pil(data: bytes, label: str, max_pixels: int) -> np.ndarray:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageTooLarge(f"{label}: decompression bomb refused ({exc})") from None
     except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageError(f"{label}: corrupt or truncated image ({exc})") from None
+        raise ImageError(f"{label}: corrupt or truncated image ({_short(exc)})") from None
     if min(image.size) < 1:
         raise ImageError(f"{label}: image has no pixels")
     return _to_uint8_gray(image, label)
@@ -146,7 +149,7 @@ def _read_dicom(data: bytes, label: str, max_pixels: int):
     try:
         dataset = pydicom.dcmread(io.BytesIO(data))
     except Exception as exc:  # pydicom raises many types for malformed files
-        raise ImageError(f"{label}: not a readable DICOM file ({exc})") from None
+        raise ImageError(f"{label}: not a readable DICOM file ({_short(exc)})") from None
     if "PixelData" not in dataset:
         if _PIXEL_DATA_TAG in data:  # the element starts, but pydicom could not read it whole
             raise ImageError(f"{label}: DICOM pixel data is truncated or malformed")
@@ -160,7 +163,7 @@ def _decode_dicom(data: bytes, label: str, max_pixels: int) -> np.ndarray:
     try:
         pixels = dataset.pixel_array
     except Exception as exc:
-        raise ImageError(f"{label}: cannot decode DICOM pixel data ({exc})") from None
+        raise ImageError(f"{label}: cannot decode DICOM pixel data ({_short(exc)})") from None
     photometric = str(getattr(dataset, "PhotometricInterpretation", "MONOCHROME2")).upper()
     if pixels.ndim == 3:
         if photometric in ("RGB", "YBR_FULL", "YBR_FULL_422") and pixels.shape[-1] == 3:
@@ -181,7 +184,7 @@ def _inflated(data: bytes, label: str, max_pixels: int) -> bytes:
         read_preamble(handle, False)
         meta = _read_file_meta_info(handle)
     except Exception as exc:
-        raise ImageError(f"{label}: not a readable DICOM file ({exc})") from None
+        raise ImageError(f"{label}: not a readable DICOM file ({_short(exc)})") from None
     if meta.get("TransferSyntaxUID") != pydicom.uid.DeflatedExplicitVRLittleEndian:
         return data
     cap = max_pixels * _INFLATED_BYTES_PER_PIXEL + _INFLATED_OVERHEAD
@@ -211,6 +214,21 @@ def _check_declared_size(dataset, label: str, max_pixels: int) -> None:
     """Refuse, before decoding, pixel data whose declared size is over the budget or does not
     match what the pixel data holds (a compressed header claiming another size, a truncated
     codestream, native data shorter than Rows x Columns)."""
+    try:
+        _check_sizes(dataset, label, max_pixels)
+    except ImageError:
+        raise
+    except (ValueError, TypeError, AttributeError, OverflowError) as exc:  # e.g. Rows "ab"
+        raise ImageError(f"{label}: DICOM has an invalid size attribute ({_short(exc)})") from None
+
+
+def _short(exc: BaseException, limit: int = 120) -> str:
+    """An exception's message, cut: it may quote the file's own bytes."""
+    text = str(exc)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _check_sizes(dataset, label: str, max_pixels: int) -> None:
     rows, cols = int(getattr(dataset, "Rows", 0) or 0), int(getattr(dataset, "Columns", 0) or 0)
     frames = int(getattr(dataset, "NumberOfFrames", 1) or 1)
     if rows <= 0 or cols <= 0:
@@ -224,11 +242,11 @@ def _check_declared_size(dataset, label: str, max_pixels: int) -> None:
         raise ImageError(f"{label}: multi-frame DICOM ({frames} frames) is not a radiograph")
     syntax = dataset.file_meta.get("TransferSyntaxUID", pydicom.uid.ImplicitVRLittleEndian)
     if syntax not in _SUPPORTED_SYNTAXES:
-        raise ImageError(f"{label}: DICOM transfer syntax {syntax} is not supported")
+        raise ImageError(f"{label}: DICOM transfer syntax {str(syntax)[:64]} is not supported")
     if not syntax.is_compressed:
         samples = int(getattr(dataset, "SamplesPerPixel", 1) or 1)
         bits = int(getattr(dataset, "BitsAllocated", 8) or 8)
-        expected = rows * cols * samples * ((bits + 7) // 8)
+        expected = (rows * cols * samples * bits + 7) // 8  # 1-bit data packs 8 per byte
         if len(dataset.PixelData) < expected:
             raise ImageError(
                 f"{label}: DICOM pixel data is truncated ({len(dataset.PixelData):,} of "
@@ -238,7 +256,9 @@ def _check_declared_size(dataset, label: str, max_pixels: int) -> None:
     try:
         frame = next(generate_frames(dataset.PixelData, number_of_frames=1))
     except Exception as exc:
-        raise ImageError(f"{label}: malformed compressed DICOM pixel data ({exc})") from None
+        raise ImageError(
+            f"{label}: malformed compressed DICOM pixel data ({_short(exc)})"
+        ) from None
     if syntax in pydicom.uid.RLETransferSyntaxes:
         return  # RLE decodes into Rows x Columns, already checked
     size = codestream_size(frame, syntax)
@@ -300,16 +320,22 @@ def _apply_luts(pixels: np.ndarray, dataset, label: str) -> np.ndarray:
     widths = dataset.get("WindowWidth")
     if widths is not None and "VOILUTSequence" not in dataset:
         values = widths if isinstance(widths, pydicom.multival.MultiValue) else [widths]
-        if any(float(v) <= 0 for v in values):
-            raise ImageError(f"{label}: DICOM VOI window width must be positive, not {widths}")
+        try:
+            positive = all(float(v) > 0 for v in values)
+        except (TypeError, ValueError):
+            positive = False
+        if not positive:
+            shown = str(widths)[:40]
+            raise ImageError(f"{label}: DICOM VOI window width must be positive, not {shown}")
     try:
         return apply_voi_lut(apply_modality_lut(pixels, dataset), dataset)
     except Exception as exc:  # a malformed LUT or window description
-        raise ImageError(f"{label}: invalid DICOM modality or VOI LUT ({exc})") from None
+        raise ImageError(f"{label}: invalid DICOM modality or VOI LUT ({_short(exc)})") from None
 
 
 CHECK_MODES = ("header", "full", "none")
 _HEADER_BYTES = 64 * 1024  # PNG's IHDR, a JPEG's frame header
+_LONG_HEADER_BYTES = 4 * 2**20  # when metadata pushes the frame header past 64 KB
 _TRAILER_BYTES = 64  # PNG's IEND chunk, a JPEG's end-of-image marker (and some padding)
 
 
@@ -326,8 +352,12 @@ def check_header(path: str | os.PathLike, *, max_pixels: int = MAX_PIXELS) -> No
             if is_dicom_bytes(head[:132]):
                 if info.st_size > MAX_FILE_BYTES:
                     raise ImageError(f"{label}: file is larger than 256 MiB (not an X-ray)")
-                _read_dicom(head + handle.read(), label, max_pixels)
+                rest = handle.read(MAX_FILE_BYTES + 1 - len(head))  # bounded: it may grow
+                _read_dicom(head + rest, label, max_pixels)
                 return
+            if not _pil_size_readable(head) and len(head) == _HEADER_BYTES:
+                # A large ICC profile or text chunk before the frame header: read on, bounded.
+                head += handle.read(_LONG_HEADER_BYTES - len(head))
             handle.seek(max(info.st_size - _TRAILER_BYTES, 0))
             tail = handle.read(_TRAILER_BYTES)
     except FileNotFoundError:
@@ -341,11 +371,21 @@ def check_header(path: str | os.PathLike, *, max_pixels: int = MAX_PIXELS) -> No
     _check_pil_header(head, tail, label, max_pixels)
 
 
+def _pil_size_readable(head: bytes) -> bool:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(head), formats=PIL_FORMATS):
+                return True
+    except Exception:  # any failure: the full check below says what is wrong
+        return False
+
+
 def _check_pil_header(head: bytes, tail: bytes, label: str, max_pixels: int) -> None:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(head)) as image:
+            with Image.open(io.BytesIO(head), formats=PIL_FORMATS) as image:
                 size, kind = image.size, image.format
     except Image.DecompressionBombError as exc:
         raise ImageTooLarge(f"{label}: decompression bomb refused ({exc})") from None

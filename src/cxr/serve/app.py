@@ -399,7 +399,8 @@ class _Service:
             overlay_png(crop, heatmap, title),
             media_type="image/png",
             headers={
-                "X-Pathology": labels[index],
+                # Header values are Latin-1: a label in another script is sent escaped.
+                "X-Pathology": labels[index].encode("ascii", "backslashreplace").decode(),
                 "X-Probability": f"{probability:.6f}",
                 "Cache-Control": "no-store",
             },

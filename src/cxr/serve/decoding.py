@@ -47,6 +47,7 @@ import time
 import weakref
 from collections.abc import Callable
 from functools import partial
+from multiprocessing import BufferTooShort
 from typing import Any
 
 import numpy as np
@@ -170,14 +171,18 @@ class DecodePool:
                 raise DecoderUnavailable("the decoding pool is closed")
             if self._slots:
                 return
-            slots = [_Slot(self._spawn()) for _ in range(self.workers)]
+            slots: list[_Slot] = []
             try:
+                for _ in range(self.workers):
+                    slots.append(_Slot(self._spawn()))
                 for slot in slots:
                     slot.worker.wait_ready(self.start_timeout_s)
-            except DecoderUnavailable:
+            except BaseException as exc:
                 for slot in slots:
                     slot.worker.end()
-                raise
+                if isinstance(exc, DecoderUnavailable):
+                    raise
+                raise DecoderUnavailable(f"cannot start the decoding workers ({exc})") from None
             self._slots.extend(slots)
             for slot in slots:
                 self._idle.put(slot)
@@ -219,7 +224,9 @@ class DecodePool:
             healthy = reply["status"] not in ("memory",)
         except _Expired:
             raise DecodeTimeout(f"{name}: not decoded within {timeout:g} s") from None
-        except (EOFError, OSError):
+        except (EOFError, OSError, ValueError, KeyError, TypeError, BufferTooShort):
+            # Died mid-job, or answered something that is not a reply (malformed JSON, an
+            # oversized pixel payload): either way its state is unknown, so it is replaced.
             code = slot.worker.end()
             raise DecoderCrashed(f"{name}: the decoder stopped on this image ({code})") from None
         finally:
@@ -239,10 +246,12 @@ class DecodePool:
             raise DecodeTimeout(f"{name}: no decoder became free within the time limit") from None
         if slot.worker is None or not slot.worker.alive():
             try:
-                self._fill(slot)
-            except DecoderUnavailable:
+                self._fill(slot, deadline)
+            except BaseException as exc:  # the slot always goes back, whatever the failure
                 self._idle.put(slot)
-                raise
+                if isinstance(exc, DecoderUnavailable):
+                    raise
+                raise DecoderUnavailable(f"cannot start a decoding worker ({exc})") from None
         return slot
 
     def _release(self, slot: _Slot) -> None:
@@ -250,16 +259,18 @@ class DecodePool:
 
     def _renew(self, slot: _Slot) -> None:
         """End the slot's worker now; start its replacement in the background."""
-        if slot.worker is not None:
-            slot.worker.end()
-            slot.worker = None
-        with self._lock:
-            self.restarts += 1
+        worker, slot.worker = slot.worker, None
+        try:
+            if worker is not None:
+                worker.end()
+        finally:
+            with self._lock:
+                self.restarts += 1
 
         def refill() -> None:
             try:
                 self._fill(slot)
-            except DecoderUnavailable as exc:  # the next job that takes the slot tries again
+            except Exception as exc:  # the next job that takes the slot tries again
                 if not self._closed:
                     log.error("decoding worker could not be restarted: %s", exc)
             finally:
@@ -267,15 +278,20 @@ class DecodePool:
 
         threading.Thread(target=refill, name="cxr-decode-restart", daemon=True).start()
 
-    def _fill(self, slot: _Slot) -> None:
-        if slot.worker is not None:
-            slot.worker.end()
-            slot.worker = None
+    def _fill(self, slot: _Slot, deadline: float | None = None) -> None:
+        """Start a worker for ``slot``, waiting for it at most until ``deadline`` (a request's)
+        or ``start_timeout_s``."""
+        worker, slot.worker = slot.worker, None
+        if worker is not None:
+            worker.end()
         if self._closed:
             raise DecoderUnavailable("the decoding pool is closed")
+        wait = self.start_timeout_s
+        if deadline is not None:
+            wait = max(0.01, min(wait, deadline - time.monotonic()))
         worker = self._spawn()
         try:
-            worker.wait_ready(self.start_timeout_s)
+            worker.wait_ready(wait)
         except DecoderUnavailable:
             worker.end()
             raise
@@ -394,7 +410,10 @@ class _Worker:
         self.conn.close()
         code = self.process.exitcode
         if code is not None and code < 0:
-            return f"signal {signal.Signals(-code).name}"
+            try:
+                return f"signal {signal.Signals(-code).name}"
+            except ValueError:  # a real-time signal has no name
+                return f"signal {-code}"
         return f"exit code {code}"
 
 
@@ -447,7 +466,11 @@ def _decode_one(function: DecodeFunction, data: bytes, name: str) -> tuple[dict,
     except ImageError as exc:
         if _caused_by_memory(exc):  # a decoder that wraps every failure, MemoryError included
             return {"status": "memory"}, None
-        return {"status": "refused", "kind": type(exc).__name__, "message": str(exc)}, None
+        # Cut: a message may quote the file (a UID, a header value), and the reply's header
+        # must stay small.
+        message = str(exc)
+        message = message if len(message) <= 500 else message[:497] + "..."
+        return {"status": "refused", "kind": type(exc).__name__, "message": message}, None
     except Exception as exc:
         return {"status": "failed", "kind": type(exc).__name__, "message": str(exc)[:500]}, None
 

@@ -109,7 +109,7 @@ def header_size(data: bytes, kind: str) -> tuple[int, int] | None:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as image:
+            with Image.open(io.BytesIO(data), formats=("PNG", "JPEG")) as image:
                 return image.size
     except Image.DecompressionBombError:
         return TOO_BIG  # over any sensible limit: PIL refuses to even open it
