@@ -432,6 +432,38 @@ def exchange(port: int, payload: bytes) -> bytes:
 
 
 @pytest.mark.slow
+def test_a_body_that_trickles_gets_408_at_its_total_limit():
+    """A part every 20 ms passes each 50 ms wait, but the whole body has 200 ms."""
+    parts = []
+
+    async def app(scope, receive, send):
+        while True:
+            message = await receive()
+            parts.append(message)
+            if not message.get("more_body"):
+                break
+
+    async def run():
+        sent = []
+
+        async def receive():
+            await asyncio.sleep(0.02)
+            return {"type": "http.request", "body": b"x", "more_body": True}  # never ends
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "method": "POST", "headers": [], "path": "/v1/predict"}
+        await BodyTimeout(app, timeout_s=0.05, total_s=0.2)(scope, receive, send)
+        return sent
+
+    sent = asyncio.run(run())
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 408
+    assert b"not all of it within 0.2 s" in sent[1]["body"]
+    # Without the total limit this body would never end (each part beats the 50 ms wait).
+    assert parts and all(part["more_body"] for part in parts)
+
+
 def test_the_server_closes_connections_whose_headers_or_body_stall(server):
     assert exchange(server, b"") == b""  # connected, never sent a byte
     assert exchange(server, b"POST /v1/predict HTTP/1.1\r\nHost: x\r\n") == b""

@@ -200,16 +200,19 @@ class BodyLimit:
 class BodyTimeout:
     """ASGI middleware: answer 408 and close when a request body stalls.
 
-    While the app waits for the next part of the body, each wait is bounded by ``timeout_s``;
-    a client that stops sending mid-body gets ``408`` with ``Connection: close`` instead of
-    holding a connection (and the upload received so far) open for as long as it likes. Once
-    the body is complete, ``receive`` is passed through untouched (the app may wait on it for
-    a disconnect while it answers).
+    While the app waits for the next part of the body, each wait is bounded by ``timeout_s``,
+    and the whole body by ``total_s`` (a client sending a byte every few seconds would pass
+    every wait): a client that stalls or trickles gets ``408`` with ``Connection: close``
+    instead of holding a connection (and the upload received so far) open for as long as it
+    likes. Once the body is complete, ``receive`` is passed through untouched (the app may
+    wait on it for a disconnect while it answers).
     """
 
-    def __init__(self, app, timeout_s: float):
+    def __init__(self, app, timeout_s: float, total_s: float | None = None):
         self.app = app
         self.timeout_s = float(timeout_s)
+        # By default 30 waits: a 32 MiB upload must come at 110 KB/s at least (10 s waits).
+        self.total_s = float(total_s) if total_s else 30 * self.timeout_s
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -217,13 +220,15 @@ class BodyTimeout:
             return
         body_done = False
         started = False
+        deadline = asyncio.get_running_loop().time() + self.total_s
 
         async def timed_receive():
             nonlocal body_done
             if body_done:
                 return await receive()
+            left = deadline - asyncio.get_running_loop().time()
             try:
-                message = await asyncio.wait_for(receive(), self.timeout_s)
+                message = await asyncio.wait_for(receive(), max(0.0, min(self.timeout_s, left)))
             except (asyncio.TimeoutError, TimeoutError):
                 raise _BodyStalled from None
             if message["type"] != "http.request" or not message.get("more_body", False):
@@ -241,7 +246,10 @@ class BodyTimeout:
             if started:  # nothing sensible to add to a response under way: the server closes
                 raise
             response = JSONResponse(
-                {"detail": f"request body stalled: nothing received for {self.timeout_s:g} s"},
+                {
+                    "detail": f"request body stalled: nothing received for {self.timeout_s:g} s, "
+                    f"or not all of it within {self.total_s:g} s"
+                },
                 408,
                 headers={"Connection": "close"},
             )
