@@ -817,3 +817,43 @@ def test_training_workers_default_to_the_cores_available(monkeypatch, tmp_path, 
     run = make_run(tmp_path / "run", workers=None, max_epochs=1)
     train_run(run)
     assert RunFolder(run).load_info()["workers"] == 2
+
+
+def test_unknown_labels_change_neither_the_loss_nor_its_gradient():
+    from cxr.model.loss import WeightedBCELoss, class_weights
+
+    nan = float("nan")
+    labels = np.array([[1, nan, 0], [0, 1, nan], [nan, 1, 1], [1, 0, 1]])
+    w_pos, w_neg = class_weights(labels)
+    # Known cells per class: 3, 3, 3; positives 2, 2, 2 (hand-counted): fraction 2/3 each.
+    assert w_pos.tolist() == pytest.approx([1 / 3] * 3)
+    assert w_neg.tolist() == pytest.approx([2 / 3] * 3)
+    assert class_weights(np.full((2, 1), nan))[0].tolist() == [0.5]
+    loss_fn = WeightedBCELoss(w_pos, w_neg)
+    logits = torch.randn(4, 3, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    targets = torch.tensor(labels, dtype=torch.float32)
+    loss = loss_fn(logits, targets)
+    loss.backward()
+    # Reference: the weighted BCE written out over the 9 known cells.
+    known = ~np.isnan(labels)
+    p = torch.sigmoid(logits.detach()).double().numpy()
+    y = np.nan_to_num(labels)
+    wp, wn = w_pos.double().numpy(), w_neg.double().numpy()
+    cell = -(wp * y * np.log(p) + wn * (1 - y) * np.log(1 - p))
+    assert float(loss) == pytest.approx(cell[known].sum() / known.sum(), rel=1e-6)
+    assert (logits.grad.numpy()[~known] == 0).all()  # an unknown cell moves nothing
+    # Any value standing in for an unknown label gives the same loss.
+    for stand_in in (0.0, 1.0):
+        other = torch.where(torch.isnan(targets), torch.tensor(stand_in), targets)
+        masked = WeightedBCELoss(w_pos, w_neg)
+        weights_known = torch.tensor(known, dtype=torch.float32)
+        manual = (
+            torch.nn.functional.binary_cross_entropy_with_logits(
+                logits.detach(),
+                other,
+                weight=(other * w_pos + (1 - other) * w_neg) * weights_known,
+                reduction="sum",
+            )
+            / weights_known.sum()
+        )
+        assert float(masked(logits.detach(), targets)) == pytest.approx(float(manual), rel=1e-6)

@@ -12,6 +12,7 @@ from rich.table import Table
 
 from cxr.cli.common import console, data_app, friendly_errors, progress_task, shown, warn
 from cxr.data.cache import build_cache
+from cxr.data.chexpert import chexpert_stats, is_chexpert_table, read_chexpert
 from cxr.data.nih import dataset_stats, find_table, load_nih, read_table
 from cxr.data.split import (
     check_split,
@@ -28,10 +29,18 @@ from cxr.labels import PATHOLOGIES
 @data_app.command("stats")
 @friendly_errors
 def data_stats(
-    data: Annotated[Path, typer.Argument(help="NIH folder, or a Data_Entry CSV (.csv/.csv.gz).")],
+    data: Annotated[
+        Path,
+        typer.Argument(
+            help="NIH folder, a Data_Entry CSV (.csv/.csv.gz), or CheXpert's train/valid CSV."
+        ),
+    ],
     as_json: Annotated[bool, typer.Option("--json", help="Print the numbers as JSON.")] = False,
 ):
     """Images, patients, views, sex, age and per-label counts and prevalences."""
+    if data.is_file() and is_chexpert_table(data):
+        _chexpert_stats(data, as_json)
+        return
     table_path = find_table(data)
     stats = dataset_stats(read_table(table_path))
     if as_json:
@@ -49,6 +58,24 @@ def data_stats(
     table = Table("label", "images", "prevalence")
     for name, entry in sorted(stats["labels"].items(), key=lambda kv: -kv[1]["count"]):
         table.add_row(name, f"{entry['count']:,}", f"{entry['prevalence']:.2%}")
+    console.print(table)
+
+
+def _chexpert_stats(path: Path, as_json: bool) -> None:
+    """CheXpert's table: the images need not be there (the table is enough to count)."""
+    stats = chexpert_stats(read_chexpert(path))
+    if as_json:
+        sys.stdout.write(json.dumps(stats, indent=2) + "\n")
+        return
+    console.print(f"[bold]{shown(path)}[/] (CheXpert layout; images not needed)", soft_wrap=True)
+    console.print(
+        f"images: {stats['images']:,}   patients: {stats['patients']:,}   frontal: "
+        f"{stats['frontal']:,}   lateral: {stats['lateral']:,}"
+    )
+    kinds = ("positive", "negative", "uncertain", "blank")
+    table = Table("label", *kinds)
+    for name, entry in stats["labels"].items():
+        table.add_row(name, *(f"{entry[kind]:,}" for kind in kinds))
     console.print(table)
 
 
