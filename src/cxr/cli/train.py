@@ -87,6 +87,44 @@ def _train_config(config_file: Path | None, overrides: dict) -> TrainConfig:
     return base.updated(**overrides)
 
 
+# The options of `cxr train` that take more than a line to declare.
+SplitOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--split",
+        help="Folder with train/val/test.csv to use (default: a patient-level split of "
+        "DATA, 10% val and 20% test patients, by --seed).",
+    ),
+]
+WeightsOption = Annotated[
+    str | None, typer.Option(help="imagenet (default), none, or a local weights file.")
+]
+TrainWorkersOption = Annotated[
+    int | None,
+    typer.Option(help="DataLoader worker processes (default: one per core but one, max 16)."),
+]
+AmpOption = Annotated[
+    bool | None,
+    typer.Option(
+        "--amp/--no-amp", help="Mixed precision: on CUDA, and bf16 on CPUs with native bf16."
+    ),
+]
+CompileOption = Annotated[
+    bool | None, typer.Option("--compile/--no-compile", help="torch.compile the model.")
+]
+CheckImagesOption = Annotated[
+    str | None,
+    typer.Option(
+        "--check-images",
+        help="Before training: header (default: each image's header, nearly free), full "
+        "(decode every image once) or none. Not needed with --cache.",
+    ),
+]
+CacheOption = Annotated[
+    Path | None, typer.Option("--cache", help="Read images from this `cxr data cache` folder.")
+]
+
+
 @app.command("train")
 @friendly_errors
 def train(
@@ -94,62 +132,32 @@ def train(
         Path | None, typer.Argument(help="NIH folder (table + images); not needed with --resume.")
     ] = None,
     out: Annotated[Path | None, typer.Option("--out", help="Run folder to create.")] = None,
-    split: Annotated[
-        Path | None,
-        typer.Option(
-            "--split",
-            help="Folder with train/val/test.csv to use (default: a patient-level split of "
-            "DATA, 10% val and 20% test patients, by --seed).",
-        ),
-    ] = None,
+    split: SplitOption = None,
     resume: Annotated[
         Path | None, typer.Option("--resume", help="Continue this run from its checkpoint.")
     ] = None,
     config: Annotated[Path | None, typer.Option("--config", help="JSON or TOML file.")] = None,
     image_size: Annotated[int | None, typer.Option(help="224 (default) or e.g. 320.")] = None,
     normalization: Annotated[str | None, typer.Option(help="imagenet or sample.")] = None,
-    weights: Annotated[
-        str | None, typer.Option(help="imagenet (default), none, or a local weights file.")
-    ] = None,
+    weights: WeightsOption = None,
     batch_size: Annotated[int | None, typer.Option(help="Images per step (16).")] = None,
     lr: Annotated[float | None, typer.Option(help="Initial learning rate (0.01).")] = None,
     max_epochs: Annotated[int | None, typer.Option(help="Upper bound on epochs.")] = None,
     max_plateaus: Annotated[int | None, typer.Option(help="Stop after this many.")] = None,
     plateau_patience: Annotated[int | None, typer.Option(help="Epochs before LR/10.")] = None,
-    workers: Annotated[
-        int | None,
-        typer.Option(help="DataLoader worker processes (default: one per core but one, max 16)."),
-    ] = None,
+    workers: TrainWorkersOption = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N.")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed for split, init and shuffling.")] = None,
-    amp: Annotated[
-        bool | None,
-        typer.Option(
-            "--amp/--no-amp", help="Mixed precision: on CUDA, and bf16 on CPUs with native bf16."
-        ),
-    ] = None,
-    compile: Annotated[
-        bool | None, typer.Option("--compile/--no-compile", help="torch.compile the model.")
-    ] = None,
+    amp: AmpOption = None,
+    compile: CompileOption = None,
     drop_missing: Annotated[
         bool, typer.Option("--drop-missing", help="Train without listed images not on disk.")
     ] = False,
-    check_images: Annotated[
-        str | None,
-        typer.Option(
-            "--check-images",
-            help="Before training: header (default: each image's header, nearly free), full "
-            "(decode every image once) or none. Not needed with --cache.",
-        ),
-    ] = None,
+    check_images: CheckImagesOption = None,
     skip_bad_images: Annotated[
-        bool,
-        typer.Option("--skip-bad-images", help="Train without unreadable images (warned)."),
+        bool, typer.Option("--skip-bad-images", help="Train without unreadable images (warned).")
     ] = False,
-    cache: Annotated[
-        Path | None,
-        typer.Option("--cache", help="Read images from this `cxr data cache` folder."),
-    ] = None,
+    cache: CacheOption = None,
 ):
     """Train the CheXNet-style DenseNet121 (weighted BCE, SGD, LR/10 on plateaus).
 
