@@ -79,17 +79,23 @@ def decode_gray(
     return _decode_pil(data, label, max_pixels)
 
 
+def _check_size(size: tuple[int, int], label: str, max_pixels: int) -> None:
+    """Refuse a declared (width, height) over the budget, or without pixels."""
+    if size[0] * size[1] > max_pixels:
+        raise ImageTooLarge(
+            f"{label}: image is {size[0]}x{size[1]} pixels, more than the limit of "
+            f"{max_pixels:,} (a corrupt file or a decompression bomb)"
+        )
+    if min(size) < 1:
+        raise ImageError(f"{label}: image has no pixels")
+
+
 def _decode_pil(data: bytes, label: str, max_pixels: int) -> np.ndarray:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data), formats=PIL_FORMATS)
-            width, height = image.size
-            if width * height > max_pixels:
-                raise ImageTooLarge(
-                    f"{label}: image is {width}x{height} pixels, more than the limit of "
-                    f"{max_pixels:,} (a corrupt file or a decompression bomb)"
-                )
+            _check_size(image.size, label, max_pixels)
             image.load()
     except ImageError:
         raise
@@ -99,8 +105,6 @@ def _decode_pil(data: bytes, label: str, max_pixels: int) -> np.ndarray:
         raise ImageTooLarge(f"{label}: decompression bomb refused ({exc})") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise ImageError(f"{label}: corrupt or truncated image ({_short(exc)})") from None
-    if min(image.size) < 1:
-        raise ImageError(f"{label}: image has no pixels")
     return _to_uint8_gray(image, label)
 
 
@@ -391,13 +395,7 @@ def _check_pil_header(head: bytes, tail: bytes, label: str, max_pixels: int) -> 
         raise ImageTooLarge(f"{label}: decompression bomb refused ({exc})") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
         raise ImageError(f"{label}: not a readable image (PNG, JPEG or DICOM expected)") from None
-    if size[0] * size[1] > max_pixels:
-        raise ImageTooLarge(
-            f"{label}: image is {size[0]}x{size[1]} pixels, more than the limit of "
-            f"{max_pixels:,} (a corrupt file or a decompression bomb)"
-        )
-    if min(size) < 1:
-        raise ImageError(f"{label}: image has no pixels")
+    _check_size(size, label, max_pixels)
     ends = {"PNG": b"IEND\xaeB`\x82", "JPEG": b"\xff\xd9"}.get(kind)
     if ends is not None and ends not in tail:
         raise ImageError(f"{label}: corrupt or truncated image (its end is missing)")
