@@ -50,10 +50,13 @@ def test_cxr_data_stats_reads_a_chexpert_table_without_its_images(real_table):
 def test_bad_chexpert_tables_name_the_file_line_and_problem(tmp_path):
     blanks = "," * 12  # after the first label: 13 more, blank
     cases = {
-        "missing.csv": (HEADER.replace(",Fracture", ""), "missing column(s) 'Fracture'"),
+        "missing.csv": (
+            f"{HEADER.replace(',Fracture', '')}\n{ROW}1.0,{blanks[1:]}",
+            "missing column(s) 'Fracture'",
+        ),
         "value.csv": (
             f"{HEADER}\n{ROW}1.0,{blanks}\n{ROW}2.0,{blanks}",
-            "line 3: No Finding is '2.0'; expected 1, 0, -1 or blank",
+            "line 3: label 'No Finding' is '2.0'; expected 1 (positive), 0 (negative), -1",
         ),
         "patient.csv": (
             f"{HEADER}\n{ROW.replace('patient00001/', '')}1.0,{blanks}",

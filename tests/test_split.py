@@ -190,6 +190,7 @@ def test_write_and_read_round_trip(tmp_path, mini):
     written = write_split(split, tmp_path / "split")
     assert written == {name: tmp_path / "split" / f"{name}.csv" for name in SPLITS}
     assert sorted(p.name for p in (tmp_path / "split").iterdir()) == [
+        "dataset.json",
         "test.csv",
         "train.csv",
         "val.csv",

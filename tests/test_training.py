@@ -160,9 +160,9 @@ def _scripted_validation(monkeypatch, margins):
     a larger margin gives a lower loss. Returns the weights seen at each validation."""
     seen = []
     monkeypatch.setattr(
-        cxr.workflows.train, "create_model", lambda weights: (TinyNet(), {"init": "tiny"})
+        cxr.workflows.train, "create_model", lambda weights, labels=None: (TinyNet(), {"init": "tiny"})
     )
-    monkeypatch.setattr(cxr.workflows.train, "build_model", TinyNet)  # on resume
+    monkeypatch.setattr(cxr.workflows.train, "build_model", lambda n=14: TinyNet())  # resume
 
     def predict_logits(model, loader, device, **kwargs):
         seen.append(copy.deepcopy(model.state_dict()))
@@ -442,7 +442,7 @@ def test_weights_file_that_is_not_densenet_is_refused(tmp_path):
     torch.save({"features.conv0.weight": torch.zeros(3, 3)}, path)
     with pytest.raises(ModelError, match="do not fit DenseNet121"):
         create_model(str(path))
-    with pytest.raises(ModelError, match="weights file not found"):
+    with pytest.raises(ModelError, match="weights not found"):
         create_model(str(tmp_path / "missing.pth"))
 
 

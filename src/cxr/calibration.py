@@ -58,8 +58,10 @@ def nll(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> flo
     """Mean binary cross-entropy of ``sigmoid(logits / T)`` over every image and class."""
     z = np.asarray(logits, dtype=np.float64) / temperature
     y = np.asarray(labels, dtype=np.float64)
-    # -[y log s(z) + (1 - y) log(1 - s(z))] = softplus(z) - y z, computed without overflow.
-    return float(np.mean(np.logaddexp(0.0, z) - y * z))
+    # -[y log s(z) + (1 - y) log(1 - s(z))] = softplus(z) - y z, computed without overflow;
+    # unknown labels (NaN) are left out of the mean.
+    cells = np.logaddexp(0.0, z) - y * z
+    return float(np.nanmean(cells)) if np.isnan(y).any() else float(np.mean(cells))
 
 
 def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:

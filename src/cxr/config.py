@@ -18,6 +18,7 @@ else:  # pragma: no cover - Python 3.10 has no tomllib; the tomli backport is a 
 
 NORMALIZATIONS = ("imagenet", "sample")
 CHECK_MODES = ("header", "full", "none")
+UNCERTAIN_POLICIES = ("ignore", "zeros", "ones")
 # The input sizes a model may be trained and run at: below 32 px DenseNet121's feature map
 # vanishes; above 1024 px (NIH's own size) an image is only upsampled, and one image costs
 # gigabytes (a bundle's image_size is checked against the same range).
@@ -33,7 +34,11 @@ class TrainConfig:
     scale_max: float = 1.15
     hflip: bool = True
     # Model
-    weights: str = "imagenet"  # "imagenet", "none", or a local weights file / bundle
+    weights: str = "imagenet"  # "imagenet", "none", a local weights file, or a bundle / run
+    freeze_backbone: bool = False  # train only the classifier (linear probing)
+    # Uncertain (-1) labels in training (Irvin et al. 2019): "ignore" leaves them out of the
+    # loss (U-Ignore), "zeros" / "ones" count them negative / positive (U-Zeros / U-Ones).
+    uncertain: str = "ignore"
     # Optimisation
     batch_size: int = 16
     lr: float = 0.01
@@ -87,6 +92,10 @@ class TrainConfig:
         if self.check_images not in CHECK_MODES:
             raise ConfigError(
                 f"check_images must be one of {', '.join(CHECK_MODES)}, not {self.check_images!r}"
+            )
+        if self.uncertain not in UNCERTAIN_POLICIES:
+            raise ConfigError(
+                f"uncertain must be one of {', '.join(UNCERTAIN_POLICIES)}, not {self.uncertain!r}"
             )
         if self.cache == "":
             self.cache = None

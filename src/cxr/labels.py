@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from cxr.errors import DataError
 
 PATHOLOGIES: tuple[str, ...] = (
@@ -59,3 +61,99 @@ def canonical_pathology(name: str) -> str:
         if known.lower() == name.lower().replace(" ", "_"):
             return known
     raise ValueError(f"unknown pathology {name!r}; expected one of {', '.join(PATHOLOGIES)}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Vocabularies of the other public datasets, and the maps between them
+
+CHEXPERT_LABELS: tuple[str, ...] = (
+    "No Finding",
+    "Enlarged Cardiomediastinum",
+    "Cardiomegaly",
+    "Lung Opacity",
+    "Lung Lesion",
+    "Edema",
+    "Consolidation",
+    "Pneumonia",
+    "Atelectasis",
+    "Pneumothorax",
+    "Pleural Effusion",
+    "Pleural Other",
+    "Fracture",
+    "Support Devices",
+)
+# MIMIC-CXR-JPG's labels come from the same CheXpert labeller, under the same names.
+MIMIC_LABELS = CHEXPERT_LABELS
+
+# How an NIH model's outputs answer another vocabulary's labels: each target label is scored
+# by the highest probability among the listed NIH outputs (a call is positive when any of
+# them is). Same-named labels map to themselves. Pairs are ours where the vocabularies do
+# not line up one to one; each is a judgement, stated here so that a user can override it
+# (``--label-map``):
+#  - CheXpert's "Lung Lesion" is a mass or a nodule;
+#  - NIH's "Pleural_Thickening" is only part of CheXpert's broader "Pleural Other", and
+#    "Lung Opacity" is broader than any NIH label, so neither is mapped.
+NIH_TO_CHEXPERT: dict[str, tuple[str, ...]] = {
+    "Atelectasis": ("Atelectasis",),
+    "Cardiomegaly": ("Cardiomegaly",),
+    "Consolidation": ("Consolidation",),
+    "Edema": ("Edema",),
+    "Pleural Effusion": ("Effusion",),
+    "Pneumonia": ("Pneumonia",),
+    "Pneumothorax": ("Pneumothorax",),
+    "Lung Lesion": ("Mass", "Nodule"),
+}
+# The radiologist-adjudicated labels of Majkowska et al. (Radiology 2019) for 4,376 NIH
+# images. "Airspace opacity" there covers consolidation, infiltrates, pneumonia, atelectasis
+# and edema-like opacities, so it takes the highest of those NIH outputs; "Fracture" has no
+# NIH output and is left out (and said so).
+GOOGLE2019_LABELS: tuple[str, ...] = (
+    "Fracture",
+    "Pneumothorax",
+    "Airspace opacity",
+    "Nodule or mass",
+)
+NIH_TO_GOOGLE2019: dict[str, tuple[str, ...]] = {
+    "Pneumothorax": ("Pneumothorax",),
+    "Nodule or mass": ("Nodule", "Mass"),
+    "Airspace opacity": ("Atelectasis", "Consolidation", "Infiltration", "Pneumonia", "Edema"),
+}
+
+
+def default_label_map(
+    model_labels: Sequence[str], data_labels: Sequence[str]
+) -> dict[str, tuple[str, ...]]:
+    """Which model outputs score each data label: same names first, then the NIH map in
+    whichever direction applies. Data labels no model output answers are left out."""
+    model_set = set(model_labels)
+    mapping: dict[str, tuple[str, ...]] = {}
+    for target in data_labels:
+        if target in model_set:
+            mapping[target] = (target,)
+            continue
+        for table in (NIH_TO_CHEXPERT, NIH_TO_GOOGLE2019):
+            sources = table.get(target)
+            if sources and all(s in model_set for s in sources):
+                mapping[target] = sources
+                break
+        else:
+            # The other direction: a CheXpert-trained model scored on NIH's labels.
+            reverse = [k for k, v in NIH_TO_CHEXPERT.items() if v == (target,) and k in model_set]
+            if reverse:
+                mapping[target] = (reverse[0],)
+    return mapping
+
+
+def parse_label_map(text: str) -> dict[str, tuple[str, ...]]:
+    """``--label-map 'Pleural Effusion=Effusion;Lung Lesion=Mass|Nodule'``: data label =
+    model output(s), entries separated by ``;``, several outputs by ``|``."""
+    mapping: dict[str, tuple[str, ...]] = {}
+    for entry in filter(None, (part.strip() for part in text.split(";"))):
+        target, sep, sources = entry.partition("=")
+        names = tuple(s.strip() for s in sources.split("|") if s.strip())
+        if not sep or not target.strip() or not names:
+            raise DataError(
+                f"label map entry {entry!r}: expected DATA_LABEL=MODEL_LABEL[|MODEL_LABEL...]"
+            )
+        mapping[target.strip()] = names
+    return mapping

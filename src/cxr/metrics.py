@@ -39,6 +39,25 @@ def _none_if_nan(value: float) -> float | None:
     return None if value is None or not np.isfinite(value) else float(value)
 
 
+def _truth_and_known(truth: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """0/1 truth as booleans, and which labels are known (not NaN)."""
+    truth = np.asarray(truth)
+    if truth.dtype.kind != "f":
+        return truth.astype(bool), np.ones(truth.shape, dtype=bool)
+    known = ~np.isnan(truth)
+    return np.where(known, truth, 0.0) > 0.5, known
+
+
+def known_only(truth: np.ndarray, *others: np.ndarray) -> tuple[np.ndarray, ...]:
+    """``truth`` (and the arrays beside it) without the images whose label is unknown (NaN):
+    CheXpert and MIMIC leave unmentioned findings blank, and those count for nothing."""
+    truth = np.asarray(truth)
+    if truth.dtype.kind != "f" or not np.isnan(truth).any():
+        return (truth, *(np.asarray(o) for o in others))
+    keep = ~np.isnan(truth)
+    return (truth[keep], *(np.asarray(o)[keep] for o in others))
+
+
 def probabilities(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     """``sigmoid(logits / T)`` in float64: the model's probabilities at a temperature."""
     return 1.0 / (1.0 + np.exp(-np.asarray(logits, dtype=np.float64) / temperature))
@@ -69,10 +88,13 @@ def weighted_auroc(truth: np.ndarray, scores: np.ndarray, weights: np.ndarray) -
     that is the AUROC of the data set in which image i appears w_i times. NaN where a row has
     no positive or no negative weight. One gather and one cumulative sum per call: each
     positive's share is the negative weight below its score plus half of that tied with it.
+    An unknown label (NaN) weighs nothing.
     """
-    truth = np.asarray(truth).astype(bool)
+    truth, known = _truth_and_known(truth)
     scores = np.asarray(scores, dtype=np.float64)
     weights = np.atleast_2d(np.asarray(weights, dtype=np.float64))
+    if not known.all():
+        weights = weights * known
     order, starts = _tie_groups(scores)
     positive = truth[order]
     ends = np.r_[starts[1:], len(scores)]  # one past each tie group's end
@@ -160,7 +182,7 @@ def bootstrap_auroc(
         counts = counts_all[start : start + chunk]
         for c in range(classes):
             per_class[start : start + chunk, c] = weighted_auroc(y_true[:, c], y_prob[:, c], counts)
-    defined = [c for c in range(classes) if 0 < y_true[:, c].sum() < n]
+    defined = [c for c in range(classes) if auroc(y_true[:, c], y_prob[:, c]) is not None]
     with np.errstate(invalid="ignore"), _quiet_nanmean():
         mean = np.nanmean(per_class[:, defined], axis=1) if defined else np.full(resamples, np.nan)
     return BootstrapResult(per_class, mean, resamples, "image" if groups is None else "patient")
@@ -197,7 +219,8 @@ def percentile_interval(
 def average_precision(truth: np.ndarray, scores: np.ndarray) -> float | None:
     """Area under the precision-recall curve as scikit-learn's ``average_precision_score``:
     sum over thresholds of (recall gained) x (precision there), ties taken together."""
-    truth = np.asarray(truth).astype(bool)
+    truth, scores = known_only(truth, scores)
+    truth = truth.astype(bool)
     scores = np.asarray(scores, dtype=np.float64)
     positives = int(truth.sum())
     if positives == 0:
@@ -220,8 +243,10 @@ def _ratio(numerator: int, denominator: int) -> float | None:
 
 
 def threshold_metrics(truth: np.ndarray, scores: np.ndarray, threshold: float) -> dict:
-    """Confusion counts and the rates at ``threshold`` (a call is a score >= threshold)."""
-    truth = np.asarray(truth).astype(bool)
+    """Confusion counts and the rates at ``threshold`` (a call is a score >= threshold);
+    images whose label is unknown (NaN) are left out."""
+    truth, scores = known_only(truth, scores)
+    truth = truth.astype(bool)
     call = np.asarray(scores, dtype=np.float64) >= threshold
     tp = int(np.sum(truth & call))
     fp = int(np.sum(~truth & call))
@@ -253,12 +278,14 @@ def classification_metrics(
     aurocs = auroc_per_class(y_true, y_prob)
     per_class = {}
     for column, name in enumerate(labels[: y_true.shape[1]]):
-        truth = y_true[:, column].astype(bool)
-        at = threshold_metrics(truth, y_prob[:, column], float(thresholds[column]))
+        truth, prob = known_only(y_true[:, column], y_prob[:, column])
+        truth = truth.astype(bool)
+        at = threshold_metrics(truth, prob, float(thresholds[column]))
         per_class[name] = {
             "auroc": aurocs[column],
             "positives": int(truth.sum()),
             "negatives": int((~truth).sum()),
+            "unknown": int(len(y_true) - len(truth)),
             **{key: at[key] for key in ("threshold", "tp", "fp", "fn", "tn")},
             "sensitivity": at["sensitivity"],
             "specificity": at["specificity"],
@@ -277,11 +304,11 @@ def choose_threshold(
     - ``youden``: maximise sensitivity + specificity - 1 (Youden's J) on the ROC curve;
     - ``sensitivity``: the highest threshold whose sensitivity reaches ``target_sensitivity``;
     - ``f1``: maximise F1.
-    A class without both positives and negatives keeps 0.5.
+    A class without both positives and negatives keeps 0.5; unknown labels are left out.
     """
-    truth = np.asarray(truth)
+    truth, prob = known_only(truth, prob)
     prob = np.asarray(prob, dtype=np.float64)
-    if truth.min() == truth.max():
+    if not len(truth) or truth.min() == truth.max():
         return DEFAULT_THRESHOLD
     if rule == "youden":
         fpr, tpr, thresholds = roc_curve(truth, prob)
@@ -322,9 +349,10 @@ def reliability_bins(truth: np.ndarray, prob: np.ndarray, bins: int = DEFAULT_BI
     probability and observed fraction of positives (``None`` for empty bins).
 
     A probability on an inner edge belongs to the bin below it (scikit-learn's
-    ``calibration_curve`` convention); 0 and 1 belong to the first and last bins.
+    ``calibration_curve`` convention); 0 and 1 belong to the first and last bins. Images
+    whose label is unknown (NaN) are left out.
     """
-    truth = np.asarray(truth, dtype=np.float64)
+    truth, prob = known_only(truth, prob)
     prob = np.asarray(prob, dtype=np.float64)
     edges = np.linspace(0.0, 1.0, bins + 1)
     index = np.searchsorted(edges[1:-1], prob, side="left")

@@ -11,7 +11,8 @@ import numpy as np
 import pandas as pd
 
 from cxr.config import TrainConfig
-from cxr.data.nih import PATH_COLUMN, prepare_table
+from cxr.data.nih import PATH_COLUMN
+from cxr.data.split import read_split_info, read_split_table, write_split_info
 from cxr.errors import DataError
 from cxr.utils import atomic_write_csv, atomic_write_text
 
@@ -59,13 +60,25 @@ class RunFolder:
         atomic_write_text(path, json.dumps(values, indent=2, default=_json_default) + "\n")
 
     def read_split(self, name: str) -> pd.DataFrame:
-        """A split table of this run, with image paths, validated like any NIH table."""
+        """A split table of this run, with image paths, validated like any table of its
+        layout."""
         path = self.split_file(name)
-        return read_split_table(path)
+        if not path.exists():
+            raise DataError(f"{path}: split file not found")
+        return read_split_table(path, self.dataset_info())
 
-    def write_split(self, frames: dict[str, pd.DataFrame]) -> None:
+    def dataset_info(self) -> dict[str, Any]:
+        """The layout and label names the run was trained on (``split/dataset.json``)."""
+        return read_split_info(self.split_dir)
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return tuple(self.dataset_info()["labels"])
+
+    def write_split(self, frames: dict[str, pd.DataFrame], info: dict[str, Any]) -> None:
         for name, frame in frames.items():
             atomic_write_csv(frame, self.split_file(name))
+        write_split_info(self.split_dir, info)
 
     def clear_stale_temp_files(self) -> list[Path]:
         """Remove what an atomic write killed before its rename left behind."""
@@ -76,16 +89,6 @@ class RunFolder:
 
     def read_metrics(self) -> dict[str, Any]:
         return json.loads(self.metrics.read_text()) if self.metrics.exists() else {}
-
-
-def read_split_table(path: Path) -> pd.DataFrame:
-    if not Path(path).exists():
-        raise DataError(f"{path}: split file not found")
-    try:
-        raw = pd.read_csv(path, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: not a readable CSV ({exc})") from None
-    return prepare_table(raw, source=str(path))
 
 
 def require_paths(frame: pd.DataFrame, source: str) -> pd.DataFrame:

@@ -18,6 +18,7 @@ from cxr.data.images import decode_gray
 from cxr.data.nih import PATH_COLUMN, label_matrix
 from cxr.data.transforms import Augment, Preprocess
 from cxr.errors import CxrError
+from cxr.labels import PATHOLOGIES
 
 
 class XrayDataset(Dataset):
@@ -129,17 +130,24 @@ def split_loader(
     world_size: int = 1,
     pad: bool = True,
     pin_memory: bool = False,
+    targets: np.ndarray | None = None,
 ) -> tuple[DataLoader, EpochSampler]:
     """The DataLoader over a split table (``path`` + label columns) and its sampler.
+
+    ``targets`` is the ``[images, labels]`` matrix the batches carry (NaN for unknown); by
+    default NIH's 14 label columns, or none for a table without them (inference).
 
     With ``augment`` it is a training loader: shuffled every epoch (``sampler.set_epoch``) and
     augmented per (seed, epoch, image); without, the images come in table order, as
     evaluation and validation need. ``rank`` / ``world_size`` shard it across processes.
     """
     training = augment is not None
+    if targets is None:
+        nih = all(name in frame.columns for name in PATHOLOGIES)
+        targets = label_matrix(frame) if nih else np.zeros((len(frame), 0), np.float32)
     dataset = XrayDataset(
         frame[PATH_COLUMN].tolist(),
-        label_matrix(frame),
+        targets,
         preprocess,
         augment,
         seed=seed,

@@ -1,4 +1,4 @@
-"""Patient-level train/val/test splits of NIH ChestX-ray14, stratified on the 14 pathologies.
+"""Patient-level train/val/test splits of any labelled image table, stratified on its labels.
 
 A patient's images always land in one set: X-rays of the same person are strongly correlated,
 so sharing a patient between train and test inflates test scores (leakage).
@@ -18,6 +18,7 @@ patients sorted by id, so one seed and one table give one split on any machine.
 from __future__ import annotations
 
 import gzip
+import json
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -28,11 +29,15 @@ import numpy as np
 import pandas as pd
 
 from cxr.data.nih import IMAGE_COLUMN, LABELS_COLUMN, PATIENT_COLUMN, prepare_table
+from cxr.data.table import SOURCE_SPLIT_COLUMN, line_namer, parse_label_cells
 from cxr.errors import DataError, LeakageError
 from cxr.labels import PATHOLOGIES, format_finding_labels
-from cxr.utils import atomic_write_csv
+from cxr.utils import atomic_write_csv, atomic_write_text
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
+# What a split folder records about its data: the layout and the labels in order.
+DATASET_INFO = "dataset.json"
+NIH_INFO = {"layout": "nih", "labels": list(PATHOLOGIES)}
 DEFAULT_VAL_FRACTION = 0.1
 DEFAULT_TEST_FRACTION = 0.2
 TRAIN_VAL_LIST = "train_val_list.txt"
@@ -52,17 +57,19 @@ class Split:
     test: pd.DataFrame
     method: str  # "patients" | "fractions" | "official"
     seed: int
+    labels: tuple[str, ...] = PATHOLOGIES
+    layout: str = "nih"
 
     def frames(self) -> dict[str, pd.DataFrame]:
         return {"train": self.train, "val": self.val, "test": self.test}
 
     def summary(self) -> pd.DataFrame:
-        """Rows train/val/test; columns images, patients, then positive images per pathology."""
+        """Rows train/val/test; columns images, patients, then positive images per label."""
         rows = {}
         for name, frame in self.frames().items():
             row = {"images": len(frame), "patients": int(frame[PATIENT_COLUMN].nunique())}
-            for label in PATHOLOGIES:
-                row[label] = int(frame[label].sum()) if label in frame.columns else 0
+            for label in self.labels:
+                row[label] = int((frame[label] == 1).sum()) if label in frame.columns else 0
             rows[name] = row
         summary = pd.DataFrame.from_dict(rows, orient="index")
         summary.index.name = "split"
@@ -81,16 +88,18 @@ def split_by_patients(
     val_fraction: float | None = None,
     test_fraction: float | None = None,
     seed: int = 0,
+    labels: Sequence[str] = PATHOLOGIES,
+    layout: str = "nih",
 ) -> Split:
-    """Split ``table`` into train/val/test by patient, stratified on the 14 pathologies.
+    """Split ``table`` into train/val/test by patient, stratified on its ``labels``.
 
     Each of val and test is sized by a patient count or a fraction of the patients (not both);
     a set given neither gets the default fraction (val 0.1, test 0.2). Counts are exact; a
     positive fraction gives at least one patient. Train keeps the other patients and must keep
     at least one.
     """
-    _check_table(table)
-    patients, inverse, flags = _patient_flags(table)
+    _check_table(table, labels)
+    patients, inverse, flags = _patient_flags(table, labels)
     n = len(patients)
     n_val = _set_size("val", val_patients, val_fraction, DEFAULT_VAL_FRACTION, n)
     n_test = _set_size("test", test_patients, test_fraction, DEFAULT_TEST_FRACTION, n)
@@ -104,30 +113,43 @@ def split_by_patients(
     per_row = assignment[inverse]
     frames = [table[per_row == s].reset_index(drop=True) for s in range(len(SPLITS))]
     by_count = val_patients is not None or test_patients is not None
-    split = Split(*frames, method="patients" if by_count else "fractions", seed=seed)
+    method = "patients" if by_count else "fractions"
+    split = Split(*frames, method=method, seed=seed, labels=tuple(labels), layout=layout)
     check_split(split.frames())
     return split
 
 
-def _check_table(table: pd.DataFrame) -> None:
-    missing = [c for c in (PATIENT_COLUMN, *PATHOLOGIES) if c not in table.columns]
+def _check_table(table: pd.DataFrame, labels: Sequence[str] = PATHOLOGIES) -> None:
+    missing = [c for c in (PATIENT_COLUMN, *labels) if c not in table.columns]
     if missing:
         raise DataError(
             f"cannot split: the table lacks column(s) {', '.join(repr(c) for c in missing)}; "
-            "read it with cxr.data.nih.read_table"
+            "read it with cxr.data.datasets.read_dataset"
         )
     if table.empty:
         raise DataError("cannot split an empty table")
 
 
-def _patient_flags(table: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Patients sorted by id, each row's patient index, and per-patient positive flags."""
-    patients, inverse = np.unique(
-        table[PATIENT_COLUMN].to_numpy(dtype=np.int64), return_inverse=True
-    )
-    labels = table[list(PATHOLOGIES)].to_numpy()
-    flags = np.empty((len(patients), len(PATHOLOGIES)), dtype=bool)
-    for column in range(len(PATHOLOGIES)):
+def patient_keys(patients: pd.Series) -> np.ndarray:
+    """Patient ids to sort and compare by: numbers where every id is one (NIH, MIMIC), so
+    that one seed gives one split whether ids were read as numbers or text, else text."""
+    if patients.dtype.kind in "iu":
+        return patients.to_numpy(dtype=np.int64)
+    text = patients.astype(str).str.strip()
+    if len(text) and text.str.fullmatch(r"\d{1,18}").all():
+        return text.to_numpy().astype(np.int64)
+    return text.to_numpy().astype(str)
+
+
+def _patient_flags(
+    table: pd.DataFrame, label_names: Sequence[str] = PATHOLOGIES
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Patients sorted by id, each row's patient index, and per-patient positive flags
+    (uncertain and unknown labels count as not positive)."""
+    patients, inverse = np.unique(patient_keys(table[PATIENT_COLUMN]), return_inverse=True)
+    labels = table[list(label_names)].to_numpy(dtype=np.float64, na_value=0.0)
+    flags = np.empty((len(patients), len(label_names)), dtype=bool)
+    for column in range(len(label_names)):
         flags[:, column] = (
             np.bincount(
                 inverse, weights=(labels[:, column] > 0).astype(np.float64), minlength=len(patients)
@@ -458,7 +480,7 @@ def check_split(frames: Mapping[str, pd.DataFrame]) -> None:
         parts.append(
             pd.DataFrame(
                 {
-                    "patient": frame[PATIENT_COLUMN].to_numpy(dtype=np.int64),
+                    "patient": patient_keys(frame[PATIENT_COLUMN]),
                     "set": np.full(len(frame), code),
                 }
             )
@@ -474,7 +496,8 @@ def check_split(frames: Mapping[str, pd.DataFrame]) -> None:
     names = list(frames)
     shared: dict[int, dict[str, int]] = {}
     for (patient, code), n in counts.items():
-        shared.setdefault(int(patient), {})[names[code]] = int(n)
+        key = int(patient) if isinstance(patient, (int, np.integer)) else str(patient)
+        shared.setdefault(key, {})[names[code]] = int(n)
     described = [
         f"patient {patient} ("
         + ", ".join(f"{name}: {n} image{'s' if n != 1 else ''}" for name, n in where.items())
@@ -487,6 +510,41 @@ def check_split(frames: Mapping[str, pd.DataFrame]) -> None:
     if more:
         message += f", and {more:,} more"
     raise LeakageError(message, shared)
+
+
+def split_by_source(
+    table: pd.DataFrame,
+    *,
+    labels: Sequence[str],
+    layout: str,
+    val_patients: int | None = None,
+    val_fraction: float | None = None,
+    seed: int = 0,
+) -> Split:
+    """The dataset's own split (``source_split``): MIMIC's train / validate / test as they are;
+    CheXpert's valid.csv as the test set, validation carved out of train.csv by patient."""
+    _check_table(table, labels)
+    if SOURCE_SPLIT_COLUMN not in table.columns:
+        raise DataError(f"the {layout} table has no split of its own; split by patient instead")
+    named = table[SOURCE_SPLIT_COLUMN].astype(str)
+    test = (named == "test") if (named == "test").any() else (named == "valid")
+    if not test.any():
+        raise DataError(f"the {layout} table's own split has no test images")
+    given_val = named == "validate"
+    per_row = np.where(test, 2, np.where(given_val, 1, 0))
+    if not given_val.any():
+        train_val = table[~test.to_numpy()]
+        patients, inverse, flags = _patient_flags(train_val, labels)
+        n = len(patients)
+        n_val = _set_size("val", val_patients, val_fraction, DEFAULT_VAL_FRACTION, n)
+        if n_val > n - 1:
+            raise DataError(f"asked for {n_val:,} validation patients of only {n:,}")
+        assignment = _stratified_assign(flags, [n - n_val, n_val], np.random.default_rng(seed))
+        per_row[~test.to_numpy()] = assignment[inverse]
+    frames = [table[per_row == s].reset_index(drop=True) for s in range(len(SPLITS))]
+    split = Split(*frames, method="official", seed=seed, labels=tuple(labels), layout=layout)
+    check_split(split.frames())
+    return split
 
 
 def write_split(split: Split, out_dir: str | os.PathLike) -> dict[str, Path]:
@@ -503,8 +561,8 @@ def write_split(split: Split, out_dir: str | os.PathLike) -> dict[str, Path]:
         raise DataError(f"{out_dir}: cannot create the split folder ({exc})") from None
     written = {}
     for name, frame in frames.items():
-        if LABELS_COLUMN not in frame.columns:
-            # read_split derives the label columns from NIH's label text, so keep it in sync.
+        if split.layout == "nih" and LABELS_COLUMN not in frame.columns:
+            # read_split derives NIH's label columns from its label text, so keep it in sync.
             frame = frame.assign(
                 **{
                     LABELS_COLUMN: [
@@ -515,7 +573,39 @@ def write_split(split: Split, out_dir: str | os.PathLike) -> dict[str, Path]:
         path = out_dir / f"{name}.csv"
         _write_atomic(frame, path)
         written[name] = path
+    write_split_info(out_dir, {"layout": split.layout, "labels": list(split.labels)})
     return written
+
+
+def write_split_info(out_dir: str | os.PathLike, info: dict) -> None:
+    path = Path(out_dir) / DATASET_INFO
+    try:
+        atomic_write_text(path, json.dumps(info, indent=2) + "\n")
+    except OSError as exc:
+        raise DataError(f"{path}: cannot write ({exc})") from None
+
+
+def read_split_info(directory: str | os.PathLike) -> dict:
+    """The layout and labels of a split folder (NIH's when it predates ``dataset.json``)."""
+    path = Path(directory) / DATASET_INFO
+    if not path.is_file():
+        return dict(NIH_INFO)
+    try:
+        if path.stat().st_size > 1 << 20:
+            raise DataError(f"{path}: too big for a dataset description")
+        info = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise DataError(f"{path}: not a readable dataset description ({exc})") from None
+    labels = info.get("labels") if isinstance(info, dict) else None
+    if (
+        not isinstance(labels, list)
+        or not labels
+        or not all(isinstance(n, str) and n for n in labels)
+        or len(set(labels)) != len(labels)
+        or not isinstance(info.get("layout"), str)
+    ):
+        raise DataError(f"{path}: expected a layout and a list of distinct label names")
+    return info
 
 
 def _write_atomic(frame: pd.DataFrame, path: Path) -> None:
@@ -530,6 +620,7 @@ def read_split(directory: str | os.PathLike) -> dict[str, pd.DataFrame]:
     directory = Path(directory)
     if not directory.is_dir():
         raise DataError(f"{directory}: no such split folder")
+    info = read_split_info(directory)
     frames = {}
     for name in SPLITS:
         path = directory / f"{name}.csv"
@@ -539,17 +630,38 @@ def read_split(directory: str | os.PathLike) -> dict[str, pd.DataFrame]:
                 f"{path}: missing; a split folder holds {', '.join(f'{s}.csv' for s in SPLITS)}"
                 f" (found: {', '.join(present) or 'no CSV files'})"
             )
-        try:
-            table = pd.read_csv(path, dtype=str, keep_default_na=False)
-        except pd.errors.EmptyDataError:
-            raise DataError(f"{path}: the file is empty") from None
-        except (pd.errors.ParserError, UnicodeDecodeError, OSError) as exc:
-            raise DataError(f"{path}: not a readable CSV table ({exc})") from None
-        frames[name] = (
-            _empty_set(table, path) if table.empty else prepare_table(table, source=str(path))
-        )
+        frames[name] = read_split_table(path, info)
     check_split(frames)
     return frames
+
+
+def read_split_table(path: Path, info: dict | None = None) -> pd.DataFrame:
+    """One table of a split folder: NIH's through its own reader, any other layout with its
+    label columns as written (1 / 0 / -1 / blank)."""
+    info = info or dict(NIH_INFO)
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except FileNotFoundError:
+        raise DataError(f"{path}: split file not found") from None
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{path}: the file is empty") from None
+    except (pd.errors.ParserError, UnicodeDecodeError, OSError) as exc:
+        raise DataError(f"{path}: not a readable CSV table ({exc})") from None
+    if info["layout"] == "nih":
+        return _empty_set(table, path) if table.empty else prepare_table(table, source=str(path))
+    labels = info["labels"]
+    missing = [c for c in (IMAGE_COLUMN, PATIENT_COLUMN, *labels) if c not in table.columns]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {', '.join(repr(c) for c in missing)}")
+    where = line_namer(path)
+    for label in labels:
+        table[label] = parse_label_cells(table[label], label, where)
+    if "age_years" in table.columns:
+        table["age_years"] = pd.to_numeric(table["age_years"], errors="coerce")
+    empty = np.flatnonzero((table[PATIENT_COLUMN].str.strip() == "").to_numpy())
+    if len(empty):
+        raise DataError(f"{where(int(empty[0]))}no patient id")
+    return table
 
 
 def _empty_set(table: pd.DataFrame, path: Path) -> pd.DataFrame:

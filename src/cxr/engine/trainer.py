@@ -23,6 +23,7 @@ from cxr.engine.inference import predict_logits
 from cxr.errors import ModelError
 from cxr.metrics import auroc_per_class, mean_defined, probabilities
 from cxr.model.loss import WeightedBCELoss
+from cxr.model.network import unwrap
 from cxr.runtime import Distributed, mixed_precision, precision_name, rng_state, set_rng_state
 
 CheckpointDict = dict[str, Any]
@@ -84,16 +85,23 @@ class Trainer:
         train_labels: np.ndarray,
         device: torch.device,
         dist: Distributed | None = None,
+        *,
+        masked: bool = False,
     ) -> Trainer:
         """The method: class-weighted BCE from the training labels, SGD with momentum,
-        ReduceLROnPlateau on the validation loss, autocast where the hardware has it."""
+        ReduceLROnPlateau on the validation loss, autocast where the hardware has it.
+        ``masked``: validation labels hold unknowns even if the training labels do not.
+        With ``config.freeze_backbone`` only the classifier learns (linear probing)."""
         dist = dist or Distributed()
         model.to(device)
         if config.channels_last:
             model = model.to(memory_format=torch.channels_last)
         loss_fn = WeightedBCELoss.from_labels(train_labels).to(device)
+        loss_fn.masked = loss_fn.masked or masked
+        if config.freeze_backbone:
+            model.features.requires_grad_(False)
         optimizer = torch.optim.SGD(
-            model.parameters(),
+            [p for p in model.parameters() if p.requires_grad],
             lr=config.lr,
             momentum=config.momentum,
             weight_decay=config.weight_decay,
@@ -178,6 +186,10 @@ def train_one_epoch(
     both over every rank."""
     sampler.set_epoch(epoch)
     trainer.train_model.train()
+    features = getattr(unwrap(trainer.model), "features", None)
+    if features is not None and not any(p.requires_grad for p in features.parameters()):
+        # A frozen backbone keeps its batch-norm statistics too (linear probing).
+        features.eval()
     steps = len(loader)
     callbacks.on_epoch_start(epoch + 1, max_epochs, steps)
     loss_sum = torch.zeros((), dtype=torch.float64, device=trainer.device)

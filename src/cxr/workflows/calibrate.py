@@ -21,7 +21,7 @@ from cxr.calibration import (
     threshold_meta,
     validate_rule,
 )
-from cxr.data.nih import label_matrix
+from cxr.data.datasets import label_matrix
 from cxr.errors import DataError
 from cxr.metrics import probabilities
 from cxr.model.bundle import BundleMeta, read_bundle_meta, shift_classifier_bias
@@ -77,7 +77,7 @@ def split_logits(
     _, logits = bundle_logits(
         run, frame, device=device, batch_size=batch_size, workers=workers, on_batch=on_batch
     )
-    return label_matrix(frame).astype(np.float64), logits.astype(np.float64)
+    return label_matrix(frame, run.labels).astype(np.float64), logits.astype(np.float64)
 
 
 def calibrate_run(

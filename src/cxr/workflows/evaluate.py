@@ -13,20 +13,16 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from cxr.data.datasets import label_matrix
 from cxr.data.loaders import split_loader
-from cxr.data.nih import (
-    IMAGE_COLUMN,
-    PATH_COLUMN,
-    PATIENT_COLUMN,
-    attach_image_paths,
-    label_matrix,
-)
+from cxr.data.nih import IMAGE_COLUMN, PATH_COLUMN, PATIENT_COLUMN, attach_image_paths
+from cxr.data.split import read_split_table
 from cxr.data.transforms import Preprocess
 from cxr.engine.inference import predict_logits
 from cxr.errors import DataError, LeakageError
 from cxr.metrics import apply_thresholds, classification_metrics, mean_defined, probabilities
 from cxr.model.bundle import BUNDLE_META, BUNDLE_WEIGHTS, Bundle, load_bundle
-from cxr.run import SPLIT_NAMES, RunFolder, read_split_table
+from cxr.run import SPLIT_NAMES, RunFolder
 from cxr.runtime import resolve_device
 from cxr.utils import atomic_write_csv
 
@@ -40,7 +36,7 @@ def split_frame(run: RunFolder, split: str) -> tuple[pd.DataFrame, str]:
         frame, name = run.read_split(split), split
     else:
         path = Path(split)
-        frame, name = read_split_table(path), path.stem
+        frame, name = read_split_table(path, run.dataset_info()), path.stem
         if PATH_COLUMN not in frame.columns:
             data = run.load_info().get("data")
             root = Path(data) if data else path.parent
@@ -111,7 +107,7 @@ def evaluate_run(
     bundle, logits = bundle_logits(
         run, frame, device=device, batch_size=batch_size, workers=workers, on_batch=on_batch
     )
-    labels = label_matrix(frame)
+    labels = label_matrix(frame, bundle.labels)
     prob = probabilities(logits, bundle.temperature)
     per_class = classification_metrics(labels, prob, bundle.thresholds, bundle.labels)
     aurocs = [per_class[n]["auroc"] for n in bundle.labels]
@@ -141,7 +137,9 @@ def _predictions_table(
     """``Image Index``, ``Patient ID``, then ``prob_``, ``true_`` and ``call_`` per label."""
     columns = {IMAGE_COLUMN: frame[IMAGE_COLUMN], PATIENT_COLUMN: frame[PATIENT_COLUMN]}
     calls = apply_thresholds(prob, bundle.thresholds)
-    for prefix, values in (("prob", prob), ("true", labels.astype(int)), ("call", calls)):
+    # Unknown labels are blank cells (a nullable integer column), read back as NaN.
+    truth = pd.DataFrame(labels).round().astype("Int8").to_numpy()
+    for prefix, values in (("prob", prob), ("true", truth), ("call", calls)):
         for c, label in enumerate(bundle.labels):
             columns[f"{prefix}_{label}"] = values[:, c]
     return pd.DataFrame(columns)

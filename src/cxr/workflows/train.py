@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 from torch.utils.tensorboard import SummaryWriter
@@ -16,22 +17,19 @@ from torch.utils.tensorboard import SummaryWriter
 from cxr import __version__
 from cxr.config import TrainConfig
 from cxr.data.cache import open_cache
+from cxr.data.datasets import DatasetSpec, label_matrix, read_dataset, resolve_paths
 from cxr.data.images import find_unreadable
 from cxr.data.loaders import default_train_workers, split_loader
-from cxr.data.nih import (
-    PATH_COLUMN,
-    PATIENT_COLUMN,
-    attach_image_paths,
-    index_images,
-    label_matrix,
-    load_nih,
-)
+from cxr.data.nih import PATH_COLUMN, PATIENT_COLUMN, attach_image_paths, index_images
 from cxr.data.split import (
     DEFAULT_TEST_FRACTION,
     DEFAULT_VAL_FRACTION,
+    NIH_INFO,
     read_split,
+    read_split_info,
     split_by_patients,
 )
+from cxr.data.table import LabeledData
 from cxr.data.transforms import Augment, Preprocess
 from cxr.engine.trainer import (
     TrainCallbacks,
@@ -42,7 +40,6 @@ from cxr.engine.trainer import (
     load_checkpoint,
 )
 from cxr.errors import ConfigError, DataError
-from cxr.labels import PATHOLOGIES
 from cxr.metrics import choose_thresholds
 from cxr.model.bundle import BundleMeta, save_bundle
 from cxr.model.factory import SCRATCH, create_model
@@ -73,12 +70,20 @@ def train_run(
         run.clear_stale_temp_files()
     device = resolve_device(config.device, local_rank=dist.local_rank)
     train_frame, val_frame = _training_splits(run)
+    labels = run.labels
+    train_labels = label_matrix(train_frame, labels, uncertain=config.uncertain)
+    # Validation scores known labels only, whatever the training policy for uncertain ones.
+    val_labels = label_matrix(val_frame, labels)
     torch.manual_seed(config.seed)
     checkpoint = _checkpoint_to_resume(run) if resume else None
-    model, init_note = _starting_model(run, config, checkpoint)
-    trainer = Trainer.create(model, config, label_matrix(train_frame), device, dist)
+    model, init_note = _starting_model(run, config, checkpoint, labels)
+    trainer = Trainer.create(
+        model, config, train_labels, device, dist, masked=bool(np.isnan(val_labels).any())
+    )
     state = trainer.restore(checkpoint) if checkpoint is not None else TrainState()
-    loaders, cache_note = _loaders(config, train_frame, val_frame, dist, device)
+    loaders, cache_note = _loaders(
+        config, (train_frame, train_labels), (val_frame, val_labels), dist, device
+    )
     writer = None
     if dist.is_main:
         info = {
@@ -109,11 +114,13 @@ def train_run(
     def persist(record: dict[str, Any], validation: Validation) -> None:
         if dist.is_main:
             best = (train_frame, val_frame) if record["best"] else None
-            _persist_epoch(run, trainer, config, state, record, validation, writer, best)
+            _persist_epoch(
+                run, trainer, config, state, record, validation, writer, best, val_labels
+            )
 
     try:
         return fit(
-            trainer, loaders, label_matrix(val_frame), state, config=config, labels=PATHOLOGIES,
+            trainer, loaders, val_labels, state, config=config, labels=labels,
             callbacks=callbacks, on_epoch_end=persist, stop_after_epochs=stop_after_epochs,
         )  # fmt: skip
     finally:
@@ -162,24 +169,29 @@ def _checkpoint_to_resume(run: RunFolder) -> dict[str, Any]:
     return load_checkpoint(run.checkpoint)
 
 
-def _starting_model(run: RunFolder, config: TrainConfig, checkpoint) -> tuple[Any, dict]:
+def _starting_model(
+    run: RunFolder, config: TrainConfig, checkpoint, labels: tuple[str, ...]
+) -> tuple[Any, dict]:
     """The model to train and where its weights came from (the checkpoint on a resume)."""
     if checkpoint is None:
-        return create_model(config.weights)
-    model = build_model()
+        return create_model(config.weights, labels)
+    model = build_model(len(labels))
+    if config.freeze_backbone:
+        model.features.requires_grad_(False)
     model.load_state_dict(checkpoint["model"])
     return model, run.load_info().get("init", {})
 
 
 def _loaders(
     config: TrainConfig,
-    train_frame: pd.DataFrame,
-    val_frame: pd.DataFrame,
+    train: tuple[pd.DataFrame, np.ndarray],
+    val: tuple[pd.DataFrame, np.ndarray],
     dist: Distributed,
     device: torch.device,
 ) -> tuple[tuple, dict[str, Any] | None]:
-    """(training loader, its sampler, validation loader), reading the cache if the run has
-    one, and a note of the cache for run.json."""
+    """(training loader, its sampler, validation loader) over (table, label matrix) pairs,
+    reading the cache if the run has one, and a note of the cache for run.json."""
+    (train_frame, train_labels), (val_frame, val_labels) = train, val
     train_reader = val_reader = cache_note = None
     if config.cache:
         cache = open_cache(config.cache, min_size=config.image_size)
@@ -205,11 +217,12 @@ def _loaders(
         batch_size=config.batch_size,
         augment=Augment(config.scale_min, config.scale_max, config.hflip),
         reader=train_reader,
+        targets=train_labels,
         **shared,
     )
     val_loader, _ = split_loader(
         val_frame, preprocess, batch_size=config.batch_size * 2, reader=val_reader, pad=False,
-        **shared,
+        targets=val_labels, **shared,
     )  # fmt: skip
     return (train_loader, train_sampler, val_loader), cache_note
 
@@ -223,15 +236,15 @@ def _persist_epoch(
     validation: Validation,
     writer: SummaryWriter | None,
     best: tuple[pd.DataFrame, pd.DataFrame] | None,
+    val_labels: np.ndarray,
 ) -> None:
     """The log, the checkpoint and, when the epoch improved (``best`` holds the train and
     val tables), the best bundle with thresholds chosen on the validation split."""
     if best is not None:
-        val_labels = label_matrix(best[1])
         thresholds = choose_thresholds(val_labels, validation.probabilities, THRESHOLD_RULE)
         meta = _best_bundle_meta(run, config, thresholds, record, *best)
         save_bundle(run.root, trainer.model, meta)
-    _write_log(run, state.history, writer, record)
+    _write_log(run, state.history, writer, record, run.labels)
     buffer = io.BytesIO()
     torch.save(trainer.checkpoint(state, config), buffer)
     atomic_write_bytes(run.checkpoint, buffer.getvalue())
@@ -240,7 +253,10 @@ def _persist_epoch(
 def _best_bundle_meta(
     run: RunFolder, config: TrainConfig, thresholds, record, train_frame, val_frame
 ) -> BundleMeta:
+    labels = run.labels
+    info = run.dataset_info()
     return BundleMeta(
+        labels=list(labels),
         image_size=config.image_size,
         normalization=config.normalization,
         thresholds=thresholds,
@@ -253,13 +269,15 @@ def _best_bundle_meta(
             "train_patients": int(train_frame["Patient ID"].nunique()),
             "val_images": len(val_frame),
             "val_patients": int(val_frame["Patient ID"].nunique()),
-            "train_positives": {n: int(train_frame[n].sum()) for n in PATHOLOGIES},
+            "train_positives": {n: int((train_frame[n] == 1).sum()) for n in labels},
             "data": run.load_info().get("data"),
+            "layout": info["layout"],
+            "uncertain": config.uncertain,
         },
     )
 
 
-def _write_log(run: RunFolder, history, writer: SummaryWriter | None, record) -> None:
+def _write_log(run: RunFolder, history, writer: SummaryWriter | None, record, labels) -> None:
     atomic_write_csv(pd.DataFrame(history), run.log_csv)
     if writer is None:
         return
@@ -267,7 +285,7 @@ def _write_log(run: RunFolder, history, writer: SummaryWriter | None, record) ->
     for key in ("train_loss", "val_loss", "val_auroc_mean", "lr", "images_per_s"):
         if record[key] is not None:
             writer.add_scalar(key, record[key], epoch)
-    for name in PATHOLOGIES:
+    for name in labels:
         value = record[f"val_auroc_{name}"]
         if value is not None:
             writer.add_scalar(f"val_auroc/{name}", value, epoch)
@@ -313,8 +331,10 @@ def create_run(
     *,
     split_dir: str | Path | None = None,
     on_image_check=None,
+    dataset: DatasetSpec | None = None,
 ) -> list[str]:
-    """Everything before the first step: resolve the images of ``data``, make the
+    """Everything before the first step: resolve the images of ``data`` (any layout
+    :func:`cxr.data.datasets.read_dataset` reads, as ``dataset`` says), make the
     patient-level split (or read ``split_dir``), decode every image once, check the cache,
     and create the run folder. Returns warnings for the caller to show (dropped images)."""
     out, data = Path(out), Path(data)
@@ -323,29 +343,13 @@ def create_run(
             f"{out}: already holds a run; use `cxr train --resume {out}` to continue it, "
             "or choose another --out"
         )
+    dataset = dataset or DatasetSpec()
     notes: list[str] = []
     if split_dir is not None:
-        frames = _given_split(data, Path(split_dir), config.drop_missing, notes)
+        frames, info = _given_split(data, Path(split_dir), config.drop_missing, notes, dataset)
         split_note = {"method": "given", "from": os.path.abspath(split_dir)}
     else:
-        nih = load_nih(data, drop_missing=config.drop_missing)
-        if nih.dropped_missing:
-            notes.append(f"dropped {len(nih.dropped_missing):,} image(s) not found on disk")
-        split = split_by_patients(nih.table, seed=config.seed)
-        frames = split.frames()
-        split_note = {
-            "method": split.method,
-            "seed": split.seed,
-            "val_fraction": DEFAULT_VAL_FRACTION,
-            "test_fraction": DEFAULT_TEST_FRACTION,
-        }
-        sizes = " / ".join(f"{frames[n][PATIENT_COLUMN].nunique():,}" for n in SPLIT_NAMES)
-        notes.append(
-            f"no --split given: {data} split by patient into {sizes} train / val / test "
-            f"patients ({DEFAULT_VAL_FRACTION:.0%} val, {DEFAULT_TEST_FRACTION:.0%} test, seed "
-            f"{split.seed}); for the method's split make one with `cxr data split "
-            "--val-patients 1672 --test-patients 389` and pass it with --split"
-        )
+        frames, info, split_note = _default_split(data, dataset, config, notes)
     if config.cache:
         # A cache that is stale, incomplete or lacks a training image fails before the run
         # folder exists, not after. Its build decoded every image, so no second check.
@@ -362,19 +366,64 @@ def create_run(
         if failures:
             shown = "; ".join(f"{path}: {reason}" for path, reason in failures[:5])
             notes.append(f"training without {len(failures):,} unreadable image(s): {shown}")
-    prepare_run(out, frames, config, data_source=os.path.abspath(data), split_note=split_note)
+    prepare_run(
+        out, frames, config, data_source=os.path.abspath(data), split_note=split_note,
+        dataset_info={**info, "spec": dataset.to_dict()},
+    )  # fmt: skip
     return notes
 
 
+def _default_split(
+    data: Path, dataset: DatasetSpec, config: TrainConfig, notes: list[str]
+) -> tuple[dict[str, pd.DataFrame], dict[str, Any], dict[str, Any]]:
+    """No --split: the dataset split by patient with the default fractions."""
+    found = read_dataset(data, dataset, drop_missing=config.drop_missing)
+    notes.extend(found.notes)
+    split = split_by_patients(
+        found.table, seed=config.seed, labels=found.labels, layout=found.layout
+    )
+    frames = split.frames()
+    split_note = {
+        "method": split.method,
+        "seed": split.seed,
+        "val_fraction": DEFAULT_VAL_FRACTION,
+        "test_fraction": DEFAULT_TEST_FRACTION,
+    }
+    sizes = " / ".join(f"{frames[n][PATIENT_COLUMN].nunique():,}" for n in SPLIT_NAMES)
+    notes.append(
+        f"no --split given: {data} split by patient into {sizes} train / val / test "
+        f"patients ({DEFAULT_VAL_FRACTION:.0%} val, {DEFAULT_TEST_FRACTION:.0%} test, seed "
+        f"{split.seed}); to choose, make one with `cxr data split` (e.g. --val-patients 1672 "
+        "--test-patients 389, the method's) and pass it with --split"
+    )
+    return frames, found.info(), split_note
+
+
 def _given_split(
-    data: Path, split_dir: Path, drop_missing: bool, notes: list[str]
-) -> dict[str, pd.DataFrame]:
-    """The split tables in ``split_dir`` with their images found below ``data``: one walk
-    of the image tree for all of them (NIH's is 112,120 files in 12 folders)."""
+    data: Path, split_dir: Path, drop_missing: bool, notes: list[str], dataset: DatasetSpec
+) -> tuple[dict[str, pd.DataFrame], dict[str, Any]]:
+    """The split tables in ``split_dir`` with their images found below ``data``. NIH's by
+    name, with one walk of the image tree for all of them (NIH's is 112,120 files in 12
+    folders); the other layouts by their relative paths below the dataset's image root."""
+    info = read_split_info(split_dir)
+    split = read_split(split_dir)
+    if info["layout"] != "nih":
+        source = read_dataset(data, dataset, require_images=False)
+        frames = {}
+        for name, frame in split.items():
+            found = LabeledData(
+                frame.drop(columns=[PATH_COLUMN], errors="ignore"),
+                tuple(info["labels"]), info["layout"], split_dir / f"{name}.csv",
+                image_root=source.image_root,
+            )  # fmt: skip
+            found = resolve_paths(found, drop_missing=drop_missing)
+            notes.extend(f"{name}: {note}" for note in found.notes)
+            frames[name] = found.table
+        return frames, info
     root = data if data.is_dir() else data.parent
     found = index_images(root)
     frames = {}
-    for name, frame in read_split(split_dir).items():
+    for name, frame in split.items():
         nih = attach_image_paths(
             frame.drop(columns=[PATH_COLUMN], errors="ignore"),
             root,
@@ -385,7 +434,7 @@ def _given_split(
         if nih.dropped_missing:
             notes.append(f"{name}: dropped {len(nih.dropped_missing):,} image(s) not on disk")
         frames[name] = nih.table
-    return frames
+    return frames, info
 
 
 def prepare_run(
@@ -395,6 +444,7 @@ def prepare_run(
     *,
     data_source: str,
     split_note: dict[str, Any],
+    dataset_info: dict[str, Any] | None = None,
 ) -> RunFolder:
     """Create the run folder: resolved config, split tables (with image paths), run.json."""
     run = RunFolder(run_dir)
@@ -405,10 +455,14 @@ def prepare_run(
         )
     # Starting weights that cannot be loaded (offline ImageNet, a missing or refused file) fail
     # here, before a run folder exists that a retry with other --weights would be refused on.
+    info = dataset_info or dict(NIH_INFO)
     if config.weights not in SCRATCH:
-        create_model(config.weights)
+        create_model(config.weights, info["labels"])
     run.root.mkdir(parents=True, exist_ok=True)
     run.write_json(run.config, config.to_dict())
-    run.write_split(frames)
-    run.write_json(run.info, {"data": data_source, "split": split_note, "cxr_version": __version__})
+    run.write_split(frames, {"layout": info["layout"], "labels": list(info["labels"])})
+    run.write_json(
+        run.info,
+        {"data": data_source, "dataset": info, "split": split_note, "cxr_version": __version__},
+    )
     return run

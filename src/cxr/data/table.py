@@ -1,0 +1,105 @@
+"""What every dataset reader returns (:class:`LabeledData`) and the cell parsers they share."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from cxr.data.nih import AGE_COLUMN, IMAGE_COLUMN, parse_age_years
+from cxr.errors import DataError
+
+UNCERTAIN = -1.0
+# Where a layout has its own split (CheXpert train / valid, MIMIC train / validate / test).
+SOURCE_SPLIT_COLUMN = "source_split"
+LABEL_VALUES = (1.0, 0.0, -1.0)
+
+
+def line_namer(path: Path):
+    def where(row: int) -> str:
+        # Line numbers as a user sees them in an editor: the header is line 1.
+        return f"{path}, line {row + 2}: "
+
+    return where
+
+
+@dataclass
+class LabeledData:
+    """One row per image, the labels in order, and where they came from."""
+
+    table: pd.DataFrame
+    labels: tuple[str, ...]
+    layout: str
+    source: Path
+    image_root: Path | None = None
+    dropped_missing: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def info(self) -> dict[str, Any]:
+        """What a split folder and a run record about the data (``dataset.json``)."""
+        return {"layout": self.layout, "labels": list(self.labels), "source": str(self.source)}
+
+
+def read_text_table(path: Path, max_bytes: int = 4 << 30) -> pd.DataFrame:
+    """A CSV (optionally gzipped) or Parquet file, every cell as text ('' for blank)."""
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    if size > max_bytes:
+        raise DataError(f"{path}: {size:,} bytes is more than a label table may be")
+    try:
+        if path.suffix.lower() in (".parquet", ".pq"):
+            table = pd.read_parquet(path).astype("string").fillna("").astype(str)
+        else:
+            table = pd.read_csv(path, dtype=str, keep_default_na=False, index_col=False)
+    except pd.errors.EmptyDataError:
+        raise DataError(f"{path}: the table is empty") from None
+    except (ImportError, ValueError, OSError, UnicodeDecodeError, EOFError) as exc:
+        raise DataError(f"{path}: not a readable table ({exc})") from None
+    table = table.rename(columns=lambda c: str(c).strip())
+    if table.empty:
+        raise DataError(f"{path}: the table has a header but no rows")
+    return table
+
+
+def parse_label_cells(cells: pd.Series, label: str, where) -> pd.Series:
+    """1 / 0 / -1 / blank (also written 1.0, 0.0, -1.0) to floats, blank as NaN; anything
+    else raises a :class:`DataError` naming the line, the label and the value."""
+    stripped = cells.astype(str).str.strip()
+    values = pd.to_numeric(stripped.replace("", np.nan), errors="coerce")
+    bad = (stripped != "") & ~values.isin(LABEL_VALUES)
+    if bad.any():
+        row = int(np.flatnonzero(bad.to_numpy())[0])
+        raise DataError(
+            f"{where(row)}label {label!r} is {cells.iloc[row]!r}; "
+            "expected 1 (positive), 0 (negative), -1 (uncertain) or blank (unknown)"
+        )
+    return values.astype(np.float32)
+
+
+def normalise_sex(value: str) -> str:
+    text = str(value).strip().upper()
+    return {"MALE": "M", "FEMALE": "F", "M": "M", "F": "F"}.get(text, "")
+
+
+def parse_ages(cells: pd.Series, where, column: str = AGE_COLUMN) -> list[float]:
+    ages = []
+    for row, value in enumerate(cells.to_numpy()):
+        try:
+            ages.append(parse_age_years(value) if str(value).strip() else float("nan"))
+        except ValueError as exc:
+            raise DataError(f"{where(row)}{exc} in {column!r}") from None
+    return ages
+
+
+def check_unique_images(table: pd.DataFrame, where) -> None:
+    duplicated = table[IMAGE_COLUMN].duplicated()
+    if duplicated.any():
+        row = int(np.flatnonzero(duplicated.to_numpy())[0])
+        name = table[IMAGE_COLUMN].iloc[row]
+        first = int(np.flatnonzero((table[IMAGE_COLUMN] == name).to_numpy())[0])
+        raise DataError(f"{where(row)}image {name!r} is listed again (first on line {first + 2})")
