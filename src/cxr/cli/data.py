@@ -11,91 +11,109 @@ import typer
 from rich.table import Table
 
 from cxr.cli.common import console, data_app, friendly_errors, progress_task, shown, warn
+from cxr.cli.options import dataset_options
 from cxr.data.cache import build_cache
-from cxr.data.chexpert import chexpert_stats, is_chexpert_table, read_chexpert
-from cxr.data.nih import dataset_stats, find_table, load_nih, read_table
+from cxr.data.nih import dataset_stats
 from cxr.data.split import (
     check_split,
     find_official_lists,
     read_split,
     split_by_patients,
+    split_by_source,
     split_official,
     write_split,
 )
 from cxr.data.synthetic import write_synthetic_dataset
-from cxr.labels import PATHOLOGIES
 
 
 @data_app.command("stats")
 @friendly_errors
+@dataset_options
 def data_stats(
     data: Annotated[
         Path,
         typer.Argument(
-            help="NIH folder, a Data_Entry CSV (.csv/.csv.gz), or CheXpert's train/valid CSV."
+            help="A dataset folder or table: NIH, CheXpert, MIMIC-CXR-JPG, or your own CSV / "
+            "Parquet (with --image-col, --patient-col, --labels) or dataset file."
         ),
     ],
     as_json: Annotated[bool, typer.Option("--json", help="Print the numbers as JSON.")] = False,
+    dataset=None,
 ):
-    """Images, patients, views, sex, age and per-label counts and prevalences."""
-    if data.is_file() and is_chexpert_table(data):
-        _chexpert_stats(data, as_json)
+    """Images, patients, views, sex, age and per-label counts (the table alone is enough)."""
+    from cxr.data.datasets import DatasetSpec, dataset_summary, read_dataset
+
+    # Every view is counted (the frontal ones are shown apart) unless --views chooses.
+    spec = dataset if dataset.views else dataset.merged(DatasetSpec(views=("all",)))
+    found = read_dataset(data, spec, require_images=False)
+    if found.layout == "nih":
+        _nih_stats(found, as_json)
         return
-    table_path = find_table(data)
-    stats = dataset_stats(read_table(table_path))
+    stats = dataset_summary(found)
     if as_json:
         sys.stdout.write(json.dumps(stats, indent=2) + "\n")
         return
-    console.print(f"[bold]{shown(table_path)}[/]", soft_wrap=True)
-    console.print(f"images: {stats['images']:,}   patients: {stats['patients']:,}")
-    if "views" in stats:
-        console.print("views: " + ", ".join(f"{k} {v:,}" for k, v in stats["views"].items()))
-    if "sex" in stats:
-        console.print("sex: " + ", ".join(f"{k} {v:,}" for k, v in stats["sex"].items()))
+    console.print(
+        f"[bold]{shown(found.source)}[/] ({found.layout} layout; the table alone, images not "
+        "looked for)",
+        soft_wrap=True,
+    )
+    line = f"images: {stats['images']:,}   patients: {stats['patients']:,}"
+    if "frontal" in stats:
+        line += f"   frontal: {stats['frontal']:,}"
+    console.print(line)
+    _print_demographics(stats)
+    kinds = ("positive", "negative", "uncertain", "blank")
+    table = Table("label", *kinds, "positive share")
+    for name, entry in stats["labels"].items():
+        prevalence = "-" if entry["prevalence"] is None else f"{entry['prevalence']:.2%}"
+        table.add_row(shown(name), *(f"{entry[kind]:,}" for kind in kinds), prevalence)
+    console.print(table)
+
+
+def _print_demographics(stats: dict) -> None:
+    for key, title in (("views", "views"), ("sex", "sex")):
+        if key in stats:
+            console.print(
+                f"{title}: " + ", ".join(f"{shown(k)} {v:,}" for k, v in stats[key].items())
+            )
     if "age_years" in stats:
         age = stats["age_years"]
         console.print(f"age (years): {age['min']:g} to {age['max']:g}, median {age['median']:g}")
+
+
+def _nih_stats(found, as_json: bool) -> None:
+    stats = dataset_stats(found.table)
+    if as_json:
+        sys.stdout.write(json.dumps(stats, indent=2) + "\n")
+        return
+    console.print(f"[bold]{shown(found.source)}[/]", soft_wrap=True)
+    console.print(f"images: {stats['images']:,}   patients: {stats['patients']:,}")
+    _print_demographics(stats)
     table = Table("label", "images", "prevalence")
     for name, entry in sorted(stats["labels"].items(), key=lambda kv: -kv[1]["count"]):
         table.add_row(name, f"{entry['count']:,}", f"{entry['prevalence']:.2%}")
     console.print(table)
 
 
-def _chexpert_stats(path: Path, as_json: bool) -> None:
-    """CheXpert's table: the images need not be there (the table is enough to count)."""
-    stats = chexpert_stats(read_chexpert(path))
-    if as_json:
-        sys.stdout.write(json.dumps(stats, indent=2) + "\n")
-        return
-    console.print(f"[bold]{shown(path)}[/] (CheXpert layout; images not needed)", soft_wrap=True)
-    console.print(
-        f"images: {stats['images']:,}   patients: {stats['patients']:,}   frontal: "
-        f"{stats['frontal']:,}   lateral: {stats['lateral']:,}"
-    )
-    kinds = ("positive", "negative", "uncertain", "blank")
-    table = Table("label", *kinds)
-    for name, entry in stats["labels"].items():
-        table.add_row(name, *(f"{entry[kind]:,}" for kind in kinds))
-    console.print(table)
-
-
 def _split_table(split) -> Table:
+    """One row per count (images, patients, positives per label), one column per set: a
+    label set of any length fits the terminal this way round."""
     summary = split.summary()
-    table = Table("set", "images", "patients", *[name[:12] for name in PATHOLOGIES])
-    for set_name, row in summary.iterrows():
-        table.add_row(
-            str(set_name),
-            f"{int(row['images']):,}",
-            f"{int(row['patients']):,}",
-            *[f"{int(row[name]):,}" for name in PATHOLOGIES],
-        )
+    table = Table("", *[str(name) for name in summary.index])
+    for column in summary.columns:
+        title = column if column in ("images", "patients") else f"{shown(column)} +"
+        table.add_row(title, *[f"{int(v):,}" for v in summary[column]])
     return table
 
 
 @data_app.command("split")
 @friendly_errors
+@dataset_options
 def data_split(
-    data: Annotated[Path, typer.Argument(help="NIH folder, or a Data_Entry CSV.")],
+    data: Annotated[
+        Path, typer.Argument(help="A dataset folder or table (any layout `cxr data stats` reads).")
+    ],
     out: Annotated[Path, typer.Option("--out", help="Folder for train.csv, val.csv, test.csv.")],
     val_patients: Annotated[
         int | None,
@@ -113,7 +131,12 @@ def data_split(
     ] = None,
     seed: Annotated[int, typer.Option(help="Seed; the same seed gives the same split.")] = 0,
     official: Annotated[
-        bool, typer.Option("--official", help="Use NIH's train_val_list / test_list.")
+        bool,
+        typer.Option(
+            "--official",
+            help="The dataset's own split: NIH's train_val_list / test_list, MIMIC's split "
+            "table, CheXpert's valid.csv as the test set.",
+        ),
     ] = False,
     official_lists: Annotated[
         Path | None, typer.Option(help="Folder with train_val_list.txt and test_list.txt.")
@@ -121,23 +144,22 @@ def data_split(
     drop_missing: Annotated[
         bool, typer.Option("--drop-missing", help="Drop listed images not found on disk.")
     ] = False,
+    dataset=None,
 ):
-    """Patient-level split with no patient in two sets (or NIH's official lists)."""
-    nih = _load_for_split(data, drop_missing)
+    """Patient-level split with no patient in two sets (or the dataset's official one)."""
+    found = _load_for_split(data, drop_missing, dataset)
     if official or official_lists:
-        search = [official_lists] if official_lists else [nih.table_path.parent, Path(data)]
-        lists = find_official_lists(search)
-        split = split_official(
-            nih.table, lists, val_patients=val_patients, val_fraction=val_fraction, seed=seed
-        )
+        split = _official_split(found, data, official_lists, val_patients, val_fraction, seed)
     else:
         split = split_by_patients(
-            nih.table,
+            found.table,
             val_patients=val_patients,
             test_patients=test_patients,
             val_fraction=val_fraction,
             test_fraction=test_fraction,
             seed=seed,
+            labels=found.labels,
+            layout=found.layout,
         )
     paths = write_split(split, out)
     console.print(_split_table(split))
@@ -145,16 +167,47 @@ def data_split(
     console.print(f"no patient in two sets; wrote {written}", highlight=False)
 
 
-def _load_for_split(data: Path, drop_missing: bool):
-    # A CSV alone is enough to split; a folder promises images, so they are checked.
-    nih = load_nih(data, require_images=Path(data).is_dir(), drop_missing=drop_missing)
-    if nih.dropped_missing:
-        first = ", ".join(nih.dropped_missing[:5])
-        warn(f"dropped {len(nih.dropped_missing):,} image(s) not found on disk (first: {first})")
-    if "path" in nih.table.columns:
-        # Split files stay portable: images are found again from the data folder.
-        nih.table = nih.table.drop(columns=["path"])
-    return nih
+def _official_split(found, data: Path, lists, val_patients, val_fraction, seed):
+    if found.layout != "nih":
+        return split_by_source(
+            found.table, labels=found.labels, layout=found.layout, val_patients=val_patients,
+            val_fraction=val_fraction, seed=seed,
+        )  # fmt: skip
+    search = [lists] if lists else [found.source.parent, Path(data)]
+    return split_official(
+        found.table,
+        find_official_lists(search),
+        val_patients=val_patients,
+        val_fraction=val_fraction,
+        seed=seed,
+    )
+
+
+def _load_for_split(data: Path, drop_missing: bool, dataset):
+    """The table to split. NIH: a folder promises images, so they are checked (a CSV alone
+    is enough). Other layouts: the table is enough, and images not on disk are counted and
+    said, not refused (CheXpert's table is often used without its images)."""
+    from cxr.data.datasets import image_files, read_dataset, resolve_paths
+
+    nih_like = dataset.layout in ("auto", "nih")
+    found = read_dataset(
+        data, dataset, require_images=nih_like and Path(data).is_dir(), drop_missing=drop_missing
+    )
+    if found.layout != "nih":
+        missing = int((~image_files(found)[1]).sum())
+        if missing and drop_missing:
+            found = resolve_paths(found, drop_missing=True)
+        elif missing:
+            warn(
+                f"{missing:,} of {len(found.table):,} listed images are not on disk below "
+                f"{shown(found.image_root)}; the split needs only the table (training will "
+                "need the images)"
+            )
+    for note in found.notes:
+        warn(note)
+    # Split files stay portable: images are found again from the data folder.
+    found.table = found.table.drop(columns=["path"], errors="ignore")
+    return found
 
 
 @data_app.command("check-split")
@@ -190,8 +243,11 @@ def data_synth(
 
 @data_app.command("cache")
 @friendly_errors
+@dataset_options
 def data_cache(
-    data: Annotated[Path, typer.Argument(help="NIH folder (table + images), or a Data_Entry CSV.")],
+    data: Annotated[
+        Path, typer.Argument(help="A dataset folder or table (any layout), with its images.")
+    ],
     out: Annotated[Path, typer.Option("--out", help="Cache folder to create or to finish.")],
     image_size: Annotated[
         int, typer.Option(help="Stored width and height in pixels (>= the training size).")
@@ -202,19 +258,22 @@ def data_cache(
     drop_missing: Annotated[
         bool, typer.Option("--drop-missing", help="Leave out listed images not on disk.")
     ] = False,
+    dataset=None,
 ):
     """Decode and resize every image once into a memory-mapped cache for `cxr train --cache`.
 
     Run it again with the same --out to finish an interrupted build: images already written
     are not decoded again.
     """
-    nih = load_nih(data, drop_missing=drop_missing)
-    if nih.dropped_missing:
-        first = ", ".join(nih.dropped_missing[:5])
-        warn(f"left out {len(nih.dropped_missing):,} image(s) not found on disk (first: {first})")
-    with progress_task(f"caching at {image_size} px", total=len(nih.table)) as task:
+    from cxr.data.datasets import read_dataset
+
+    found = read_dataset(data, dataset, drop_missing=drop_missing)
+    if found.dropped_missing:
+        first = ", ".join(found.dropped_missing[:5])
+        warn(f"left out {len(found.dropped_missing):,} image(s) not found on disk (first: {first})")
+    with progress_task(f"caching at {image_size} px", total=len(found.table)) as task:
         summary = build_cache(
-            nih.table,
+            found.table,
             out,
             image_size=image_size,
             workers=workers,

@@ -3,6 +3,8 @@ meaning and help stay the same everywhere."""
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Annotated
 
 import typer
@@ -17,3 +19,61 @@ ShiftsOption = Annotated[
         "(1, 2, 4 or 8; costs N*N backbone passes)."
     ),
 ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Which dataset a command reads: the same options on every command that takes a data folder
+
+
+def _option(name: str, help: str):
+    return Annotated[str | None, typer.Option(name, help=help, rich_help_panel="Dataset")]
+
+
+_DATASET_OPTIONS = {
+    "layout": _option(
+        "--layout",
+        "auto (tell from the files), nih, chexpert, mimic or generic (your own table).",
+    ),
+    "image_col": _option("--image-col", "Generic table: the column naming each image file."),
+    "patient_col": _option("--patient-col", "Generic table: the column with the patient id."),
+    "labels": _option(
+        "--labels",
+        "Generic table: the label columns, A,B,C (default: every 1/0/-1/blank column).",
+    ),
+    "views": _option(
+        "--views",
+        "View positions to keep, e.g. PA,AP (default: the frontal views where the table "
+        "says; 'all' keeps every view).",
+    ),
+    "image_root": _option(
+        "--image-root", "Folder the table's image paths are relative to (default: its own)."
+    ),
+}
+
+
+def dataset_options(command):
+    """Give ``command`` the dataset options; it receives them as one ``dataset`` argument
+    (a :class:`cxr.data.datasets.DatasetSpec`). One declaration for every command, so that
+    the options read the same everywhere."""
+    signature = inspect.signature(command, eval_str=True)
+    kept = [p for p in signature.parameters.values() if p.name != "dataset"]
+    added = [
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=kind)
+        for name, kind in _DATASET_OPTIONS.items()
+    ]
+
+    @functools.wraps(command)
+    def with_dataset(*args, **kwargs):
+        from cxr.data.datasets import DatasetSpec  # deferred: pandas is not needed for --help
+
+        values = {name: kwargs.pop(name, None) for name in _DATASET_OPTIONS}
+        values["layout"] = values["layout"] or "auto"
+        kwargs["dataset"] = DatasetSpec(**values)
+        return command(*args, **kwargs)
+
+    with_dataset.__signature__ = signature.replace(parameters=[*kept, *added])
+    with_dataset.__annotations__ = {
+        **{p.name: p.annotation for p in kept},
+        **_DATASET_OPTIONS,
+    }
+    return with_dataset

@@ -19,7 +19,7 @@ from cxr.cli.common import (
     shown,
     warn,
 )
-from cxr.cli.options import BatchSizeOption, DeviceOption, WorkersOption
+from cxr.cli.options import BatchSizeOption, DeviceOption, WorkersOption, dataset_options
 from cxr.config import TrainConfig, load_config
 from cxr.errors import CxrError
 from cxr.labels import PATHOLOGIES
@@ -97,7 +97,23 @@ SplitOption = Annotated[
     ),
 ]
 WeightsOption = Annotated[
-    str | None, typer.Option(help="imagenet (default), none, or a local weights file.")
+    str | None,
+    typer.Option(
+        help="imagenet (default), none, a local weights file, or a cxr run / bundle to "
+        "fine-tune (outputs of the same findings keep their weights; new labels start fresh)."
+    ),
+]
+UncertainOption = Annotated[
+    str | None,
+    typer.Option(
+        "--uncertain",
+        help="Uncertain (-1) labels in training: ignore (default, left out of the loss), "
+        "zeros (negative) or ones (positive); Irvin et al. 2019's U-Ignore / U-Zeros / U-Ones.",
+    ),
+]
+FreezeOption = Annotated[
+    bool,
+    typer.Option("--freeze-backbone", help="Train only the classifier (linear probing)."),
 ]
 TrainWorkersOption = Annotated[
     int | None,
@@ -127,9 +143,14 @@ CacheOption = Annotated[
 
 @app.command("train")
 @friendly_errors
+@dataset_options
 def train(
     data: Annotated[
-        Path | None, typer.Argument(help="NIH folder (table + images); not needed with --resume.")
+        Path | None,
+        typer.Argument(
+            help="Dataset folder or table with its images (NIH, CheXpert, MIMIC-CXR-JPG, or "
+            "your own table); not needed with --resume."
+        ),
     ] = None,
     out: Annotated[Path | None, typer.Option("--out", help="Run folder to create.")] = None,
     split: SplitOption = None,
@@ -158,6 +179,9 @@ def train(
         bool, typer.Option("--skip-bad-images", help="Train without unreadable images (warned).")
     ] = False,
     cache: CacheOption = None,
+    uncertain: UncertainOption = None,
+    freeze_backbone: FreezeOption = False,
+    dataset=None,
 ):
     """Train the CheXNet-style DenseNet121 (weighted BCE, SGD, LR/10 on plateaus).
 
@@ -170,7 +194,11 @@ def train(
             max_epochs=max_epochs, max_plateaus=max_plateaus, workers=workers, device=device,
             amp=amp, compile=compile, cache=cache,
         )  # fmt: skip
-        method = dict(image_size=image_size, lr=lr, weights=weights, data=data, split=split)
+        method = dict(
+            image_size=image_size, lr=lr, weights=weights, data=data, split=split,
+            uncertain=uncertain, freeze_backbone=freeze_backbone,
+            dataset=dataset.describes_table or dataset.layout != "auto" or dataset.views,
+        )  # fmt: skip
         _resume(resume, runtime, given=[k for k, v in {**method, "config": config}.items() if v])
         return
     if data is None or out is None:
@@ -182,9 +210,12 @@ def train(
         compile=compile, drop_missing=drop_missing or None, check_images=check_images,
         skip_bad_images=skip_bad_images or None,
         cache=None if cache is None else str(Path(cache).resolve()),
+        uncertain=uncertain, freeze_backbone=freeze_backbone or None,
     )  # fmt: skip
     train_config = _train_config(config, overrides)
-    _main_rank_first(lambda: start_run(data, out, split, train_config), train_config.device)
+    _main_rank_first(
+        lambda: start_run(data, out, split, train_config, dataset), train_config.device
+    )
     _train_and_report(Path(out))
 
 
@@ -260,12 +291,15 @@ def _train_and_report(run_dir: Path, *, resume: bool = False) -> None:
         _print_train_end(run_dir, state)
 
 
-def start_run(data: Path, out: Path, split_dir: Path | None, train_config) -> Path:
+def start_run(data: Path, out: Path, split_dir: Path | None, train_config, dataset=None) -> Path:
     """Create the run folder (split, image check, cache check), showing progress and warnings."""
     from cxr.workflows.train import create_run
 
     with progress_task("checking images") as task:
-        notes = create_run(data, out, train_config, split_dir=split_dir, on_image_check=task.update)
+        notes = create_run(
+            data, out, train_config, split_dir=split_dir, on_image_check=task.update,
+            dataset=dataset,
+        )  # fmt: skip
     for note in notes:
         warn(note)
     return Path(out)

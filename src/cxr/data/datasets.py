@@ -32,6 +32,7 @@ from cxr.config import UNCERTAIN_POLICIES
 from cxr.data import chexpert, mimic
 from cxr.data.nih import (
     IMAGE_COLUMN,
+    LABELS_COLUMN,
     PATH_COLUMN,
     PATIENT_COLUMN,
     SEX_COLUMN,
@@ -169,7 +170,7 @@ def detect_layout(source: Path, spec: DatasetSpec) -> str:
             return "chexpert"
         if mimic.is_mimic_table(source):
             return "mimic"
-        if TABLE_PATTERN.match(source.name):
+        if TABLE_PATTERN.match(source.name) or _has_nih_columns(source):
             return "nih"
         raise DataError(
             f"{source}: not a table cxr knows (NIH's Data_Entry_2017, CheXpert's train/valid "
@@ -181,6 +182,14 @@ def detect_layout(source: Path, spec: DatasetSpec) -> str:
     if chexpert.find_tables(source, required=False):
         return "chexpert"
     return "nih"
+
+
+def _has_nih_columns(path: Path) -> bool:
+    try:
+        header = pd.read_csv(path, nrows=0, index_col=False).columns
+    except (OSError, ValueError, UnicodeDecodeError, pd.errors.ParserError, EOFError):
+        return False
+    return bool({IMAGE_COLUMN, LABELS_COLUMN} & {str(c).strip() for c in header})
 
 
 def _read_nih(source: Path, spec: DatasetSpec, require_images: bool, drop: bool) -> LabeledData:
@@ -351,8 +360,7 @@ def resolve_paths(data: LabeledData, *, drop_missing: bool = False) -> LabeledDa
     missing files raise a :class:`DataError` naming them, or are dropped with a note."""
     root = data.image_root or data.source.parent
     names = data.table[IMAGE_COLUMN].astype(str)
-    paths = [name if os.path.isabs(name) else os.path.join(root, name) for name in names]
-    exists = np.fromiter((os.path.isfile(p) for p in paths), dtype=bool, count=len(paths))
+    paths, exists = image_files(data)
     missing = names[~exists].tolist()
     if missing and not drop_missing:
         shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
@@ -368,6 +376,15 @@ def resolve_paths(data: LabeledData, *, drop_missing: bool = False) -> LabeledDa
             raise DataError(f"{root}: none of the listed images is on disk")
     data.table, data.dropped_missing = table, missing
     return data
+
+
+def image_files(data: LabeledData) -> tuple[list[str], np.ndarray]:
+    """Each image's file path, and whether it is a file on disk."""
+    root = data.image_root or data.source.parent
+    names = data.table[IMAGE_COLUMN].astype(str)
+    paths = [name if os.path.isabs(name) else os.path.join(root, name) for name in names]
+    exists = np.fromiter((os.path.isfile(p) for p in paths), dtype=bool, count=len(paths))
+    return paths, exists
 
 
 # ---------------------------------------------------------------------------------------------
@@ -408,3 +425,40 @@ def label_counts(frame: pd.DataFrame, labels) -> dict[str, dict[str, int]]:
             "blank": int(column.isna().sum()),
         }
     return counts
+
+
+def dataset_summary(data: LabeledData) -> dict[str, Any]:
+    """What ``cxr data stats`` shows for any layout: images, patients, views (and how many
+    are frontal), sex, age, and per label the positive / negative / uncertain / blank cells
+    with the share of images positive."""
+    table = data.table
+    stats: dict[str, Any] = {
+        "layout": data.layout,
+        "table": str(data.source),
+        "images": len(table),
+        "patients": int(table[PATIENT_COLUMN].nunique()),
+    }
+    if "Frontal/Lateral" in table.columns:
+        stats["frontal"] = int((table["Frontal/Lateral"] == "Frontal").sum())
+    elif VIEW_COLUMN in table.columns:
+        stats["frontal"] = int(table[VIEW_COLUMN].isin(FRONTAL_VIEWS).sum())
+    if VIEW_COLUMN in table.columns:
+        stats["views"] = _counts(table[VIEW_COLUMN].replace("", "(blank)"))
+    if SEX_COLUMN in table.columns:
+        stats["sex"] = _counts(table[SEX_COLUMN].replace("", "(unknown)"))
+    if "age_years" in table.columns and table["age_years"].notna().any():
+        ages = table["age_years"]
+        stats["age_years"] = {
+            "min": float(ages.min()),
+            "max": float(ages.max()),
+            "median": float(ages.median()),
+        }
+    labels = label_counts(table, data.labels)
+    for entry in labels.values():
+        entry["prevalence"] = entry["positive"] / len(table) if len(table) else None
+    stats["labels"] = labels
+    return stats
+
+
+def _counts(column: pd.Series) -> dict[str, int]:
+    return {str(k): int(v) for k, v in column.value_counts().items()}

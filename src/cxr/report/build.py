@@ -98,11 +98,12 @@ def build_report(
         thresholds,
         resamples=resamples,
         seed=seed,
+        labels=meta.labels,
     )
     report = _report(run, split, predictions, meta, numbers)
     on_stage("figures")
     figures = _figures(run, report, y_true, y_prob)
-    cases = gallery_cases(predictions, gallery)
+    cases = gallery_cases(predictions, gallery, meta.labels)
     if gallery > 0:
         on_stage("Grad-CAM gallery")
         figures.update(gallery_images(run.root, run.read_split(split), cases, device=device))

@@ -24,10 +24,11 @@ from cxr.data.nih import IMAGE_COLUMN, PATH_COLUMN
 from cxr.data.transforms import Preprocess
 from cxr.explain.gradcam import gradcam
 from cxr.explain.render import overlay_png
-from cxr.labels import PATHOLOGIES
+from cxr.metrics import known_only
 from cxr.model.bundle import load_bundle
 from cxr.report.numbers import fmt
 from cxr.runtime import resolve_device
+from cxr.utils import safe_name
 
 
 def _figure(width: float, height: float):
@@ -54,12 +55,12 @@ def _grid(names: Sequence[str]):
 
 
 def roc_figure(y_true, y_prob, report: dict) -> bytes:
-    figure, axes = _grid(PATHOLOGIES)
-    for c, (name, ax) in enumerate(zip(PATHOLOGIES, axes)):
+    figure, axes = _grid(report["labels"])
+    for c, (name, ax) in enumerate(zip(report["labels"], axes)):
         entry = report["per_class"][name]
         ax.plot([0, 1], [0, 1], color="0.7", lw=0.8, ls="--")
         if entry["auroc"] is not None:
-            fpr, tpr, _ = roc_curve(y_true[:, c], y_prob[:, c])
+            fpr, tpr, _ = roc_curve(*known_only(y_true[:, c], y_prob[:, c]))
             ax.plot(fpr, tpr, color="C0", lw=1.4)
             if entry["sensitivity"] is not None and entry["specificity"] is not None:
                 ax.plot(1 - entry["specificity"], entry["sensitivity"], "o", color="C3", ms=5)
@@ -77,11 +78,11 @@ def roc_figure(y_true, y_prob, report: dict) -> bytes:
 
 
 def pr_figure(y_true, y_prob, report: dict) -> bytes:
-    figure, axes = _grid(PATHOLOGIES)
-    for c, (name, ax) in enumerate(zip(PATHOLOGIES, axes)):
+    figure, axes = _grid(report["labels"])
+    for c, (name, ax) in enumerate(zip(report["labels"], axes)):
         entry = report["per_class"][name]
         if entry["positives"]:
-            precision, recall, _ = precision_recall_curve(y_true[:, c], y_prob[:, c])
+            precision, recall, _ = precision_recall_curve(*known_only(y_true[:, c], y_prob[:, c]))
             ax.step(recall, precision, where="post", color="C0", lw=1.4)
             ax.axhline(entry["prevalence"], color="0.7", lw=0.8, ls="--")
             if entry["ppv"] is not None:
@@ -101,8 +102,8 @@ def pr_figure(y_true, y_prob, report: dict) -> bytes:
 
 
 def reliability_figure(report: dict) -> bytes:
-    figure, axes = _grid(PATHOLOGIES)
-    for name, ax in zip(PATHOLOGIES, axes):
+    figure, axes = _grid(report["labels"])
+    for name, ax in zip(report["labels"], axes):
         entry = report["per_class"][name]
         bins = entry["reliability"]
         edges = np.asarray(bins["edges"])
@@ -134,17 +135,20 @@ def reliability_figure(report: dict) -> bytes:
 
 
 def scores_figure(y_true, y_prob, report: dict) -> bytes:
-    figure, axes = _grid(PATHOLOGIES)
-    for c, (name, ax) in enumerate(zip(PATHOLOGIES, axes)):
+    figure, axes = _grid(report["labels"])
+    for c, (name, ax) in enumerate(zip(report["labels"], axes)):
         entry = report["per_class"][name]
-        truth = y_true[:, c].astype(bool)
+        truth = y_true[:, c]
         # Bins over this class's range: a model trained with a weighted loss may put every
         # score in a narrow band, which bins over [0, 1] would show as one bar.
         low = min(float(y_prob[:, c].min()), entry["threshold"])
         high = max(float(y_prob[:, c].max()), entry["threshold"])
         margin = max(0.02 * (high - low), 1e-3)
         edges = np.linspace(low - margin, high + margin, 31)
-        for mask, colour, label in ((~truth, "C0", "negatives"), (truth, "C3", "positives")):
+        for mask, colour, label in (
+            (truth == 0, "C0", "negatives"),
+            (truth == 1, "C3", "positives"),
+        ):
             if mask.any():
                 ax.hist(y_prob[mask, c], bins=edges, density=True, alpha=0.55, color=colour,
                         label=f"{label} ({int(mask.sum())})")  # fmt: skip
@@ -201,7 +205,8 @@ def gallery_images(
     paths = dict(zip(split_frame[IMAGE_COLUMN].astype(str), split_frame[PATH_COLUMN]))
     shown = [
         (c, kind, i, case)
-        for c, pathology in enumerate(PATHOLOGIES)
+        for c, pathology in enumerate(bundle.labels)
+        if pathology in cases
         for kind in ("true_positives", "false_positives")
         for i, case in enumerate(cases[pathology][kind])
     ]
@@ -218,10 +223,10 @@ def gallery_images(
                 maps[image, c] = heat[row, column]
     pngs: dict[str, bytes] = {}
     for c, kind, i, case in shown:
-        pathology = PATHOLOGIES[c]
+        pathology = bundle.labels[c]
         label = "TP" if kind == "true_positives" else "FP"
         title = f"{pathology} {label}: p = {case['prob']:.3f}\n{case['image']}"
-        figure_name = f"gallery-{pathology}-{label.lower()}{i + 1}.png"
+        figure_name = f"gallery-{safe_name(pathology)}-{label.lower()}{i + 1}.png"
         pngs[figure_name] = overlay_png(crops[case["image"]], maps[case["image"], c], title)
         case["figure"] = figure_name
     return pngs

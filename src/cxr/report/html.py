@@ -70,10 +70,16 @@ ENVIRONMENT = Environment(
 ENVIRONMENT.filters.update(
     fmt=fmt, pct=pct, ci=ci, thousands=thousands, json=to_json, data_uri=data_uri
 )
-ENVIRONMENT.globals.update(pathologies=PATHOLOGIES, report_key=REPORT_KEY)
+ENVIRONMENT.globals.update(report_key=REPORT_KEY)
 
 
 def render_html(report: dict, figures: dict[str, bytes]) -> str:
     """The page, from the report dict as stored in ``metrics.json`` and the figures' bytes."""
     template = ENVIRONMENT.get_template(TEMPLATE)
-    return template.render(report=report, figures=figures, run_name=Path(report["run"]).name)
+    return template.render(
+        report=report,
+        figures=figures,
+        run_name=Path(report["run"]).name,
+        # Reports written before labels travelled with the run are NIH's 14.
+        pathologies=report.get("labels") or list(PATHOLOGIES),
+    )

@@ -24,6 +24,7 @@ from cxr.metrics import (
     average_precision,
     bootstrap_auroc,
     expected_calibration_error,
+    known_only,
     percentile_interval,
     reliability_bins,
     threshold_metrics,
@@ -134,19 +135,22 @@ def data_origin(run_dir: str | Path) -> dict[str, Any]:
 
 
 def _split_summary(run: RunFolder) -> dict[str, Any]:
+    """Per split: images, patients, and per label the positives and their share of the
+    images whose label is known."""
     summary = {}
+    labels = list(run.labels)
     for name in ("train", "val", "test"):
         path = run.split_file(name)
         if not path.exists():
             continue
-        frame = pd.read_csv(
-            path, dtype={PATIENT_COLUMN: str}, usecols=[PATIENT_COLUMN, *PATHOLOGIES]
-        )
+        frame = run.read_split(name)
+        known = {n: int(frame[n].isin([0, 1]).sum()) for n in labels}
+        positives = {n: int((frame[n] == 1).sum()) for n in labels}
         summary[name] = {
             "images": len(frame),
-            "patients": int(frame[PATIENT_COLUMN].nunique()),
-            "positives": {n: int(frame[n].sum()) for n in PATHOLOGIES},
-            "prevalence": {n: float(frame[n].mean()) if len(frame) else None for n in PATHOLOGIES},
+            "patients": int(frame[PATIENT_COLUMN].astype(str).nunique()),
+            "positives": positives,
+            "prevalence": {n: positives[n] / known[n] if known[n] else None for n in labels},
         }
     return summary
 
@@ -196,14 +200,16 @@ def report_metrics(
     seed: int = 0,
     confidence: float = DEFAULT_CONFIDENCE,
     bins: int = DEFAULT_BINS,
+    labels: Sequence[str] = PATHOLOGIES,
 ) -> dict[str, Any]:
-    """Per-class and mean numbers of the report for one split's predictions."""
+    """Per-class and mean numbers of the report for one split's predictions (unknown labels,
+    NaN in ``y_true``, count for nothing)."""
     y_true = np.asarray(y_true)
     y_prob = np.asarray(y_prob, dtype=np.float64)
     boot = bootstrap_auroc(y_true, y_prob, patients, resamples=resamples, seed=seed)
     per_class: dict[str, Any] = {}
-    for c, name in enumerate(PATHOLOGIES[: y_true.shape[1]]):
-        truth, prob = y_true[:, c], y_prob[:, c]
+    for c, name in enumerate(list(labels)[: y_true.shape[1]]):
+        truth, prob = known_only(y_true[:, c], y_prob[:, c])
         value = auroc(truth, prob)
         low, high = percentile_interval(boot.per_class[:, c], confidence)
         per_class[name] = {
@@ -223,6 +229,7 @@ def report_metrics(
     eces = [v["ece"] for v in per_class.values() if v["ece"] is not None]
     low, high = percentile_interval(boot.mean, confidence)
     return {
+        "labels": list(labels)[: y_true.shape[1]],
         "images": len(y_true),
         "patients": len(set(map(str, patients))),
         "auroc_mean": mean,
@@ -244,16 +251,22 @@ def report_metrics(
 # ---------------------------------------------------------------------------- gallery
 
 
-def gallery_cases(predictions: pd.DataFrame, k: int) -> dict[str, dict[str, list[dict]]]:
+def gallery_cases(
+    predictions: pd.DataFrame, k: int, labels: Sequence[str] = PATHOLOGIES
+) -> dict[str, dict[str, list[dict]]]:
     """Per class: the ``k`` most confident true positives and the ``k`` highest-scoring false
-    positives (negatives called positive at the class's threshold)."""
+    positives (known negatives called positive at the class's threshold)."""
     cases: dict[str, dict[str, list[dict]]] = {}
-    for name in PATHOLOGIES:
+    for name in labels:
         prob = predictions[f"prob_{name}"]
-        truth = predictions[f"true_{name}"].astype(bool)
+        truth = predictions[f"true_{name}"]
         call = predictions[f"call_{name}"].astype(bool)
+        positive, negative = truth == 1, truth == 0
         entry = {}
-        for kind, mask in (("true_positives", truth & call), ("false_positives", ~truth & call)):
+        for kind, mask in (
+            ("true_positives", positive & call),
+            ("false_positives", negative & call),
+        ):
             rows = predictions[mask].assign(_p=prob[mask]).sort_values("_p", ascending=False)
             entry[kind] = [
                 {
