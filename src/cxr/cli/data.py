@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
@@ -222,6 +223,12 @@ def data_check_split(
     console.print(f"[green]ok[/]: no patient in two sets ({sizes})")
 
 
+class SynthLayout(str, Enum):
+    nih = "nih"
+    chexpert = "chexpert"
+    mimic = "mimic"
+
+
 @data_app.command("synth")
 @friendly_errors
 def data_synth(
@@ -229,15 +236,27 @@ def data_synth(
     patients: Annotated[int, typer.Option(help="Number of synthetic patients.")] = 400,
     image_size: Annotated[int, typer.Option(help="Image width and height in pixels.")] = 256,
     seed: Annotated[int, typer.Option(help="Seed; the same seed gives the same files.")] = 0,
+    layout: Annotated[
+        SynthLayout,
+        typer.Option(help="Whose layout: NIH's, CheXpert's or MIMIC-CXR-JPG's."),
+    ] = SynthLayout.nih,
 ):
-    """Write a SYNTHETIC dataset in NIH's layout (tables, images, boxes, official lists)."""
+    """Write a SYNTHETIC dataset in NIH's layout (tables, images, boxes, official lists), or
+    in CheXpert's or MIMIC-CXR-JPG's (tables with uncertain and blank labels, JPEGs)."""
     with progress_task("generating synthetic images") as task:
         summary = write_synthetic_dataset(
-            out, patients=patients, image_size=image_size, seed=seed, progress=task.update
+            out,
+            patients=patients,
+            image_size=image_size,
+            seed=seed,
+            progress=task.update,
+            layout=layout.value,
         )
+    what = {"nih": "NIH", "chexpert": "CheXpert", "mimic": "MIMIC-CXR-JPG"}[layout.value]
+    boxes = f"{summary.boxes:,} boxes, " if layout == SynthLayout.nih else ""
     console.print(
-        f"wrote SYNTHETIC dataset (not NIH data): {summary.images:,} images of "
-        f"{summary.patients:,} patients, {summary.boxes:,} boxes, {image_size} px -> {shown(out)}"
+        f"wrote SYNTHETIC dataset (not {what} data): {summary.images:,} images of "
+        f"{summary.patients:,} patients, {boxes}{image_size} px -> {shown(out)}"
     )
 
 

@@ -20,6 +20,10 @@ Layout written into ``out`` (the same names and formats as NIH's release):
 Everything is deterministic: the population comes from ``default_rng([seed, 0])`` and image
 ``i`` from ``default_rng([seed, 1, i])``, so the same arguments give byte-identical files
 whatever the number of worker processes.
+
+``layout="chexpert"`` or ``"mimic"`` writes the same kind of images in CheXpert's or
+MIMIC-CXR-JPG's layout instead (:mod:`cxr.data.synthetic_layouts`); the rendering, the
+workers and the overwrite guard are shared.
 """
 
 from __future__ import annotations
@@ -95,6 +99,7 @@ class SynthSummary:
     image_size: int
     boxes: int
     label_counts: dict[str, int]
+    layout: str = "nih"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,7 +114,11 @@ def sample_population(patients: int = 400, seed: int = 0, image_size: int = 256)
     not depend on ``image_size``, which only fills the size and spacing columns.
     """
     _check_arguments(patients, image_size, seed)
-    rng = np.random.default_rng([seed, 0])
+    return _draw_population(patients, np.random.default_rng([seed, 0]), image_size)
+
+
+def _draw_population(patients: int, rng: np.random.Generator, image_size: int) -> pd.DataFrame:
+    """:func:`sample_population` from a given generator (the other layouts use their own)."""
     weights = np.array([_FINDING_WEIGHTS[name] for name in PATHOLOGIES])
     weights = weights / weights.sum()
     spacing = FIELD_OF_VIEW_MM / image_size
@@ -717,10 +726,19 @@ def render_image(
 # Writing
 
 
-def _render_job(job: tuple[int, int, tuple[int, ...], int, str]) -> tuple[int, dict[str, Box]]:
-    seed, index, labels, size, path = job
-    pixels, boxes = render_image(labels, np.random.default_rng([seed, 1, index]), size)
-    Image.fromarray(pixels).save(path, format="PNG", compress_level=6)
+# One image to write: (index, rng key, 14 NIH flags, size, path, renderer). The renderer is a
+# module-level function ``(flags, rng, size) -> (pixels, boxes)``, so that it pickles for spawn.
+RenderJob = tuple[int, tuple[int, ...], tuple[int, ...], int, str, Callable]
+
+
+def _render_job(job: RenderJob) -> tuple[int, dict[str, Box]]:
+    index, key, labels, size, path, renderer = job
+    pixels, boxes = renderer(labels, np.random.default_rng(list(key)), size)
+    image = Image.fromarray(pixels)
+    if path.endswith(".png"):
+        image.save(path, format="PNG", compress_level=6)
+    else:
+        image.save(path, format="JPEG", quality=90)
     return index, boxes
 
 
@@ -757,6 +775,7 @@ def write_synthetic_dataset(
     seed: int = 0,
     progress: Callable[[int, int], None] | None = None,
     workers: int | None = None,
+    layout: str = "nih",
 ) -> SynthSummary:
     """Write a synthetic dataset in NIH's layout into ``out`` (see the module docstring).
 
@@ -765,21 +784,48 @@ def write_synthetic_dataset(
     empty, or hold an earlier synthetic dataset (which is replaced); anything else is
     refused. ``progress(done, total)`` is called as images are written. ``workers`` is the
     number of rendering processes (default: one per CPU, up to 8, for large runs).
+    ``layout`` ``"chexpert"`` or ``"mimic"`` writes the same kind of images in CheXpert's or
+    MIMIC-CXR-JPG's layout instead (:mod:`cxr.data.synthetic_layouts`).
     """
     _check_arguments(patients, image_size, seed)
+    if layout != "nih":
+        from cxr.data.synthetic_layouts import write_layout
+
+        return write_layout(
+            out,
+            layout,
+            patients=patients,
+            image_size=image_size,
+            seed=seed,
+            progress=progress,
+            workers=workers,
+        )
+    table = sample_population(patients, seed, image_size)
+
+    def fill(staging: Path) -> SynthSummary:
+        (staging / IMAGE_DIR).mkdir()
+        boxes = _render_images(table, staging / IMAGE_DIR, seed, image_size, workers, progress)
+        return _write_tables(staging, Path(out), table, boxes, seed, image_size, patients)
+
+    return write_atomically(out, fill)
+
+
+def write_atomically(out: str | os.PathLike, fill: Callable[[Path], SynthSummary]) -> SynthSummary:
+    """Run ``fill(staging)`` on a temporary folder beside ``out``, then move it to ``out``.
+
+    ``out`` must not exist, be empty or hold an earlier synthetic dataset (it is replaced);
+    anything else raises :class:`DataError` before anything is written.
+    """
     out = Path(out)
     if not _is_replaceable(out):
         raise DataError(
             f"{out}: exists and is not a synthetic dataset written by cxr; "
             "choose a new or empty folder"
         )
-    table = sample_population(patients, seed, image_size)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
-        (staging / IMAGE_DIR).mkdir()
-        boxes = _render_images(table, staging / IMAGE_DIR, seed, image_size, workers, progress)
-        summary = _write_tables(staging, out, table, boxes, seed, image_size, patients)
+        summary = fill(staging)
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, old / "dataset")
@@ -804,12 +850,29 @@ def _render_images(
     """Render every image of ``table`` into ``image_dir``; returns each image's boxes."""
     names = table["Image Index"].tolist()
     flags = table[list(PATHOLOGIES)].to_numpy(dtype=np.int64)
-    total = len(table)
     jobs = [
-        (seed, i, tuple(int(x) for x in flags[i]), image_size, str(image_dir / names[i]))
-        for i in range(total)
+        (
+            i,
+            (seed, 1, i),
+            tuple(int(x) for x in flags[i]),
+            image_size,
+            str(image_dir / names[i]),
+            render_image,
+        )
+        for i in range(len(table))
     ]
+    return render_all(jobs, workers, progress)
+
+
+def render_all(
+    jobs: Sequence[RenderJob],
+    workers: int | None,
+    progress: Callable[[int, int], None] | None,
+) -> list[dict[str, Box]]:
+    """Render and save every job (in ``workers`` processes); returns each job's boxes."""
+    total = len(jobs)
     boxes: list[dict[str, Box]] = [{} for _ in range(total)]
+    image_size = jobs[0][3] if jobs else MIN_IMAGE_SIZE
     count = _default_workers(total, image_size) if workers is None else max(1, workers)
     if progress:
         progress(0, total)
