@@ -325,14 +325,57 @@ def _print_train_end(run_dir: Path, state) -> None:
 
 @app.command("evaluate")
 @friendly_errors
+@dataset_options
 def evaluate(
     run: Annotated[Path, typer.Argument(help="Run folder.")],
-    split: Annotated[str, typer.Option(help="test, val, or a CSV file in NIH format.")] = "test",
+    split: Annotated[
+        str,
+        typer.Option(
+            help="test, val, or a CSV table of the run's layout; with --data or --labels "
+            "google2019: test (the other dataset's own test split) or all."
+        ),
+    ] = "test",
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            "--data",
+            help="External validation: another dataset (any layout) to score the model on.",
+        ),
+    ] = None,
+    label_map: Annotated[
+        str | None,
+        typer.Option(
+            "--label-map",
+            help="With --data: which model output(s) answer each data label, e.g. 'Pleural "
+            "Effusion=Effusion;Lung Lesion=Mass|Nodule' (default: same names, then the "
+            "NIH / CheXpert / MIMIC map).",
+        ),
+    ] = None,
+    labels_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="With --labels google2019: the expert label CSV (default: found "
+            "below the data folder)."
+        ),
+    ] = None,
+    name: Annotated[
+        str | None, typer.Option(help="Name of the external result (default: the data's).")
+    ] = None,
+    drop_missing: Annotated[
+        bool, typer.Option("--drop-missing", help="Leave out listed images not on disk.")
+    ] = False,
     device: DeviceOption = "auto",
     batch_size: BatchSizeOption = 32,
     workers: WorkersOption = 2,
+    dataset=None,
 ):
-    """Probabilities for every image, AUROC per class, and positive/negative calls."""
+    """Probabilities for every image, AUROC per class, and positive/negative calls; or, with
+    --data (or --labels google2019), the model validated on another dataset."""
+    if data is not None or dataset.labels == ("google2019",):
+        runtime = dict(device=device, batch_size=batch_size, workers=workers)
+        options = dict(label_map=label_map, labels_file=labels_file, name=name)
+        _evaluate_external(run, data, split, drop_missing, dataset, options, runtime)
+        return
     from cxr.workflows.evaluate import evaluate_run
 
     with progress_task(f"evaluating {shown(split)}") as task:
@@ -343,6 +386,62 @@ def evaluate(
     title = f"{shown(result['split'])}: {result['images']:,} images"
     console.print(auroc_table(result, title, list(result["per_class"])))
     console.print(f"wrote {shown(run / result['predictions'])} and {shown(result['path'])}")
+
+
+def _evaluate_external(run, data, split, drop_missing, dataset, options, runtime) -> None:
+    from dataclasses import replace
+
+    from cxr.labels import parse_label_map
+    from cxr.workflows.external import GOOGLE2019, external_evaluate
+
+    google = dataset.labels == (GOOGLE2019,)
+    spec = replace(dataset, labels=None) if google else dataset
+    with progress_task("external validation") as task:
+        result = external_evaluate(
+            run, data, dataset=spec, split=split, labels=GOOGLE2019 if google else None,
+            labels_file=options["labels_file"], name=options["name"],
+            label_map=parse_label_map(options["label_map"]) if options["label_map"] else None,
+            drop_missing=drop_missing, on_batch=task.advance, **runtime,
+        )  # fmt: skip
+    for note in result["notes"]:
+        warn(note)
+    title = (
+        f"{shown(result['name'])} ({result['layout']}, {result['split']}): "
+        f"{result['images']:,} images of {result['patients']:,} patients"
+    )
+    console.print(external_table(result, title))
+    if result["dropped"]:
+        console.print(
+            "not scored (no model output answers them): "
+            + ", ".join(shown(n) for n in result["dropped"]),
+            highlight=False,
+        )
+    console.print(f"wrote {shown(run / result['predictions'])} and the metrics under 'external'")
+
+
+def _rate(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def external_table(result: dict, title: str):
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column in ("label", "model output(s)", "AUROC", "95% CI", "positives", "sens.", "spec."):
+        table.add_column(column)
+    for label, entry in result["per_class"].items():
+        value = entry["auroc"]
+        low, high = entry["auroc_ci"]
+        table.add_row(
+            shown(label), shown(" | ".join(entry["model_outputs"])),
+            "undefined" if value is None else f"{value:.3f}",
+            "" if low is None else f"{low:.3f}-{high:.3f}", f"{entry['positives']:,}",
+            *(_rate(entry[key]) for key in ("sensitivity", "specificity")),
+        )  # fmt: skip
+    mean = result["auroc_mean"]
+    table.add_section()
+    table.add_row("mean", "", "undefined" if mean is None else f"{mean:.3f}")
+    return table
 
 
 # ---------------------------------------------------------------------------- demo

@@ -41,13 +41,13 @@ def split_frame(run: RunFolder, split: str) -> tuple[pd.DataFrame, str]:
             data = run.load_info().get("data")
             root = Path(data) if data else path.parent
             frame = attach_image_paths(frame, root if root.is_dir() else root.parent).table
-        _check_no_training_patients(run, frame, path)
+        check_no_training_patients(run, frame, path)
     if frame.empty:
         raise DataError(f"split {split!r} of {run.root} has no images")
     return frame, name
 
 
-def _check_no_training_patients(run: RunFolder, frame: pd.DataFrame, path: Path) -> None:
+def check_no_training_patients(run: RunFolder, frame: pd.DataFrame, path: Path) -> None:
     """Refuse a table sharing patients with the run's train or val split: their images (or
     images of the same people) shaped the weights or the thresholds, so the numbers would
     overstate the model."""
