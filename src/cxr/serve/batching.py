@@ -82,14 +82,9 @@ class BatchedPredictor:
         max_queue: int | None = None,
         metrics: ServiceMetrics | None = None,
     ):
-        _check_count("max_batch", max_batch)
-        if not (isinstance(max_wait_ms, (int, float)) and math.isfinite(max_wait_ms)) or (
-            max_wait_ms < 0
-        ):
-            raise ConfigError(f"max_wait_ms must be 0 or a positive number, not {max_wait_ms!r}")
+        check_settings(max_batch, max_wait_ms, max_queue)
         if max_queue is None:
             max_queue = max(MIN_QUEUE, QUEUE_BATCHES * max_batch)
-        _check_count("max_queue", max_queue)
         self.predictor = predictor
         self.max_batch = int(max_batch)
         self.max_wait_s = float(max_wait_ms) / 1000
@@ -275,6 +270,26 @@ def _settle(future: Future, *, result=None, error: BaseException | None = None) 
             future.set_result(result)
     except InvalidStateError:
         pass
+
+
+def check_settings(
+    max_batch: int, max_wait_ms: float, max_queue: int | None, *, options: bool = False
+) -> None:
+    """Raise :class:`ConfigError` unless the settings are usable; ``options`` names them as
+    ``cxr serve``'s options (``--max-batch``) instead of parameters."""
+
+    def named(name: str) -> str:
+        return "--" + name.replace("_", "-") if options else name
+
+    _check_count(named("max_batch"), max_batch)
+    if isinstance(max_wait_ms, bool) or not (
+        isinstance(max_wait_ms, (int, float)) and math.isfinite(max_wait_ms) and max_wait_ms >= 0
+    ):
+        raise ConfigError(
+            f"{named('max_wait_ms')} must be 0 or a positive number, not {max_wait_ms!r}"
+        )
+    if max_queue is not None:
+        _check_count(named("max_queue"), max_queue)
 
 
 def _check_count(name: str, value: int) -> None:
