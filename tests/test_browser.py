@@ -17,6 +17,7 @@ import pytest
 import torch
 import uvicorn
 from conftest import CHROMIUM, CHROMIUM_ARGS, FIXED_CALL_THRESHOLDS
+from playwright.sync_api import Error as PlaywrightError
 from playwright.sync_api import expect, sync_playwright
 
 from cxr.labels import PATHOLOGIES
@@ -86,7 +87,12 @@ def test_with_an_api_key_the_page_works_once_the_browser_has_it(
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
-            response = browser.new_page().goto(keyed_server_url)  # no key: the challenge
+            page = browser.new_page()
+            # Without the key, the challenge: headless Chromium cannot show the login dialog
+            # and gives up on the page.
+            with pytest.raises(PlaywrightError, match="ERR_INVALID_AUTH_CREDENTIALS"):
+                page.goto(keyed_server_url)
+            response = page.request.get(keyed_server_url)
             assert response.status == 401
             assert response.headers["www-authenticate"].startswith("Basic")
         finally:
