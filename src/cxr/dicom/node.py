@@ -141,6 +141,9 @@ class DicomNode:
         """Stop listening and let the threads end; pending work stays in the spool."""
         if self._server is not None:
             self._server.shutdown()
+            self._server = None
+        if self._stop.is_set():
+            return
         self._stop.set()
         self.batcher.close()
         for thread in self._threads:
