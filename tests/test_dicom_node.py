@@ -127,7 +127,7 @@ def test_each_image_gets_one_report_equal_to_cxr_predict(bundle, sink, make_node
     node = make_node(sink.port).start()
     datasets = [pydicom.dcmread(io.BytesIO(data)) for data in inputs.values()]
     assert send(node.address[1], datasets) == [(0x0000, "")] * len(datasets)
-    assert node.wait(lambda: len(sink.reports()) >= len(datasets), WAIT_S)
+    assert node.wait(lambda: node.counts.sent >= len(datasets), WAIT_S)
 
     expected = reference_probabilities(bundle, inputs, tmp_path / "files")
     predictor = load_predictor(bundle)
@@ -167,7 +167,7 @@ def test_bad_instances_are_refused_with_their_reason_and_the_association_goes_on
     for (status, comment), (name, (_, reason)) in zip(answers, bad.items()):
         assert status == 0xC000, name
         assert reason in comment, (name, comment)
-    assert node.wait(lambda: len(sink.reports()) == 1, WAIT_S)
+    assert node.wait(lambda: node.counts.sent == 1, WAIT_S)
 
     rows = {r["sop_instance_uid"]: r for r in store_rows(tmp_path)}
     for name, (dataset, reason) in bad.items():
@@ -183,7 +183,7 @@ def test_a_calling_ae_title_not_allowed_is_refused_and_recorded(sink, make_node,
     good = pydicom.dcmread(io.BytesIO(radiograph_dicom(nih_gray(0))))
     assert send(node.address[1], [good], ae_title="INTRUDER") is None
     assert send(node.address[1], [good]) == [(0x0000, "")]  # the node goes on
-    assert node.wait(lambda: len(sink.reports()) == 1, WAIT_S)
+    assert node.wait(lambda: node.counts.sent == 1, WAIT_S)
     rows = store_rows(tmp_path)
     refusal = next(r for r in rows if r["status"] == "refused")
     assert refusal["calling_ae"] == "INTRUDER" and refusal["sop_instance_uid"] is None
@@ -226,7 +226,7 @@ def test_a_restart_finishes_what_the_spool_and_the_store_hold(bundle, sink, make
     node.spool.put_incoming(unrecorded_uid, unrecorded)
 
     node.start()
-    assert node.wait(lambda: len(sink.reports()) >= 2, WAIT_S)
+    assert node.wait(lambda: node.counts.sent >= 2, WAIT_S)
     node.stop()
     by_source = {referenced_image(r)[1]: r for r in sink.reports()}
     assert sorted(by_source) == sorted(

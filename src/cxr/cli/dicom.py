@@ -88,6 +88,7 @@ def listen(
         backend=backend,
         device=device,
     )
+    _log_to_stderr()
     stopped = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stopped.set())
@@ -108,6 +109,17 @@ def listen(
         f"{counts.failed} failed",
         highlight=False,
     )
+
+
+def _log_to_stderr() -> None:
+    """The node's own messages (refusals, failures, retries) at INFO; its libraries' at
+    WARNING (pynetdicom logs every association at INFO)."""
+    import logging
+
+    logging.basicConfig(
+        level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr
+    )
+    logging.getLogger("cxr").setLevel(logging.INFO)
 
 
 def _check_listen_options(port, ae_title, allowed, host, workers, max_batch, queue_size) -> None:
