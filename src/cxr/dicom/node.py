@@ -33,12 +33,12 @@ from pynetdicom.sop_class import Verification
 from cxr.data.images import MAX_PIXELS, decode_gray
 from cxr.dicom.checks import Refused, check_instance, valid_uid
 from cxr.dicom.forward import Destination, Forwarder, ForwardError
-from cxr.dicom.model import BatchedModel
 from cxr.dicom.report import ModelInfo, overlay_capture, structured_report
 from cxr.dicom.spool import Spool
 from cxr.errors import CxrError
 from cxr.explain.render import overlay_png
 from cxr.results.store import ResultsStore, StoreError
+from cxr.serve.batching import BatchedPredictor
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,9 @@ class DicomNode:
         self.predictor, self.model, self.store, self.spool = predictor, model, store, spool
         self.options = options
         self.forwarder = Forwarder(destination, options.ae_title, options.timeout_s)
-        self.batcher = BatchedModel(
+        # The model is shared with `cxr serve`'s batched worker: the images the worker
+        # threads hold are run together.
+        self.batcher = BatchedPredictor(
             predictor, max_batch=options.max_batch, max_wait_ms=options.max_wait_ms
         )
         self.counts = _Counts()
@@ -145,7 +147,7 @@ class DicomNode:
         if self._stop.is_set():
             return
         self._stop.set()
-        self.batcher.close()
+        self.batcher.close(timeout=self.options.timeout_s)
         for thread in self._threads:
             thread.join(timeout=self.options.timeout_s)
 
