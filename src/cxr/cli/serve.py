@@ -186,6 +186,13 @@ DecodeMemoryOption = Annotated[
         "allowed pixel + twice the upload limit + 64 MiB: 1654 MiB at the defaults)."
     ),
 ]
+ResultsDbOption = Annotated[
+    str | None,
+    typer.Option(
+        help="Results store of cxr dicom listen for GET /v1/results: a run folder (its "
+        "results.sqlite), an SQLite file or a database URL."
+    ),
+]
 LOOPBACK_NAMES = ("localhost",)
 
 
@@ -217,9 +224,10 @@ def serve(
     max_queue: MaxQueueOption = None,
     api_key_file: ApiKeyFileOption = None,
     insecure: InsecureOption = False,
+    results_db: ResultsDbOption = None,
 ):
-    """HTTP service: POST /v1/predict, POST /v1/explain, GET /healthz, GET /metrics, /docs,
-    and a page at /."""
+    """HTTP service: POST /v1/predict, POST /v1/explain, GET /healthz, GET /metrics,
+    GET /v1/results, /docs, and a page at /."""
     from cxr.serve.app import create_app
     from cxr.serve.batching import check_settings
     from cxr.serve.server import check_port, run_server
@@ -247,6 +255,7 @@ def serve(
         max_wait_ms=max_wait_ms,
         max_queue=max_queue,
         api_key=api_key,
+        results_db=results_db,
     )
     console.print(
         f"serving on http://{shown(host)}:{port}/ (docs at /docs, metrics at /metrics)"

@@ -1,5 +1,5 @@
 """The HTTP service: ``POST /v1/predict``, ``POST /v1/explain``, ``GET /healthz``,
-``GET /metrics`` (Prometheus), a page at ``/``.
+``GET /metrics`` (Prometheus), ``GET /v1/results`` (the DICOM listener's results), a page at ``/``.
 
 :func:`create_app` checks its limits and the device, loads the model once and returns a FastAPI
 app (served by :func:`cxr.serve.server.run_server` in ``cxr serve``). Uploads are read from
@@ -75,6 +75,7 @@ from cxr.serve.limits import (
     sniff,
 )
 from cxr.serve.metrics import RequestMetrics, ServiceMetrics
+from cxr.serve.results import add_results_route, open_results
 from cxr.utils import safe_name
 
 MEDIA_TYPES = "PNG, JPEG or DICOM"
@@ -113,6 +114,7 @@ def create_app(
     max_wait_ms: float = DEFAULT_MAX_WAIT_MS,
     max_queue: int | None = None,
     api_key: str | None = None,
+    results_db: str | None = None,
 ) -> FastAPI:
     """The app for a run folder or bundle (or an already loaded ``predictor``).
 
@@ -122,9 +124,9 @@ def create_app(
     0 turns it off. ``header_timeout_s`` is the server's (:func:`cxr.serve.server.server_config`).
     ``decode_memory_bytes`` defaults to :func:`cxr.serve.limits.default_memory_budget`.
     ``decoder`` replaces the decoding pool the limits describe (tests pass one with a hook).
-    ``max_batch``, ``max_wait_ms`` and ``max_queue`` shape the batched inference worker
-    (:class:`~cxr.serve.batching.BatchedPredictor`). With ``api_key`` (see
-    :func:`cxr.serve.auth.read_api_key`), every endpoint but ``/healthz`` needs it.
+    ``max_batch``, ``max_wait_ms``, ``max_queue``: the batched worker's
+    (:class:`~cxr.serve.batching.BatchedPredictor`). With ``api_key``, every endpoint but
+    ``/healthz`` needs it. ``results_db``: the store ``GET /v1/results`` reads (404 without).
     """
     limits = ServiceLimits(
         max_upload_bytes=max_upload_bytes,
@@ -136,6 +138,7 @@ def create_app(
         decode_memory_bytes=decode_memory_bytes,
     )
     check_settings(max_batch, max_wait_ms, max_queue)
+    store = None if results_db is None else open_results(results_db)
     if predictor is None:
         if model_path is None:
             raise CxrError("create_app needs a model path or a predictor")
@@ -145,17 +148,11 @@ def create_app(
         decoder = DecodePool(
             limits.decode_workers, limits.decode_budget, max_pixels=limits.max_pixels
         )
-    metrics = ServiceMetrics()
+    metrics = _metrics(predictor)
     batcher = BatchedPredictor(
         predictor, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
         metrics=metrics,
     )  # fmt: skip
-    metrics.describe_model(
-        weights_sha256=predictor.weights_digest or "unknown",
-        backend=predictor.backend,
-        image_size=predictor.image_size,
-        labels=",".join(predictor.labels),
-    )
     service = _Service(predictor, limits, decoder, compute_threads, batcher, metrics)
     app = FastAPI(
         title="cxr",
@@ -169,19 +166,40 @@ def create_app(
         lifespan=_lifespan,
     )
     app.state.service = service
+    app.state.results = store
     app.state.limits = limits
+    _add_middleware(app, limits, metrics, api_key)
+    _add_error_handlers(app)
+    _add_docs(app)
+    _add_routes(app, service)
+    add_results_route(app, store)
+    return app
+
+
+def _metrics(predictor: Predictor) -> ServiceMetrics:
+    """The service's metrics, with the model's identity."""
+    metrics = ServiceMetrics()
+    metrics.describe_model(
+        weights_sha256=predictor.weights_digest or "unknown",
+        backend=predictor.backend,
+        image_size=predictor.image_size,
+        labels=",".join(predictor.labels),
+    )
+    return metrics
+
+
+def _add_middleware(
+    app: FastAPI, limits: ServiceLimits, metrics: ServiceMetrics, api_key: str | None
+) -> None:
+    """Each added later wraps the ones before (the last added runs first)."""
     app.add_middleware(BodyLimit, limit=limits.max_upload_bytes + FORM_OVERHEAD)
-    # Added last, so outermost: it times the reads that BodyLimit makes.
+    # Outside BodyLimit: it times the reads that BodyLimit makes.
     app.add_middleware(BodyTimeout, timeout_s=limits.body_timeout_s)
     if api_key is not None:
         # Outside the body limits: a request without the key is refused before its body is read.
         refused = metrics.refusals.labels(reason="unauthorized").inc
         app.add_middleware(ApiKeyAuth, key=api_key, on_refusal=refused)
     app.add_middleware(RequestMetrics, metrics=metrics)  # outermost: counts the 401s too
-    _add_error_handlers(app)
-    _add_docs(app)
-    _add_routes(app, service)
-    return app
 
 
 @asynccontextmanager
@@ -192,6 +210,8 @@ async def _lifespan(app: FastAPI):
         yield
     finally:
         service.close()
+        if app.state.results is not None:
+            app.state.results.close()
 
 
 def _add_error_handlers(app: FastAPI) -> None:
