@@ -17,6 +17,7 @@ import pytest
 import torch
 import uvicorn
 from conftest import CHROMIUM, CHROMIUM_ARGS, FIXED_CALL_THRESHOLDS
+from playwright.sync_api import Error as PlaywrightError
 from playwright.sync_api import expect, sync_playwright
 
 from cxr.labels import PATHOLOGIES
@@ -28,8 +29,11 @@ THRESHOLDS = FIXED_CALL_THRESHOLDS  # the first 7 pathologies positive, the last
 NIH_PNG = "00001369_000.png"  # an RGBA NIH image with a Cardiomegaly box
 
 
+KEY = "browser-test-key-0123456789"
+
+
 @pytest.fixture(scope="module")
-def server_url(tmp_path_factory):
+def bundle(tmp_path_factory) -> Path:
     from cxr.model.bundle import BundleMeta, save_bundle
     from cxr.model.network import build_model
 
@@ -39,7 +43,21 @@ def server_url(tmp_path_factory):
         image_size=64, normalization="imagenet", thresholds=THRESHOLDS, threshold_rule="youden"
     )
     save_bundle(bundle, build_model(), meta)
-    app = create_app(bundle, backend="torch", device="cpu")
+    return bundle
+
+
+@pytest.fixture(scope="module")
+def server_url(bundle):
+    yield from serving(create_app(bundle, backend="torch", device="cpu"))
+
+
+@pytest.fixture(scope="module")
+def keyed_server_url(bundle):
+    yield from serving(create_app(bundle, backend="torch", device="cpu", api_key=KEY))
+
+
+def serving(app):
+    """Serve ``app`` on a free loopback port in a thread; yield its URL, then stop it."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))  # bound here, so no other process can take the port meanwhile
     port = sock.getsockname()[1]
@@ -58,17 +76,42 @@ def server_url(tmp_path_factory):
 
 
 def test_page_shows_bars_and_overlay(server_url, sample_images: Path):
+    use_page(server_url, sample_images)
+
+
+def test_with_an_api_key_the_page_works_once_the_browser_has_it(
+    keyed_server_url, sample_images: Path
+):
+    # The browser's login dialog, answered: user name anything, password the key.
+    use_page(keyed_server_url, sample_images, {"username": "me", "password": KEY})
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            # Without the key, the challenge: headless Chromium cannot show the login dialog
+            # and gives up on the page.
+            with pytest.raises(PlaywrightError, match="ERR_INVALID_AUTH_CREDENTIALS"):
+                page.goto(keyed_server_url)
+            response = page.request.get(keyed_server_url)
+            assert response.status == 401
+            assert response.headers["www-authenticate"].startswith("Basic")
+        finally:
+            browser.close()
+
+
+def use_page(url: str, sample_images: Path, credentials: dict | None = None) -> None:
+    """Upload an NIH PNG through the page; check its bars and a Grad-CAM overlay."""
     assert Path(CHROMIUM).is_file() or shutil.which("chromium"), (
         "Debian's chromium is needed: apt-get install chromium"
     )
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page()
+            page = browser.new_context(http_credentials=credentials).new_page()
             page.set_default_timeout(60_000)
             errors: list[str] = []
             page.on("pageerror", lambda exc: errors.append(str(exc)))
-            page.goto(server_url)
+            page.goto(url)
             expect(page).to_have_title("cxr: chest X-ray findings")
 
             page.set_input_files("#file", str(sample_images / NIH_PNG))

@@ -36,3 +36,16 @@ class CacheError(CxrError):
 
 class ConfigError(CxrError):
     """A configuration file or option is invalid."""
+
+
+class ServiceBusy(CxrError):
+    """The inference queue is full: the work is refused now (try again later) instead of
+    waiting behind an unbounded backlog."""
+
+
+class DeadlineExceeded(CxrError):
+    """The work's deadline passed before the model reached it: it was dropped, not run."""
+
+
+class WorkerClosed(CxrError):
+    """The inference worker is closed (or closing) and takes no more work."""

@@ -140,3 +140,39 @@ def _explicit_le(dataset: Dataset) -> bytes:
     buffer.is_little_endian, buffer.is_implicit_VR = True, False
     write_dataset(buffer, dataset)
     return buffer.getvalue()
+
+
+def radiograph_dicom(
+    pixels: np.ndarray,
+    *,
+    photometric: str = "MONOCHROME2",
+    modality: str = "DX",
+    view: str | None = "PA",
+    sop_class: str = DigitalXRayImageStorageForPresentation,
+    **attributes,
+) -> bytes:
+    """A complete, uncompressed radiograph DICOM (study, series and instance UIDs, patient)
+    of ``pixels``: ``uint8`` gives 8 bits stored, ``uint16`` 16 (stored as given; for
+    MONOCHROME1 pass the pixels already inverted, as a modality would store them)."""
+    pixels = np.ascontiguousarray(pixels)
+    if pixels.dtype not in (np.uint8, np.uint16) or pixels.ndim != 2:
+        raise ValueError(f"expected 2-D uint8 or uint16 pixels, got {pixels.dtype} {pixels.shape}")
+    dataset = _dx_dataset(*pixels.shape, ExplicitVRLittleEndian)
+    dataset.SOPClassUID = dataset.file_meta.MediaStorageSOPClassUID = sop_class
+    bits = pixels.dtype.itemsize * 8
+    dataset.BitsAllocated, dataset.BitsStored, dataset.HighBit = bits, bits, bits - 1
+    dataset.PhotometricInterpretation, dataset.Modality = photometric, modality
+    if view is None:
+        del dataset.ViewPosition
+    else:
+        dataset.ViewPosition = view
+    dataset.StudyInstanceUID, dataset.SeriesInstanceUID = generate_uid(), generate_uid()
+    dataset.PatientName, dataset.PatientID = "Test^Patient", "cxr-test"
+    dataset.StudyDate, dataset.StudyTime, dataset.AccessionNumber = "20240101", "120000", ""
+    dataset.ReferringPhysicianName, dataset.StudyID = "", "1"
+    dataset.SeriesNumber, dataset.InstanceNumber = 1, 1
+    dataset.PatientBirthDate, dataset.PatientSex = "", "O"
+    dataset.PixelData = pixels.tobytes()
+    for key, value in attributes.items():
+        setattr(dataset, key, value)
+    return _file_bytes(dataset)

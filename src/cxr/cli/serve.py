@@ -21,7 +21,7 @@ from cxr.cli.common import (
 )
 from cxr.cli.options import BatchSizeOption, DeviceOption
 from cxr.data.files import find_images
-from cxr.errors import CxrError
+from cxr.errors import ConfigError, CxrError
 
 # The library modules behind these commands import torch (and captum, onnxruntime, FastAPI,
 # matplotlib); each command imports them when it runs, so that `cxr --help` and the `cxr data`
@@ -156,6 +156,46 @@ def export(
     )
 
 
+MaxBatchOption = Annotated[
+    int, typer.Option(help="Most images the batched worker gives the model in one call.")
+]
+MaxWaitOption = Annotated[
+    float,
+    typer.Option(help="Milliseconds a lone image waits for others to fill its batch."),
+]
+MaxQueueOption = Annotated[
+    int | None,
+    typer.Option(
+        help="Images that may wait for the model; beyond, 503 (default: 4 batches, >= 64)."
+    ),
+]
+ApiKeyFileOption = Annotated[
+    Path | None,
+    typer.Option(
+        help="File holding the API key every endpoint but /healthz requires "
+        "(Authorization: Bearer KEY, X-API-Key: KEY, or a browser's login dialog)."
+    ),
+]
+InsecureOption = Annotated[
+    bool, typer.Option("--insecure", help="Allow listening beyond loopback without an API key.")
+]
+DecodeMemoryOption = Annotated[
+    float | None,
+    typer.Option(
+        help="Memory one decode may use, enforced per worker (default: 40 bytes per "
+        "allowed pixel + twice the upload limit + 64 MiB: 1654 MiB at the defaults)."
+    ),
+]
+ResultsDbOption = Annotated[
+    str | None,
+    typer.Option(
+        help="Results store of cxr dicom listen for GET /v1/results: a run folder (its "
+        "results.sqlite), an SQLite file or a database URL."
+    ),
+]
+LOOPBACK_NAMES = ("localhost",)
+
+
 @app.command("serve")
 @friendly_errors
 def serve(
@@ -178,32 +218,28 @@ def serve(
     decode_workers: Annotated[
         int, typer.Option(help="Decoding processes (each decodes one upload at a time).")
     ] = 2,
-    decode_memory_mb: Annotated[
-        float | None,
-        typer.Option(
-            help="Memory one decode may use, enforced per worker (default: 40 bytes per "
-            "allowed pixel + twice the upload limit + 64 MiB: 1654 MiB at the defaults)."
-        ),
-    ] = None,
+    decode_memory_mb: DecodeMemoryOption = None,
+    max_batch: MaxBatchOption = 16,
+    max_wait_ms: MaxWaitOption = 5.0,
+    max_queue: MaxQueueOption = None,
+    api_key_file: ApiKeyFileOption = None,
+    insecure: InsecureOption = False,
+    results_db: ResultsDbOption = None,
 ):
-    """HTTP service: POST /v1/predict, POST /v1/explain, GET /healthz, /docs, and a page at /."""
+    """HTTP service: POST /v1/predict, POST /v1/explain, GET /healthz, GET /metrics,
+    GET /v1/results, /docs, and a page at /."""
     from cxr.serve.app import create_app
-    from cxr.serve.limits import check_positive
+    from cxr.serve.batching import check_settings
     from cxr.serve.server import check_port, run_server
 
     # Every option is checked before the model is loaded (create_app checks the device first).
     check_port(port, "--port")
-    for option, value in [
-        ("--max-upload-mb", max_upload_mb),
-        ("--max-megapixels", max_megapixels),
-        ("--header-timeout", header_timeout),
-        ("--body-timeout", body_timeout),
-        ("--decode-workers", decode_workers),
-    ]:
-        check_positive(option, value)
-    check_positive("--request-timeout", request_timeout, zero_means_none=True)
-    if decode_memory_mb is not None:
-        check_positive("--decode-memory-mb", decode_memory_mb)
+    _check_limits(
+        max_upload_mb, max_megapixels, request_timeout, header_timeout, body_timeout,
+        decode_workers, decode_memory_mb,
+    )  # fmt: skip
+    check_settings(max_batch, max_wait_ms, max_queue, options=True)
+    api_key = _api_key(api_key_file, host, insecure)
     application = create_app(
         model,
         backend=backend,
@@ -215,14 +251,71 @@ def serve(
         body_timeout_s=body_timeout,
         decode_workers=decode_workers,
         decode_memory_bytes=None if decode_memory_mb is None else int(decode_memory_mb * 2**20),
+        max_batch=max_batch,
+        max_wait_ms=max_wait_ms,
+        max_queue=max_queue,
+        api_key=api_key,
+        results_db=results_db,
     )
-    if host not in ("127.0.0.1", "localhost", "::1"):
-        err_console.print(
-            f"[yellow]warning:[/] listening on {shown(host)}: the service has no "
-            "authentication; put it behind one before exposing it",
-            highlight=False,
-        )
     console.print(
-        f"serving on http://{shown(host)}:{port}/ (docs at /docs); Ctrl+C stops", highlight=False
+        f"serving on http://{shown(host)}:{port}/ (docs at /docs, metrics at /metrics)"
+        f"{'' if api_key is None else ', API key required'}; Ctrl+C stops",
+        highlight=False,
     )
     run_server(application, host=host, port=port)
+
+
+def _check_limits(
+    max_upload_mb, max_megapixels, request_timeout, header_timeout, body_timeout,
+    decode_workers, decode_memory_mb,
+) -> None:  # fmt: skip
+    from cxr.serve.limits import check_positive
+
+    for option, value in [
+        ("--max-upload-mb", max_upload_mb),
+        ("--max-megapixels", max_megapixels),
+        ("--header-timeout", header_timeout),
+        ("--body-timeout", body_timeout),
+        ("--decode-workers", decode_workers),
+    ]:
+        check_positive(option, value)
+    check_positive("--request-timeout", request_timeout, zero_means_none=True)
+    if decode_memory_mb is not None:
+        check_positive("--decode-memory-mb", decode_memory_mb)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is a loopback address (or ``localhost``): reachable from this machine
+    only. A name other than ``localhost`` counts as beyond loopback."""
+    import ipaddress
+
+    if host.lower() in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _api_key(path: Path | None, host: str, insecure: bool) -> str | None:
+    """The key from ``--api-key-file``; without one, listening beyond loopback is refused
+    unless ``--insecure``."""
+    from cxr.serve.auth import read_api_key, readable_by_others
+
+    if path is None:
+        if is_loopback(host):
+            return None
+        if not insecure:
+            raise ConfigError(
+                f"--host {host} listens beyond this machine without an API key: give "
+                "--api-key-file FILE (and TLS through a reverse proxy, see the README), or "
+                "--insecure to serve without one"
+            )
+        warn(
+            f"listening on {host} without an API key (--insecure): anyone who reaches it may use it"
+        )
+        return None
+    key = read_api_key(path)
+    if readable_by_others(path):
+        warn(f"{path}: the API key file is readable by every user; chmod 600 it")
+    return key

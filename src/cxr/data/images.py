@@ -162,6 +162,13 @@ def _read_dicom(data: bytes, label: str, max_pixels: int):
     return dataset
 
 
+def read_dicom(data: bytes, *, name: str, max_pixels: int = MAX_PIXELS):
+    """A DICOM file's dataset with its pixel data read but not decoded, after the checks
+    decoding makes first (every declared size within the budget and matching the pixel data,
+    a supported transfer syntax): what a receiver checks before accepting an instance."""
+    return _read_dicom(data, name, max_pixels)
+
+
 def _decode_dicom(data: bytes, label: str, max_pixels: int) -> np.ndarray:
     dataset = _read_dicom(data, label, max_pixels)
     try:

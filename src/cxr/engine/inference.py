@@ -28,9 +28,16 @@ from cxr.errors import CxrError, ModelError
 from cxr.explain.gradcam import gradcam
 from cxr.explain.render import ExplanationWriter, choose_pathologies
 from cxr.metrics import apply_thresholds, probabilities
-from cxr.model.bundle import BundleMeta, load_bundle, resolve_bundle
+from cxr.model.bundle import BundleMeta, load_bundle, resolve_bundle, weights_digest
 from cxr.model.network import unwrap
-from cxr.model.onnx import ONNX_INPUT, ONNX_OUTPUT, bundle_session, onnx_session, read_onnx_meta
+from cxr.model.onnx import (
+    ONNX_INPUT,
+    ONNX_OUTPUT,
+    ONNX_WEIGHTS_KEY,
+    bundle_session,
+    onnx_session,
+    read_onnx_meta,
+)
 from cxr.runtime import resolve_device
 from cxr.utils import atomic_write_text, path_text
 
@@ -79,8 +86,11 @@ class Predictor:
         torch_model: nn.Module | None = None,
         session=None,
         device: torch.device | None = None,
+        weights_digest: str | None = None,
     ):
         self.meta = meta
+        # SHA-256 of model.safetensors (of the bundle an ONNX file was exported from), or None.
+        self.weights_digest = weights_digest
         self.backend = backend
         self.torch_model = torch_model
         self.session = session
@@ -168,17 +178,27 @@ def load_predictor(
     if path.suffix.lower() == ".onnx":
         if backend == "torch":
             raise ModelError(f"{path}: an ONNX file runs on the onnx backend, not torch")
-        return Predictor(read_onnx_meta(path), "onnx", session=onnx_session(path))
+        session = onnx_session(path)
+        exported_from = session.get_modelmeta().custom_metadata_map.get(ONNX_WEIGHTS_KEY) or None
+        meta = read_onnx_meta(path)
+        return Predictor(meta, "onnx", session=session, weights_digest=exported_from)
     torch_device = resolve_device(device)
     if backend == "auto":
         backend = "onnx" if torch_device.type == "cpu" else "torch"
     if backend == "onnx" and torch_device.type != "cpu":
         raise CxrError("the onnx backend runs on the CPU; use --backend torch for CUDA")
     bundle = load_bundle(path, device=torch_device)
+    weights = resolve_bundle(path)[0]
+    digest = weights_digest(weights)
     if backend == "torch":
-        return Predictor(bundle.meta, "torch", torch_model=bundle.model, device=torch_device)
-    session = bundle_session(bundle, resolve_bundle(path)[0], cache_dir)
-    return Predictor(bundle.meta, "onnx", torch_model=bundle.model, session=session)
+        return Predictor(
+            bundle.meta, "torch", torch_model=bundle.model, device=torch_device,
+            weights_digest=digest,
+        )  # fmt: skip
+    session = bundle_session(bundle, weights, cache_dir)
+    return Predictor(
+        bundle.meta, "onnx", torch_model=bundle.model, session=session, weights_digest=digest
+    )
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""The HTTP service: ``POST /v1/predict``, ``POST /v1/explain``, ``GET /healthz``, a page at ``/``.
+"""The HTTP service: ``POST /v1/predict``, ``POST /v1/explain``, ``GET /healthz``,
+``GET /metrics`` (Prometheus), ``GET /v1/results`` (the DICOM listener's results), a page at ``/``.
 
 :func:`create_app` checks its limits and the device, loads the model once and returns a FastAPI
 app (served by :func:`cxr.serve.server.run_server` in ``cxr serve``). Uploads are read from
@@ -6,9 +7,12 @@ memory only, never from a path the client names: the request body is capped (413
 arriving (408 when it stalls), one ``file`` part per request, anything that is not PNG, JPEG or
 DICOM gets 415. Decoding runs in worker processes with a memory cap
 (:mod:`cxr.serve.decoding`): an image over the pixel limit (read from its header) or needing more
-memory than the per-decode budget gets 413, one that cannot be decoded 422. The model runs in a
-bounded thread pool. A request not answered within its time limit gets 503 with
-``Retry-After``, and its decode, if still running, is ended. Error bodies are
+memory than the per-decode budget gets 413, one that cannot be decoded 422. Predictions go
+through one batched inference worker (:mod:`cxr.serve.batching`), whose queue is bounded: when
+it is full, 503 with ``Retry-After``; Grad-CAM runs per image in a bounded thread pool. A
+request not answered within its time limit gets 503 with ``Retry-After``, and its decode, if
+still running, is ended. With an API key (:mod:`cxr.serve.auth`), every endpoint but
+``/healthz`` answers 401 without it. Error bodies are
 ``{"detail": message}`` with messages naming the upload by its (sanitised) file name only and
 never echoing what a client sent; an unexpected failure is logged on the server and answered 500
 with the exception's class name, never a stack trace or a server path. ``/docs`` is served
@@ -37,9 +41,16 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from cxr.engine.inference import Predictor, image_record, load_predictor
-from cxr.errors import CxrError
+from cxr.errors import CxrError, DeadlineExceeded, ServiceBusy, WorkerClosed
 from cxr.explain.render import overlay_png, overlay_title
 from cxr.runtime import resolve_device
+from cxr.serve.auth import ApiKeyAuth
+from cxr.serve.batching import (
+    DEFAULT_MAX_BATCH,
+    DEFAULT_MAX_WAIT_MS,
+    BatchedPredictor,
+    check_settings,
+)
 from cxr.serve.decoding import (
     DecodeOutOfMemory,
     DecodePool,
@@ -63,6 +74,8 @@ from cxr.serve.limits import (
     mib,
     sniff,
 )
+from cxr.serve.metrics import RequestMetrics, ServiceMetrics
+from cxr.serve.results import add_results_route, open_results
 from cxr.utils import safe_name
 
 MEDIA_TYPES = "PNG, JPEG or DICOM"
@@ -97,6 +110,11 @@ def create_app(
     decode_memory_bytes: int | None = None,
     compute_threads: int = 4,
     decoder: DecodePool | None = None,
+    max_batch: int = DEFAULT_MAX_BATCH,
+    max_wait_ms: float = DEFAULT_MAX_WAIT_MS,
+    max_queue: int | None = None,
+    api_key: str | None = None,
+    results_db: str | None = None,
 ) -> FastAPI:
     """The app for a run folder or bundle (or an already loaded ``predictor``).
 
@@ -106,6 +124,9 @@ def create_app(
     0 turns it off. ``header_timeout_s`` is the server's (:func:`cxr.serve.server.server_config`).
     ``decode_memory_bytes`` defaults to :func:`cxr.serve.limits.default_memory_budget`.
     ``decoder`` replaces the decoding pool the limits describe (tests pass one with a hook).
+    ``max_batch``, ``max_wait_ms``, ``max_queue``: the batched worker's
+    (:class:`~cxr.serve.batching.BatchedPredictor`). With ``api_key``, every endpoint but
+    ``/healthz`` needs it. ``results_db``: the store ``GET /v1/results`` reads (404 without).
     """
     limits = ServiceLimits(
         max_upload_bytes=max_upload_bytes,
@@ -116,6 +137,8 @@ def create_app(
         decode_workers=decode_workers,
         decode_memory_bytes=decode_memory_bytes,
     )
+    check_settings(max_batch, max_wait_ms, max_queue)
+    store = None if results_db is None else open_results(results_db)
     if predictor is None:
         if model_path is None:
             raise CxrError("create_app needs a model path or a predictor")
@@ -125,7 +148,12 @@ def create_app(
         decoder = DecodePool(
             limits.decode_workers, limits.decode_budget, max_pixels=limits.max_pixels
         )
-    service = _Service(predictor, limits, decoder, compute_threads)
+    metrics = _metrics(predictor)
+    batcher = BatchedPredictor(
+        predictor, max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue,
+        metrics=metrics,
+    )  # fmt: skip
+    service = _Service(predictor, limits, decoder, compute_threads, batcher, metrics)
     app = FastAPI(
         title="cxr",
         version=_version(),
@@ -138,14 +166,40 @@ def create_app(
         lifespan=_lifespan,
     )
     app.state.service = service
+    app.state.results = store
     app.state.limits = limits
-    app.add_middleware(BodyLimit, limit=limits.max_upload_bytes + FORM_OVERHEAD)
-    # Added last, so outermost: it times the reads that BodyLimit makes.
-    app.add_middleware(BodyTimeout, timeout_s=limits.body_timeout_s)
+    _add_middleware(app, limits, metrics, api_key)
     _add_error_handlers(app)
     _add_docs(app)
     _add_routes(app, service)
+    add_results_route(app, store)
     return app
+
+
+def _metrics(predictor: Predictor) -> ServiceMetrics:
+    """The service's metrics, with the model's identity."""
+    metrics = ServiceMetrics()
+    metrics.describe_model(
+        weights_sha256=predictor.weights_digest or "unknown",
+        backend=predictor.backend,
+        image_size=predictor.image_size,
+        labels=",".join(predictor.labels),
+    )
+    return metrics
+
+
+def _add_middleware(
+    app: FastAPI, limits: ServiceLimits, metrics: ServiceMetrics, api_key: str | None
+) -> None:
+    """Each added later wraps the ones before (the last added runs first)."""
+    app.add_middleware(BodyLimit, limit=limits.max_upload_bytes + FORM_OVERHEAD)
+    # Outside BodyLimit: it times the reads that BodyLimit makes.
+    app.add_middleware(BodyTimeout, timeout_s=limits.body_timeout_s)
+    if api_key is not None:
+        # Outside the body limits: a request without the key is refused before its body is read.
+        refused = metrics.refusals.labels(reason="unauthorized").inc
+        app.add_middleware(ApiKeyAuth, key=api_key, on_refusal=refused)
+    app.add_middleware(RequestMetrics, metrics=metrics)  # outermost: counts the 401s too
 
 
 @asynccontextmanager
@@ -156,6 +210,8 @@ async def _lifespan(app: FastAPI):
         yield
     finally:
         service.close()
+        if app.state.results is not None:
+            app.state.results.close()
 
 
 def _add_error_handlers(app: FastAPI) -> None:
@@ -214,16 +270,26 @@ def _add_routes(app: FastAPI, service: _Service) -> None:
             "status": "ok",
             "model": predictor.describe(),
             "decoding": service.decoder.describe(),
+            "batching": service.batcher.describe(),
         }
+
+    @app.get("/metrics", include_in_schema=False)
+    def metrics() -> Response:
+        """Prometheus metrics (text exposition format)."""
+        return Response(
+            service.metrics.render(),
+            media_type=service.metrics.content_type,
+            headers={"Cache-Control": "no-store"},
+        )
 
     @app.post("/v1/predict")
     async def predict(
         request: Request,
         file: UploadFile = File(..., description=f"An X-ray: {MEDIA_TYPES}."),
     ) -> dict[str, Any]:
-        """The 14 probabilities, the positive/negative calls and the thresholds used."""
+        """The bundle's probabilities, positive/negative calls and thresholds, per label."""
         name, data = await service.read(request, file)
-        return await service.run(name, "predicting", service.predict, data)
+        return await service.predict(name, data)
 
     @app.post(
         "/v1/explain",
@@ -244,13 +310,22 @@ def _add_routes(app: FastAPI, service: _Service) -> None:
 
 
 class _Service:
-    """Reads and checks uploads, has them decoded by worker processes and runs the model in a
-    bounded thread pool, each request within its time limit."""
+    """Reads and checks uploads, has them decoded by worker processes, predicts them through
+    the batched worker and explains them in a bounded thread pool, each request within its
+    time limit."""
 
     def __init__(
-        self, predictor: Predictor, limits: ServiceLimits, decoder: DecodePool, threads: int
+        self,
+        predictor: Predictor,
+        limits: ServiceLimits,
+        decoder: DecodePool,
+        threads: int,
+        batcher: BatchedPredictor,
+        metrics: ServiceMetrics,
     ):
         self.predictor = predictor
+        self.batcher = batcher
+        self.metrics = metrics
         self.preprocess = predictor.preprocess
         self.limits = limits
         self.decoder = decoder
@@ -261,8 +336,10 @@ class _Service:
 
     def start(self) -> None:
         self.decoder.start()
+        self.batcher.start()
 
     def close(self) -> None:
+        self.batcher.close()
         self.decoder.close()
         self.compute.shutdown(wait=False, cancel_futures=True)
         self.waiting.shutdown(wait=False, cancel_futures=True)
@@ -357,19 +434,12 @@ class _Service:
                 500, f"{name}: internal error while {doing} ({type(exc).__name__})"
             ) from None
 
-    def _too_slow(self, name: str) -> HTTPException:
-        return HTTPException(
-            503,
-            f"{name}: not answered within the time limit of {self.timeout:g} s "
-            "(the service is busy or the image is too slow to process); try again later",
-            headers={"Retry-After": "5"},
-        )
-
-    def predict(self, name: str, gray: np.ndarray) -> dict[str, Any]:
-        """One image's probabilities, calls and thresholds (runs in the pool)."""
-        image = self.preprocess.to_tensor(self.preprocess.crop_resized(gray))
+    async def predict(self, name: str, data: bytes) -> dict[str, Any]:
+        """Decode ``data`` in a worker, then predict it in a batch, within the time limit."""
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        gray = await self._decode(name, data, deadline)
+        probabilities = await self._batched(name, gray, deadline)
         predictor, labels = self.predictor, self.predictor.labels
-        probabilities = predictor.probabilities(image[None])[0]
         calls = predictor.calls(probabilities[None])[0]
         return image_record(
             labels,
@@ -381,6 +451,37 @@ class _Service:
             labels=labels,
             thresholds=dict(zip(labels, predictor.thresholds)),
             backend=predictor.backend,
+        )
+
+    async def _batched(self, name: str, gray: np.ndarray, deadline: float | None) -> np.ndarray:
+        """The image's probabilities from the batched worker, or the HTTP error for why not."""
+        work = self.batcher.predict(gray, deadline=deadline, executor=self.compute)
+        try:
+            return await asyncio.wait_for(work, None if deadline is None else _remaining(deadline))
+        except (asyncio.TimeoutError, TimeoutError, DeadlineExceeded):
+            raise self._too_slow(name) from None
+        except ServiceBusy as exc:
+            raise HTTPException(
+                503, f"{name}: the service is busy ({exc}); try again later",
+                headers={"Retry-After": "1"},
+            ) from None  # fmt: skip
+        except WorkerClosed:
+            raise HTTPException(
+                503, f"{name}: the service is shutting down", headers={"Retry-After": "5"}
+            ) from None
+        except Exception as exc:
+            log.error("%s: predicting failed", name, exc_info=exc)
+            raise HTTPException(
+                500, f"{name}: internal error while predicting ({type(exc).__name__})"
+            ) from None
+
+    def _too_slow(self, name: str) -> HTTPException:
+        self.metrics.refusals.labels(reason="timeout").inc()
+        return HTTPException(
+            503,
+            f"{name}: not answered within the time limit of {self.timeout:g} s "
+            "(the service is busy or the image is too slow to process); try again later",
+            headers={"Retry-After": "5"},
         )
 
     def explain(self, name: str, gray: np.ndarray, index: int) -> Response:

@@ -1,0 +1,218 @@
+"""``cxr dicom listen`` (the DICOM node next to a PACS) and ``cxr results`` (what it did)."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from datetime import date, datetime, time, timezone
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from cxr.cli.common import app, console, friendly_errors, shown
+from cxr.cli.options import DeviceOption
+from cxr.errors import CxrError
+
+dicom_app = typer.Typer(help="The DICOM node: receive radiographs, answer with reports.")
+app.add_typer(dicom_app, name="dicom")
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+PATIENT_ID_HELP = "How the store keeps Patient ID: hash (salted SHA-256), keep, or drop."
+
+
+@dicom_app.command("listen")
+@friendly_errors
+def listen(
+    model: Annotated[Path, typer.Argument(help="Run folder, model bundle, or exported .onnx.")],
+    forward: Annotated[str, typer.Option(help="Where the reports go: HOST:PORT:AET (the PACS).")],
+    ae_title: Annotated[str, typer.Option(help="This node's AE title.")] = "CXR",
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port (1-65535).")] = 11112,
+    allow_ae: Annotated[
+        list[str] | None,
+        typer.Option(help="A calling AE title allowed to send (repeat; default: any)."),
+    ] = None,
+    overlays: Annotated[
+        bool, typer.Option(help="Also send a Grad-CAM overlay per positive finding.")
+    ] = False,
+    spool: Annotated[
+        Path | None, typer.Option(help="Spool folder (default: MODEL/dicom-spool).")
+    ] = None,
+    db: Annotated[
+        str | None,
+        typer.Option(help="Results store: a database URL or SQLite file (MODEL/results.sqlite)."),
+    ] = None,
+    backend: Annotated[str, typer.Option(help="auto, torch or onnx.")] = "auto",
+    device: DeviceOption = "auto",
+    workers: Annotated[int, typer.Option(help="Decoding and reporting threads.")] = 4,
+    max_batch: Annotated[int, typer.Option(help="Images per forward pass, at most.")] = 16,
+    max_wait_ms: Annotated[
+        float, typer.Option(help="How long a batch waits to fill (milliseconds).")
+    ] = 10.0,
+    queue_size: Annotated[
+        int, typer.Option(help="Images admitted but not yet predicted, at most.")
+    ] = 64,
+    max_megapixels: Annotated[float, typer.Option(help="Largest accepted image.")] = 40.0,
+    patient_ids: Annotated[str, typer.Option(help=PATIENT_ID_HELP)] = "hash",
+):
+    """A DICOM Storage SCP: each CR/DX frontal radiograph received is spooled, acknowledged,
+    predicted, and answered with a structured report sent to --forward. Runs until stopped
+    (SIGTERM or Ctrl+C); a restart resumes what the spool holds."""
+    from cxr.dicom.forward import Destination
+    from cxr.dicom.listen import build_node, default_spool, default_store
+    from cxr.dicom.node import NodeOptions
+
+    _check_listen_options(port, ae_title, allow_ae or [], host, workers, max_batch, queue_size)
+    options = NodeOptions(
+        ae_title=ae_title,
+        host=host,
+        port=port,
+        allowed_ae=tuple(allow_ae or ()),
+        overlays=overlays,
+        workers=workers,
+        queue_size=queue_size,
+        max_batch=max_batch,
+        max_wait_ms=max_wait_ms,
+        max_pixels=int(max_megapixels * 1_000_000),
+        patient_ids=patient_ids,
+    )
+    node = build_node(
+        model,
+        Destination.parse(forward),
+        options,
+        spool=spool,
+        db=db,
+        backend=backend,
+        device=device,
+    )
+    _log_to_stderr()
+    stopped = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stopped.set())
+    node.start()
+    console.print(
+        f"listening on {shown(host)}:{node.address[1]} as {shown(ae_title)}, forwarding to "
+        f"{shown(forward)}; spool {shown(spool or default_spool(model))}, results "
+        f"{shown(node.store.url if db else default_store(model))}",
+        highlight=False,
+    )
+    sys.stdout.flush()
+    stopped.wait()
+    node.stop()
+    node.store.close()
+    counts = node.counts
+    console.print(
+        f"stopped: {counts.received} received, {counts.refused} refused, {counts.sent} sent, "
+        f"{counts.failed} failed",
+        highlight=False,
+    )
+
+
+def _log_to_stderr() -> None:
+    """The node's own messages (refusals, failures, retries) at INFO; its libraries' at
+    WARNING (pynetdicom logs every association at INFO)."""
+    import logging
+
+    logging.basicConfig(
+        level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr
+    )
+    logging.getLogger("cxr").setLevel(logging.INFO)
+
+
+def _check_listen_options(port, ae_title, allowed, host, workers, max_batch, queue_size) -> None:
+    if not 1 <= port <= 65535:
+        raise CxrError(f"--port {port}: expected 1 to 65535")
+    for title in (ae_title, *allowed):
+        if not title.strip() or len(title) > 16 or not title.isascii() or "\\" in title:
+            raise CxrError(f"AE title {title!r}: expected 1 to 16 ASCII characters")
+    for option, value in [
+        ("--workers", workers),
+        ("--max-batch", max_batch),
+        ("--queue-size", queue_size),
+    ]:
+        if value < 1:
+            raise CxrError(f"{option} {value}: expected 1 or more")
+    if host not in LOOPBACK and not allowed:
+        # An AE title is no password, but an open port that stores whatever arrives from
+        # anywhere is worse: name the senders.
+        raise CxrError(
+            f"--host {host}: listening beyond loopback needs --allow-ae naming the senders"
+        )
+
+
+@app.command("results")
+@friendly_errors
+def results(
+    source: Annotated[
+        str,
+        typer.Argument(help="Run folder (its results.sqlite), an SQLite file, or a database URL."),
+    ],
+    since: Annotated[
+        str | None,
+        typer.Option(help="Received at or after: today, YYYY-MM-DD or an ISO date-time."),
+    ] = None,
+    status: Annotated[
+        str | None,
+        typer.Option(help="Only this status: received, predicted, sent, refused or failed."),
+    ] = None,
+    limit: Annotated[int | None, typer.Option(help="At most this many rows.")] = None,
+    csv: Annotated[bool, typer.Option("--csv", help="CSV on standard output.")] = False,
+):
+    """The DICOM listener's results: one row per instance received (oldest first)."""
+    from cxr.results import open_store, rows_table
+
+    with open_store(_store_location(source)) as store:
+        rows = store.query(since=_parse_since(since), status=status, limit=limit)
+    if csv:
+        rows_table(rows).to_csv(sys.stdout, index=False)
+        return
+    console.print(_results_table(rows))
+    console.print(f"{len(rows):,} row(s)", highlight=False)
+
+
+def _store_location(source: str) -> str:
+    from cxr.results import DEFAULT_STORE_NAME
+
+    if "://" in source:
+        return source
+    path = Path(source)
+    if path.is_dir():
+        path = path / DEFAULT_STORE_NAME
+    if not path.is_file():  # reading must not create an empty store
+        raise CxrError(f"{path}: no results store here (cxr dicom listen writes one)")
+    return str(path)
+
+
+def _parse_since(text: str | None) -> datetime | None:
+    if text is None:
+        return None
+    if text == "today":
+        return datetime.combine(date.today(), time()).astimezone()
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise CxrError(
+            f"--since {text!r}: expected today, YYYY-MM-DD or an ISO date-time"
+        ) from None
+    return moment if moment.tzinfo else moment.astimezone()
+
+
+def _results_table(rows) -> Table:
+    table = Table(title="results")
+    for column in ("received (UTC)", "SOP Instance UID", "status", "positive calls", "reason"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        calls = row["calls"] or {}
+        probabilities = row["probabilities"] or {}
+        positive = ", ".join(f"{k} ({probabilities.get(k, 0):.2f})" for k, v in calls.items() if v)
+        table.add_row(
+            row["received_at"].astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
+            shown(row["sop_instance_uid"] or f"(association from {row['calling_ae']})"),
+            row["status"],
+            shown(positive or ("none" if calls else "")),
+            shown(row["reason"] or ""),
+        )
+    return table

@@ -1,0 +1,77 @@
+"""``GET /v1/results``: the DICOM listener's results store (:mod:`cxr.results`), read-only.
+
+``cxr serve --results-db`` names the store as ``cxr results`` does: a run folder (its
+``results.sqlite``), an SQLite file, or a database URL. A file that is not there is an error
+when the service starts: reading must never create an empty store in its place.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, HTTPException, Query
+
+from cxr.errors import ConfigError
+
+DEFAULT_LIMIT = 100
+MAX_LIMIT = 1000
+# ISO 8601 with time zone and fractions fits well within this; longer is not a time.
+MAX_SINCE_CHARS = 40
+log = logging.getLogger("cxr.serve")
+
+
+def open_results(location: str):
+    """The :class:`~cxr.results.ResultsStore` at ``location`` (see the module's description);
+    :class:`ConfigError` when a path holds no store."""
+    from cxr.results import DEFAULT_STORE_NAME, open_store
+
+    if "://" not in location:
+        path = Path(location)
+        if path.is_dir():
+            path = path / DEFAULT_STORE_NAME
+        if not path.is_file():
+            raise ConfigError(f"{path}: no results store here (cxr dicom listen writes one)")
+        location = str(path)
+    return open_store(location)
+
+
+def add_results_route(app: FastAPI, store) -> None:
+    """``GET /v1/results`` over ``store`` (``None``: the route answers 404 and says why)."""
+    from cxr.results import STATUSES, StoreError
+
+    @app.get("/v1/results")
+    def results(
+        since: str | None = Query(None, description="ISO 8601 time: rows received from then."),
+        status: str | None = Query(None, description=f"One of {', '.join(STATUSES)}."),
+        limit: int = Query(DEFAULT_LIMIT, ge=1, le=MAX_LIMIT, description="Most rows returned."),
+    ) -> dict[str, Any]:
+        """The listener's results, one row per DICOM instance, oldest first."""
+        if store is None:
+            raise HTTPException(404, "no results store: start cxr serve with --results-db")
+        if status is not None and status not in STATUSES:
+            raise HTTPException(422, f"status: choose one of {', '.join(STATUSES)}")
+        try:
+            rows = store.query(since=_since(since), status=status, limit=limit)
+        except StoreError as exc:
+            log.error("results store: %s", exc)
+            raise HTTPException(
+                503, "the results store cannot be read now; try again later",
+                headers={"Retry-After": "5"},
+            ) from None  # fmt: skip
+        return {"count": len(rows), "limit": limit, "results": rows}
+
+
+def _since(text: str | None) -> datetime | None:
+    if text is None:
+        return None
+    try:
+        if len(text) > MAX_SINCE_CHARS:
+            raise ValueError
+        return datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise HTTPException(
+            422, "since: not an ISO 8601 time (e.g. 2026-11-27 or 2026-11-27T08:00:00+01:00)"
+        ) from None
