@@ -159,9 +159,11 @@ def _scripted_validation(monkeypatch, margins):
     """Validation returns logits +m for positives and -m for negatives, m = margins[epoch];
     a larger margin gives a lower loss. Returns the weights seen at each validation."""
     seen = []
-    monkeypatch.setattr(
-        cxr.workflows.train, "create_model", lambda weights, labels=None: (TinyNet(), {"init": "tiny"})
-    )
+
+    def create_model(weights, labels=None):
+        return TinyNet(), {"init": "tiny"}
+
+    monkeypatch.setattr(cxr.workflows.train, "create_model", create_model)
     monkeypatch.setattr(cxr.workflows.train, "build_model", lambda n=14: TinyNet())  # resume
 
     def predict_logits(model, loader, device, **kwargs):
