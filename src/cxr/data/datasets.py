@@ -407,7 +407,7 @@ def label_matrix(
     missing = [name for name in labels if name not in frame.columns]
     if missing:
         raise DataError(f"the table has no column for label(s) {', '.join(map(repr, missing))}")
-    matrix = frame[list(labels)].to_numpy(dtype=np.float32, na_value=np.nan)
+    matrix = frame[list(labels)].to_numpy(dtype=np.float32, na_value=np.nan, copy=True)
     replacement = {"ignore": np.nan, "zeros": 0.0, "ones": 1.0}[uncertain]
     matrix[matrix == UNCERTAIN] = replacement
     return matrix

@@ -45,6 +45,7 @@ from cxr.report.numbers import (
     _split_summary,
     _training_summary,
     data_origin,
+    external_side_by_side,
     gallery_cases,
     report_metrics,
 )
@@ -135,6 +136,7 @@ def _report(
             "split_method": info.get("split"),
             "splits": _split_summary(run),
         },
+        "external": external_side_by_side(run.read_metrics().get("external"), numbers),
         "baselines": _baselines(origin),
         "baselines_note": BASELINES_NOTE if origin["chestxray14"] else None,
         "training": _training_summary(run, meta),

@@ -248,6 +248,36 @@ def report_metrics(
     }
 
 
+def external_side_by_side(
+    external: dict[str, Any] | None, internal: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """Each external validation in ``metrics.json``, per scored label beside the internal
+    AUROC of the model output that answers it (when one does)."""
+    shown = []
+    for _, result in sorted((external or {}).items()):
+        rows = []
+        for label, entry in result["per_class"].items():
+            outputs = entry["model_outputs"]
+            one = internal["per_class"].get(outputs[0]) if len(outputs) == 1 else None
+            rows.append(
+                {
+                    "label": label,
+                    "outputs": outputs,
+                    "internal": one["auroc"] if one else None,
+                    **{k: entry[k] for k in ("auroc", "auroc_ci", "positives")},
+                    **{k: entry[k] for k in ("sensitivity", "specificity")},
+                }
+            )
+        shown.append(
+            {
+                **{k: result[k] for k in ("name", "layout", "split", "images", "patients")},
+                **{k: result[k] for k in ("auroc_mean", "auroc_mean_ci", "dropped")},
+                "rows": rows,
+            }
+        )
+    return shown
+
+
 # ---------------------------------------------------------------------------- gallery
 
 

@@ -27,7 +27,7 @@ from cxr.data.datasets import (
     read_dataset,
     resolve_paths,
 )
-from cxr.data.nih import IMAGE_COLUMN, PATIENT_COLUMN
+from cxr.data.nih import IMAGE_COLUMN, PATH_COLUMN, PATIENT_COLUMN
 from cxr.data.split import find_official_lists, read_name_list
 from cxr.data.table import SOURCE_SPLIT_COLUMN, line_namer, read_text_table
 from cxr.errors import DataError
@@ -84,9 +84,8 @@ def external_evaluate(
     else:
         if data is None:
             raise DataError("give --data OTHER (a dataset folder or table) to validate on")
-        found = _external_data(run, Path(data), dataset or DatasetSpec(), split)
+        found = _external_data(run, Path(data), dataset or DatasetSpec(), split, drop_missing)
         name = name or Path(data).resolve().name
-    found = resolve_paths(found, drop_missing=drop_missing)
     mapping = dict(label_map) if label_map else default_label_map(meta.labels, found.labels)
     unknown = sorted({s for sources in mapping.values() for s in sources} - set(meta.labels))
     if unknown:
@@ -186,13 +185,21 @@ def _predictions(frame: pd.DataFrame, scored, truth, scores, answers) -> pd.Data
 # Which images
 
 
-def _external_data(run: RunFolder, data: Path, spec: DatasetSpec, split: str) -> LabeledData:
+def _external_data(
+    run: RunFolder, data: Path, spec: DatasetSpec, split: str, drop_missing: bool
+) -> LabeledData:
     """The other dataset's test images (its own split: MIMIC's test, CheXpert's valid.csv,
     NIH's test_list) or all of them; never patients the run trained on, if the ids are of
-    the same dataset."""
+    the same dataset. Only the chosen images need be on disk."""
     found = read_dataset(data, spec, require_images=False)
     if split == "test":
         found.table = _own_test_rows(found, data)
+    if found.layout == "nih":
+        # NIH's images are found by name wherever its archives unpacked them.
+        on_disk = read_dataset(data, spec, drop_missing=True).table
+        found.table = found.table.merge(on_disk[[IMAGE_COLUMN, PATH_COLUMN]], on=IMAGE_COLUMN)
+    else:
+        found = resolve_paths(found, drop_missing=drop_missing)
     if found.layout == run.dataset_info()["layout"]:
         check_no_training_patients(run, found.table, found.source)
     if found.table.empty:
@@ -232,7 +239,7 @@ def _google2019_data(
     root = Path(data) if data else Path(run.load_info().get("data") or ".")
     path = Path(labels_file) if labels_file else _find_google2019(root)
     expert = _read_google2019(path)
-    nih = read_dataset(root, spec, require_images=False)
+    nih = read_dataset(root, spec, drop_missing=True)
     table = nih.table.drop(columns=[c for c in GOOGLE2019_LABELS if c in nih.table.columns])
     table = table.merge(expert, on=IMAGE_COLUMN, how="inner")
     if split == "test":
