@@ -215,10 +215,8 @@ def test_a_restart_finishes_what_the_spool_and_the_store_hold(bundle, sink, make
         node.spool.put_incoming(str(dataset.SOPInstanceUID), buffer.getvalue())
         node.store.admit(str(dataset.SOPInstanceUID))
     # The predicted one: as the first run left it, report written, row updated.
-    from cxr.dicom.report import structured_report
-
     probabilities = np.full(len(node.model.labels), 0.25)
-    report = structured_report(predicted, node.model, probabilities)
+    report = node.reports.report(predicted, probabilities)
     node.spool.put_outgoing(str(predicted.SOPInstanceUID), [report])
     node.store.predicted(
         str(predicted.SOPInstanceUID), model_digest="x", probabilities={}, calls={}
@@ -304,3 +302,32 @@ def test_check_instance_refuses_a_uid_that_is_not_one():
         check_instance(data)
     for good in good_inputs().values():
         assert check_instance(good).sop_instance_uid
+
+
+def test_the_fast_report_is_the_one_highdicom_builds(bundle):
+    """ReportMaker fills a template; highdicom building each report itself is the reference.
+    Element by element they agree, but for the creation and content times."""
+    from cxr.dicom.listen import model_digest
+    from cxr.dicom.report import ReportMaker, highdicom_report, model_info
+
+    model = model_info(load_predictor(bundle).meta, model_digest(bundle))
+    maker = ReportMaker(model)
+    rng = np.random.default_rng(0)
+    sources = [
+        pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+        for data in good_inputs().values()
+    ]
+    for source in sources * 2:  # the template is reused: nothing of one image stays
+        probabilities = rng.random(len(model.labels))
+        fast = pydicom.dcmread(io.BytesIO(maker.report(source, probabilities)))
+        built = io.BytesIO()
+        highdicom_report(source, model, probabilities).save_as(built, enforce_file_format=True)
+        reference = pydicom.dcmread(io.BytesIO(built.getvalue()))  # both as files
+        timing = {"InstanceCreationDate", "InstanceCreationTime", "ContentDate", "ContentTime"}
+        for report in (fast, reference):
+            for equipment in report.ContributingEquipmentSequence:
+                del equipment.ContributionDateTime
+        keywords = {e.keyword for e in reference} | {e.keyword for e in fast}
+        for keyword in sorted(keywords - timing):
+            assert fast.get(keyword) == reference.get(keyword), keyword
+        assert fast.file_meta.MediaStorageSOPInstanceUID == reference.SOPInstanceUID

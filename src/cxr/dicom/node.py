@@ -33,7 +33,7 @@ from pynetdicom.sop_class import Verification
 from cxr.data.images import MAX_PIXELS, decode_gray
 from cxr.dicom.checks import Refused, check_instance, valid_uid
 from cxr.dicom.forward import Destination, Forwarder, ForwardError
-from cxr.dicom.report import ModelInfo, overlay_capture, structured_report
+from cxr.dicom.report import ModelInfo, ReportMaker, overlay_capture
 from cxr.dicom.spool import Spool
 from cxr.errors import CxrError
 from cxr.explain.render import overlay_png
@@ -110,6 +110,7 @@ class DicomNode:
         self.batcher = BatchedPredictor(
             predictor, max_batch=options.max_batch, max_wait_ms=options.max_wait_ms
         )
+        self.reports = ReportMaker(model)
         self.counts = _Counts()
         self._slots = threading.BoundedSemaphore(options.queue_size)
         self._work: queue.Queue[str] = queue.Queue()
@@ -286,7 +287,7 @@ class DicomNode:
             return
         probabilities = self.batcher.submit(gray).result(timeout=self.options.timeout_s * 10)
         source = pydicom.dcmread(path, stop_before_pixels=True)
-        objects = [structured_report(source, self.model, probabilities)]
+        objects = [self.reports.report(source, probabilities)]
         if self.options.overlays:
             objects += self._overlays(source, gray, probabilities)
         self.spool.put_outgoing(uid, objects)
