@@ -122,6 +122,7 @@ def reference_probabilities(bundle: Path, inputs: dict[str, bytes], folder: Path
     return {uids[f]: row for f, row in zip(result.files, result.probabilities)}
 
 
+@pytest.mark.slow
 def test_each_image_gets_one_report_equal_to_cxr_predict(bundle, sink, make_node, tmp_path):
     inputs = good_inputs()
     node = make_node(sink.port).start()
@@ -238,6 +239,7 @@ def test_a_restart_finishes_what_the_spool_and_the_store_hold(bundle, sink, make
     assert not any((tmp_path / "spool" / "incoming").iterdir())
 
 
+@pytest.mark.slow
 def test_reports_wait_for_a_destination_that_is_down(sink, make_node, tmp_path):
     port = free_port()  # nothing listens there yet
     node = make_node(port, retry_max_s=2.0).start()
@@ -254,6 +256,7 @@ def test_reports_wait_for_a_destination_that_is_down(sink, make_node, tmp_path):
         late.stop()
 
 
+@pytest.mark.slow
 def test_overlays_are_secondary_captures_not_for_primary_diagnosis(bundle, tmp_path, sink):
     # Only the first finding can be positive: threshold 0 for it, above any probability
     # for the others.
