@@ -122,6 +122,7 @@ def reference_probabilities(bundle: Path, inputs: dict[str, bytes], folder: Path
     return {uids[f]: row for f, row in zip(result.files, result.probabilities)}
 
 
+@pytest.mark.slow
 def test_each_image_gets_one_report_equal_to_cxr_predict(bundle, sink, make_node, tmp_path):
     inputs = good_inputs()
     node = make_node(sink.port).start()
@@ -215,10 +216,8 @@ def test_a_restart_finishes_what_the_spool_and_the_store_hold(bundle, sink, make
         node.spool.put_incoming(str(dataset.SOPInstanceUID), buffer.getvalue())
         node.store.admit(str(dataset.SOPInstanceUID))
     # The predicted one: as the first run left it, report written, row updated.
-    from cxr.dicom.report import structured_report
-
     probabilities = np.full(len(node.model.labels), 0.25)
-    report = structured_report(predicted, node.model, probabilities)
+    report = node.reports.report(predicted, probabilities)
     node.spool.put_outgoing(str(predicted.SOPInstanceUID), [report])
     node.store.predicted(
         str(predicted.SOPInstanceUID), model_digest="x", probabilities={}, calls={}
@@ -240,6 +239,7 @@ def test_a_restart_finishes_what_the_spool_and_the_store_hold(bundle, sink, make
     assert not any((tmp_path / "spool" / "incoming").iterdir())
 
 
+@pytest.mark.slow
 def test_reports_wait_for_a_destination_that_is_down(sink, make_node, tmp_path):
     port = free_port()  # nothing listens there yet
     node = make_node(port, retry_max_s=2.0).start()
@@ -256,6 +256,7 @@ def test_reports_wait_for_a_destination_that_is_down(sink, make_node, tmp_path):
         late.stop()
 
 
+@pytest.mark.slow
 def test_overlays_are_secondary_captures_not_for_primary_diagnosis(bundle, tmp_path, sink):
     # Only the first finding can be positive: threshold 0 for it, above any probability
     # for the others.
@@ -304,3 +305,32 @@ def test_check_instance_refuses_a_uid_that_is_not_one():
         check_instance(data)
     for good in good_inputs().values():
         assert check_instance(good).sop_instance_uid
+
+
+def test_the_fast_report_is_the_one_highdicom_builds(bundle):
+    """ReportMaker fills a template; highdicom building each report itself is the reference.
+    Element by element they agree, but for the creation and content times."""
+    from cxr.dicom.listen import model_digest
+    from cxr.dicom.report import ReportMaker, highdicom_report, model_info
+
+    model = model_info(load_predictor(bundle).meta, model_digest(bundle))
+    maker = ReportMaker(model)
+    rng = np.random.default_rng(0)
+    sources = [
+        pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
+        for data in good_inputs().values()
+    ]
+    for source in sources * 2:  # the template is reused: nothing of one image stays
+        probabilities = rng.random(len(model.labels))
+        fast = pydicom.dcmread(io.BytesIO(maker.report(source, probabilities)))
+        built = io.BytesIO()
+        highdicom_report(source, model, probabilities).save_as(built, enforce_file_format=True)
+        reference = pydicom.dcmread(io.BytesIO(built.getvalue()))  # both as files
+        timing = {"InstanceCreationDate", "InstanceCreationTime", "ContentDate", "ContentTime"}
+        for report in (fast, reference):
+            for equipment in report.ContributingEquipmentSequence:
+                del equipment.ContributionDateTime
+        keywords = {e.keyword for e in reference} | {e.keyword for e in fast}
+        for keyword in sorted(keywords - timing):
+            assert fast.get(keyword) == reference.get(keyword), keyword
+        assert fast.file_meta.MediaStorageSOPInstanceUID == reference.SOPInstanceUID

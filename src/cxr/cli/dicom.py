@@ -55,6 +55,9 @@ def listen(
     queue_size: Annotated[
         int, typer.Option(help="Images admitted but not yet predicted, at most.")
     ] = 64,
+    forward_associations: Annotated[
+        int, typer.Option(help="Concurrent associations sending reports to --forward.")
+    ] = 4,
     max_megapixels: Annotated[float, typer.Option(help="Largest accepted image.")] = 40.0,
     patient_ids: Annotated[str, typer.Option(help=PATIENT_ID_HELP)] = "hash",
 ):
@@ -65,7 +68,8 @@ def listen(
     from cxr.dicom.listen import build_node, default_spool, default_store
     from cxr.dicom.node import NodeOptions
 
-    _check_listen_options(port, ae_title, allow_ae or [], host, workers, max_batch, queue_size)
+    _check_listen_options(port, ae_title, allow_ae or [], host)
+    _check_counts(workers, max_batch, queue_size, forward_associations)
     options = NodeOptions(
         ae_title=ae_title,
         host=host,
@@ -73,6 +77,7 @@ def listen(
         allowed_ae=tuple(allow_ae or ()),
         overlays=overlays,
         workers=workers,
+        senders=forward_associations,
         queue_size=queue_size,
         max_batch=max_batch,
         max_wait_ms=max_wait_ms,
@@ -122,19 +127,23 @@ def _log_to_stderr() -> None:
     logging.getLogger("cxr").setLevel(logging.INFO)
 
 
-def _check_listen_options(port, ae_title, allowed, host, workers, max_batch, queue_size) -> None:
+def _check_counts(workers, max_batch, queue_size, forward_associations) -> None:
+    for option, value in [
+        ("--workers", workers),
+        ("--max-batch", max_batch),
+        ("--queue-size", queue_size),
+        ("--forward-associations", forward_associations),
+    ]:
+        if value < 1:
+            raise CxrError(f"{option} {value}: expected 1 or more")
+
+
+def _check_listen_options(port, ae_title, allowed, host) -> None:
     if not 1 <= port <= 65535:
         raise CxrError(f"--port {port}: expected 1 to 65535")
     for title in (ae_title, *allowed):
         if not title.strip() or len(title) > 16 or not title.isascii() or "\\" in title:
             raise CxrError(f"AE title {title!r}: expected 1 to 16 ASCII characters")
-    for option, value in [
-        ("--workers", workers),
-        ("--max-batch", max_batch),
-        ("--queue-size", queue_size),
-    ]:
-        if value < 1:
-            raise CxrError(f"{option} {value}: expected 1 or more")
     if host not in LOOPBACK and not allowed:
         # An AE title is no password, but an open port that stores whatever arrives from
         # anywhere is worse: name the senders.

@@ -6,10 +6,11 @@ recorded as ``received`` in the results store, and only then acknowledged. A bou
 of admitted images wait for the model (``queue_size``: a sender past it waits, then gets
 "out of resources"). Worker threads decode each spooled file as ``cxr predict`` does, the
 model runs them in batches, the reports are written to the spool and the row becomes
-``predicted``; one sender thread delivers them by C-STORE with back-off, and the row becomes
-``sent``. On start the store's pending rows and the spool's files say what is left to do, so
-an acknowledged image gets its report once however the process ended before: the report's
-UID is derived from the image's, and the destination keeps one copy of a repeated one.
+``predicted``; sender threads (one association each) deliver them by C-STORE with back-off,
+and the row becomes ``sent``. On start the store's pending rows and the spool's files say
+what is left to do, so an acknowledged image gets its report once however the process ended
+before: the report's UID is derived from the image's, and the destination keeps one copy of
+a repeated one.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from pynetdicom.sop_class import Verification
 from cxr.data.images import MAX_PIXELS, decode_gray
 from cxr.dicom.checks import Refused, check_instance, valid_uid
 from cxr.dicom.forward import Destination, Forwarder, ForwardError
-from cxr.dicom.report import ModelInfo, overlay_capture, structured_report
+from cxr.dicom.report import ModelInfo, ReportMaker, overlay_capture
 from cxr.dicom.spool import Spool
 from cxr.errors import CxrError
 from cxr.explain.render import overlay_png
@@ -65,6 +66,7 @@ class NodeOptions:
     allowed_ae: tuple[str, ...] = ()  # empty: any calling AE title
     overlays: bool = False
     workers: int = 4
+    senders: int = 4  # concurrent associations to the destination
     queue_size: int = 64
     max_batch: int = 16
     max_wait_ms: float = 10.0
@@ -110,6 +112,7 @@ class DicomNode:
         self.batcher = BatchedPredictor(
             predictor, max_batch=options.max_batch, max_wait_ms=options.max_wait_ms
         )
+        self.reports = ReportMaker(model)
         self.counts = _Counts()
         self._slots = threading.BoundedSemaphore(options.queue_size)
         self._work: queue.Queue[str] = queue.Queue()
@@ -126,7 +129,8 @@ class DicomNode:
         self.batcher.start()
         for n in range(self.options.workers):
             self._spawn(self._work_loop, f"cxr-worker-{n}")
-        self._spawn(self._send_loop, "cxr-sender")
+        for n in range(self.options.senders):
+            self._spawn(self._send_loop, f"cxr-sender-{n}")
         self.recover()
         self._server = self._make_ae().start_server(
             (self.options.host, self.options.port),
@@ -167,6 +171,9 @@ class DicomNode:
         ae.add_supported_context(Verification)
         ae.require_calling_aet = list(self.options.allowed_ae)
         ae.maximum_associations = 32
+        # Larger PDUs than pynetdicom's 16 KiB default: a 2 MB radiograph in 2 PDUs instead of
+        # 128 (a fifth less time receiving), still a bounded read per PDU.
+        ae.maximum_pdu_size = 2**20
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.options.timeout_s
         return ae
 
@@ -286,7 +293,7 @@ class DicomNode:
             return
         probabilities = self.batcher.submit(gray).result(timeout=self.options.timeout_s * 10)
         source = pydicom.dcmread(path, stop_before_pixels=True)
-        objects = [structured_report(source, self.model, probabilities)]
+        objects = [self.reports.report(source, probabilities)]
         if self.options.overlays:
             objects += self._overlays(source, gray, probabilities)
         self.spool.put_outgoing(uid, objects)
