@@ -51,6 +51,8 @@ def data_stats(
         _nih_stats(found, as_json)
         return
     stats = dataset_summary(found)
+    for note in found.notes:
+        warn(note)
     if as_json:
         sys.stdout.write(json.dumps(stats, indent=2) + "\n")
         return

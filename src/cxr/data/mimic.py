@@ -83,7 +83,8 @@ def _read(path: Path, key: str) -> pd.DataFrame:
 
 def read_layout(source: Path, image_root: str | None = None) -> LabeledData:
     """The images of the metadata table, each with its study's labels, as the canonical table.
-    Images whose study has no label row are left out (with a note)."""
+    Images whose study has no label row, or only blank labels, are left out (with a note):
+    they would count for nothing in training or evaluation."""
     folder = source.parent if source.is_file() else source
     paths = find_tables(folder)
     labels = _read(paths["labels"], "labels")
@@ -103,8 +104,10 @@ def read_layout(source: Path, image_root: str | None = None) -> LabeledData:
         indicator=True,
         validate="many_to_one",
     )
-    unlabelled = int((table.pop("_merge") != "both").sum())
-    table = table[labels_known(table)].reset_index(drop=True)
+    no_row = int((table.pop("_merge") != "both").sum())
+    known = labels_known(table)
+    unlabelled = int((~known).sum())
+    table = table[known].reset_index(drop=True)
     canonical = _canonical(table)
     if "split" in paths:
         canonical[SOURCE_SPLIT_COLUMN] = _official_split(paths["split"], table)
@@ -116,7 +119,10 @@ def read_layout(source: Path, image_root: str | None = None) -> LabeledData:
         image_root=Path(image_root) if image_root else paths["labels"].parent,
     )
     if unlabelled:
-        data.notes.append(f"left out {unlabelled:,} image(s) whose study has no label row")
+        data.notes.append(
+            f"left out {unlabelled:,} image(s) whose study has no known label "
+            f"({no_row:,} with no row in {paths['labels'].name}, the others all blank)"
+        )
     return data
 
 
