@@ -23,6 +23,30 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 PATIENT_ID_HELP = "How the store keeps Patient ID: hash (salted SHA-256), keep, or drop."
 
 
+# The options of `cxr dicom listen` that take more than a line to declare.
+AllowAeOption = Annotated[
+    list[str] | None,
+    typer.Option(help="A calling AE title allowed to send (repeat; default: any)."),
+]
+OverlaysOption = Annotated[
+    bool, typer.Option(help="Also send a Grad-CAM overlay per positive finding.")
+]
+SpoolOption = Annotated[
+    Path | None, typer.Option(help="Spool folder (default: MODEL/dicom-spool).")
+]
+DbOption = Annotated[
+    str | None,
+    typer.Option(help="Results store: a database URL or SQLite file (MODEL/results.sqlite)."),
+]
+MaxWaitOption = Annotated[
+    float, typer.Option(help="How long a batch waits to fill (milliseconds).")
+]
+QueueOption = Annotated[int, typer.Option(help="Images admitted but not yet predicted, at most.")]
+ForwardAssociationsOption = Annotated[
+    int, typer.Option(help="Concurrent associations sending reports to --forward.")
+]
+
+
 @dicom_app.command("listen")
 @friendly_errors
 def listen(
@@ -31,33 +55,17 @@ def listen(
     ae_title: Annotated[str, typer.Option(help="This node's AE title.")] = "CXR",
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port (1-65535).")] = 11112,
-    allow_ae: Annotated[
-        list[str] | None,
-        typer.Option(help="A calling AE title allowed to send (repeat; default: any)."),
-    ] = None,
-    overlays: Annotated[
-        bool, typer.Option(help="Also send a Grad-CAM overlay per positive finding.")
-    ] = False,
-    spool: Annotated[
-        Path | None, typer.Option(help="Spool folder (default: MODEL/dicom-spool).")
-    ] = None,
-    db: Annotated[
-        str | None,
-        typer.Option(help="Results store: a database URL or SQLite file (MODEL/results.sqlite)."),
-    ] = None,
+    allow_ae: AllowAeOption = None,
+    overlays: OverlaysOption = False,
+    spool: SpoolOption = None,
+    db: DbOption = None,
     backend: Annotated[str, typer.Option(help="auto, torch or onnx.")] = "auto",
     device: DeviceOption = "auto",
     workers: Annotated[int, typer.Option(help="Decoding and reporting threads.")] = 4,
     max_batch: Annotated[int, typer.Option(help="Images per forward pass, at most.")] = 16,
-    max_wait_ms: Annotated[
-        float, typer.Option(help="How long a batch waits to fill (milliseconds).")
-    ] = 10.0,
-    queue_size: Annotated[
-        int, typer.Option(help="Images admitted but not yet predicted, at most.")
-    ] = 64,
-    forward_associations: Annotated[
-        int, typer.Option(help="Concurrent associations sending reports to --forward.")
-    ] = 4,
+    max_wait_ms: MaxWaitOption = 10.0,
+    queue_size: QueueOption = 64,
+    forward_associations: ForwardAssociationsOption = 4,
     max_megapixels: Annotated[float, typer.Option(help="Largest accepted image.")] = 40.0,
     patient_ids: Annotated[str, typer.Option(help=PATIENT_ID_HELP)] = "hash",
 ):
