@@ -330,3 +330,11 @@ def test_fine_tuning_keeps_the_rows_of_the_same_findings(untrained_bundle):
     )
     first = next(k for k in weights if k.startswith("features."))
     assert np.array_equal(model.state_dict()[first], weights[first])
+
+
+def test_a_parquet_table_reads_as_its_csv(generic):
+    table = pd.read_csv(generic / "labels.csv", dtype=str, keep_default_na=False)
+    table.to_parquet(generic / "labels.parquet")
+    from_parquet = read_dataset(generic / "labels.parquet", generic_spec())
+    from_csv = read_dataset(generic / "labels.csv", generic_spec())
+    pd.testing.assert_frame_equal(from_parquet.table, from_csv.table)

@@ -51,6 +51,14 @@ def read_text_table(path: Path, max_bytes: int = 4 << 30) -> pd.DataFrame:
         raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from None
     if size > max_bytes:
         raise DataError(f"{path}: {size:,} bytes is more than a label table may be")
+    if path.suffix.lower() in (".parquet", ".pq"):
+        try:
+            import pyarrow  # noqa: F401  (pandas reads Parquet through it)
+        except ImportError:
+            raise DataError(
+                f"{path}: reading Parquet needs pyarrow (pip install 'cxr[parquet]'), or give "
+                "the table as CSV"
+            ) from None
     try:
         if path.suffix.lower() in (".parquet", ".pq"):
             table = pd.read_parquet(path).astype("string").fillna("").astype(str)
