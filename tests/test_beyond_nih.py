@@ -246,3 +246,13 @@ def test_an_nih_model_scored_against_google2019_expert_labels(tmp_path, shared_d
             assert value == pytest.approx(roc_auc_score(truth, score), abs=1e-4), label
         else:
             assert value is None, label
+
+
+def test_a_chexpert_table_without_paths_is_evaluated_like_the_split(chexpert_runs, tmp_path):
+    run = chexpert_runs["scratch"]
+    cli("evaluate", run, "--workers", 0, "--device", "cpu")
+    test = pd.read_csv(run / "split" / "test.csv", dtype=str, keep_default_na=False)
+    test.drop(columns=["path"]).to_csv(tmp_path / "held-out.csv", index=False)
+    cli("evaluate", run, "--split", tmp_path / "held-out.csv", "--workers", 0, "--device", "cpu")
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["held-out"]["auroc_mean"] == pytest.approx(metrics["test"]["auroc_mean"])

@@ -13,10 +13,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cxr.data.datasets import label_matrix
+from cxr.data.datasets import DatasetSpec, label_matrix, read_dataset, resolve_paths
 from cxr.data.loaders import split_loader
 from cxr.data.nih import IMAGE_COLUMN, PATH_COLUMN, PATIENT_COLUMN, attach_image_paths
 from cxr.data.split import read_split_table
+from cxr.data.table import LabeledData
 from cxr.data.transforms import Preprocess
 from cxr.engine.inference import predict_logits
 from cxr.errors import DataError, LeakageError
@@ -38,13 +39,27 @@ def split_frame(run: RunFolder, split: str) -> tuple[pd.DataFrame, str]:
         path = Path(split)
         frame, name = read_split_table(path, run.dataset_info()), path.stem
         if PATH_COLUMN not in frame.columns:
-            data = run.load_info().get("data")
-            root = Path(data) if data else path.parent
-            frame = attach_image_paths(frame, root if root.is_dir() else root.parent).table
+            frame = _with_image_paths(run, frame, path)
         check_no_training_patients(run, frame, path)
     if frame.empty:
         raise DataError(f"split {split!r} of {run.root} has no images")
     return frame, name
+
+
+def _with_image_paths(run: RunFolder, frame: pd.DataFrame, path: Path) -> pd.DataFrame:
+    """The images of a table without paths, found where the run's data is: NIH's by name
+    below its folder, the other layouts' below the dataset's image root."""
+    info = run.load_info()
+    data = Path(info["data"]) if info.get("data") else path.parent
+    layout = run.dataset_info()
+    if layout["layout"] == "nih":
+        return attach_image_paths(frame, data if data.is_dir() else data.parent).table
+    spec = DatasetSpec(**(info.get("dataset") or {}).get("spec", {}))
+    source = read_dataset(data, spec, require_images=False)
+    found = LabeledData(
+        frame, tuple(layout["labels"]), layout["layout"], path, image_root=source.image_root
+    )
+    return resolve_paths(found).table
 
 
 def check_no_training_patients(run: RunFolder, frame: pd.DataFrame, path: Path) -> None:
