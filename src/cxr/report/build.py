@@ -108,7 +108,12 @@ def build_report(
         on_stage("Grad-CAM gallery")
         figures.update(gallery_images(run.root, run.read_split(split), cases, device=device))
     report["gallery"] = cases
-    return _write(run, split, report, figures)
+    written = _write(run, split, report, figures)
+    if split == "test":
+        from cxr.workflows.card import refresh_card  # the card quotes the report's intervals
+
+        refresh_card(run.root)
+    return written
 
 
 def _report(
