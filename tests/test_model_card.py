@@ -113,6 +113,11 @@ def test_evaluate_and_report_fill_the_test_metrics_and_keep_predictions_fresh(
     assert card.test_metrics.auroc_mean_ci == pytest.approx(report["auroc_mean_ci"])
     effusion = card.test_metrics.per_class["Effusion"]
     assert effusion.auroc_ci == report["per_class"]["Effusion"]["auroc_ci"]
+    # The report's OOD numbers are the predictions table's.
+    predictions = pd.read_csv(run / "predictions-test.csv")
+    assert report["ood"]["flagged"] == int(predictions["ood_flag"].sum())
+    assert report["ood"]["most_unusual"][0]["distance"] == predictions["ood_distance"].max()
+    assert "Images unlike the validation images" in (run / "report.html").read_text()
     # The other half of issue 17 writes test.subgroups; the card then points at it.
     metrics = json.loads((run / "metrics.json").read_text())
     metrics["test"]["subgroups"] = {"sex": {"F": {}, "M": {}}}
@@ -273,3 +278,20 @@ def test_cxr_ood_gives_an_old_bundle_its_summary_and_card(trained_run, tmp_path)
     assert meta.ood.flag_percentile == 95.0 and meta.card.training_data.synthetic
     assert (run / "MODEL_CARD.md").is_file()
     assert load_predictor(run, backend="torch", device="cpu").ood.flag_percentile == 95.0
+
+
+def test_a_bundle_copied_without_its_ood_file_answers_without_the_flag(
+    trained_run, sample_images, tmp_path
+):
+    bundle = tmp_path / "b"
+    bundle.mkdir()
+    for name in ("model.json", "model.safetensors"):  # the two files a bundle used to be
+        shutil.copy2(trained_run / name, bundle / name)
+    result = CliRunner().invoke(
+        app,
+        ["predict", str(bundle), str(sample_images / "00001369_000.png"),
+         "--backend", "torch", "--device", "cpu", "--workers", "0"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "listed in model.json but missing" in " ".join(result.output.split())
+    assert "unlike training data?" not in result.output

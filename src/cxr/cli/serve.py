@@ -63,6 +63,7 @@ def predict(
     a warning and does not change the exit status.
     """
     from cxr.engine.inference import check_out_path, load_predictor, predict_files
+    from cxr.model.bundle import resolve_bundle
 
     check_out_path(out)
     files, errors, skipped = find_images(paths)
@@ -73,6 +74,12 @@ def predict(
         raise CxrError("no PNG, JPEG or DICOM files to predict")
     predictor = load_predictor(model, backend=backend, device=device)
     _print_about(predictor.about())
+    if predictor.ood is None and Path(model).suffix.lower() != ".onnx":
+        from cxr.engine.inference import missing_ood_note
+
+        note = missing_ood_note(resolve_bundle(model)[0].parent, predictor.meta)
+        if note:
+            warn(note)
     with progress_task("predicting", total=len(files), status=predictor.backend) as task:
         result = predict_files(
             predictor,

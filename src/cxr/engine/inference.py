@@ -280,10 +280,23 @@ def load_predictor(
 
 
 def bundle_ood(directory: Path, meta: BundleMeta) -> OodSummary | None:
-    """The bundle's out-of-distribution summary, checked against model.json, or ``None``."""
-    if meta.ood is None:
+    """The bundle's out-of-distribution summary, checked against model.json, or ``None``
+    when it has none or the file was left behind (a bundle copied as its two original
+    files): the model still answers, without the flag. A file that is there but changed,
+    oversized or malformed is refused."""
+    if meta.ood is None or not (Path(directory) / meta.ood.file).exists():
         return None
     return load_ood(directory, meta.ood.model_dump())
+
+
+def missing_ood_note(directory: Path, meta: BundleMeta) -> str | None:
+    """A warning when model.json lists an out-of-distribution summary that is not there."""
+    if meta.ood is not None and not (Path(directory) / meta.ood.file).exists():
+        return (
+            f"{Path(directory) / meta.ood.file}: listed in model.json but missing; images "
+            "get no out-of-distribution flag (copy it with the bundle, or run `cxr ood RUN`)"
+        )
+    return None
 
 
 @dataclass

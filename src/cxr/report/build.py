@@ -46,6 +46,7 @@ from cxr.report.numbers import (
     _training_summary,
     data_origin,
     gallery_cases,
+    ood_numbers,
     report_metrics,
 )
 from cxr.run import RunFolder
@@ -140,6 +141,7 @@ def _report(
             "split_method": info.get("split"),
             "splits": _split_summary(run),
         },
+        "ood": ood_numbers(predictions, run.read_metrics().get(split) or {}),
         "baselines": _baselines(origin),
         "baselines_note": BASELINES_NOTE if origin["chestxray14"] else None,
         "training": _training_summary(run, meta),
