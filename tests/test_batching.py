@@ -61,16 +61,16 @@ def reference(predictor, gray: np.ndarray) -> np.ndarray:
 
 
 class Gate:
-    """Wraps ``predictor.probabilities``: records each call's batch size; while closed, every
+    """Wraps ``predictor.scores``: records each call's batch size; while closed, every
     call waits until the test opens the gate."""
 
     def __init__(self, predictor, monkeypatch, fail_first: bool = False):
-        self.original = predictor.probabilities
+        self.original = predictor.scores
         self.sizes: list[int] = []
         self.entered = threading.Event()
         self.open = threading.Event()
         self.fail_first = fail_first
-        monkeypatch.setattr(predictor, "probabilities", self)
+        monkeypatch.setattr(predictor, "scores", self)
 
     def __call__(self, batch):
         self.sizes.append(len(batch))

@@ -139,3 +139,30 @@ def use_page(url: str, sample_images: Path, credentials: dict | None = None) -> 
             assert errors == []
         finally:
             browser.close()
+
+
+def test_a_synthetic_model_says_so_and_flags_a_real_x_ray(trained_run, sample_images: Path):
+    """The demo's situation: a model trained on synthetic images, a real NIH X-ray dropped on
+    its page. The heading says SYNTHETIC, the X-ray is flagged, the model card is there."""
+    url = next(serving_gen := serving(create_app(trained_run, backend="torch", device="cpu")))
+    try:
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            try:
+                page = browser.new_page()
+                page.set_default_timeout(60_000)
+                page.goto(url)
+                expect(page.locator("#synthetic")).to_be_visible()
+                expect(page.locator("#trained-on")).to_contain_text("trained on SYNTHETIC")
+                expect(page.locator("#trained-on")).not_to_contain_text("NIH")
+                page.locator("#about summary").click()
+                expect(page.locator("#about")).to_contain_text("Known limitations")
+                page.set_input_files("#file", str(sample_images / NIH_PNG))
+                expect(page.locator("#bars .bar-row")).to_have_count(len(PATHOLOGIES))
+                expect(page.locator("#status")).to_contain_text("trained on SYNTHETIC data")
+                expect(page.locator("#ood")).to_be_visible()
+                expect(page.locator("#ood")).to_contain_text("unlike the images")
+            finally:
+                browser.close()
+    finally:
+        next(serving_gen, None)

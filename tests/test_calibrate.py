@@ -31,7 +31,9 @@ from cxr.workflows.evaluate import evaluate_run, predictions_are_fresh
 PROB = [f"prob_{name}" for name in PATHOLOGIES]
 TRUE = [f"true_{name}" for name in PATHOLOGIES]
 CALL = [f"call_{name}" for name in PATHOLOGIES]
-RUN_FILES = ("config.json", "run.json", "log.csv", "model.json", "model.safetensors")
+RUN_FILES = (
+    "config.json", "run.json", "log.csv", "model.json", "model.safetensors", "ood.safetensors",
+)  # fmt: skip
 
 
 def copy_run(source: Path, target: Path) -> Path:

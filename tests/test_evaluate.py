@@ -160,7 +160,8 @@ def test_evaluate_run_writes_predictions_and_sklearn_auroc(trained_run: Path):
     result = evaluate_run(trained_run, "test", device="cpu")
 
     predictions = _read_predictions(run.predictions("test"))
-    assert list(predictions.columns) == [IMAGE_COLUMN, PATIENT_COLUMN, *PROB, *TRUE, *CALL]
+    ood = ["ood_distance", "ood_percentile", "ood_flag"]  # the bundle has an OOD summary
+    assert list(predictions.columns) == [IMAGE_COLUMN, PATIENT_COLUMN, *PROB, *TRUE, *CALL, *ood]
     test_frame = run.read_split("test")
     assert predictions[IMAGE_COLUMN].tolist() == test_frame[IMAGE_COLUMN].tolist()
     assert predictions[PATIENT_COLUMN].tolist() == test_frame[PATIENT_COLUMN].astype(str).tolist()
@@ -212,7 +213,11 @@ def test_thresholds_are_chosen_on_val_and_kept_by_evaluation(trained_run: Path):
     on_test = choose_thresholds(test_pred[TRUE].to_numpy(), test_pred[PROB].to_numpy())
     assert on_test != pytest.approx(meta["thresholds"], abs=1e-6)
 
-    assert (trained_run / "model.json").read_text() == meta_before
+    # Evaluation refreshes the model card only: nothing that shapes a prediction changes.
+    after = json.loads((trained_run / "model.json").read_text())
+    assert {k: v for k, v in after.items() if k != "card"} == {
+        k: v for k, v in json.loads(meta_before).items() if k != "card"
+    }
     stored = [test_result["per_class"][name]["threshold"] for name in PATHOLOGIES]
     assert stored == pytest.approx(meta["thresholds"], abs=1e-12)
     both = json.loads(run.metrics.read_text())

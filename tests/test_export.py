@@ -10,6 +10,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 from conftest import FIXED_CALL_THRESHOLDS
+from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from cxr.cli import app
@@ -49,10 +50,17 @@ def test_onnx_has_a_dynamic_batch_axis_and_the_bundle_description(onnx_file, bun
     (image,) = session.get_inputs()
     assert image.name == "image"
     assert image.shape[0] == "batch" and image.shape[1:] == [3, 64, 64]
-    assert session.get_outputs()[0].name == "logits"
+    assert [o.name for o in session.get_outputs()] == ["logits", "features"]
+    weights = load_file(str(bundle / "model.safetensors"))
+    head_w, head_b = weights["classifier.weight"].numpy(), weights["classifier.bias"].numpy()
+    generator = np.random.default_rng(0)
     for batch in (1, 5):
-        (logits,) = session.run(None, {"image": np.zeros((batch, 3, 64, 64), np.float32)})
-        assert logits.shape == (batch, 14)
+        images = generator.standard_normal((batch, 3, 64, 64)).astype(np.float32)
+        logits, features = session.run(None, {"image": images})
+        assert logits.shape == (batch, 14) and features.shape == (batch, 1024)
+        # The features are what the classifier reads: its Linear layer maps them to the logits.
+        np.testing.assert_allclose(features @ head_w.T + head_b, logits, rtol=0, atol=1e-4)
+        assert (features >= 0).all()  # pooled after DenseNet's final ReLU
     custom = session.get_modelmeta().custom_metadata_map
     assert json.loads(custom[ONNX_META_KEY]) == json.loads((bundle / "model.json").read_text())
     assert custom[ONNX_WEIGHTS_KEY] == weights_digest(bundle / "model.safetensors")

@@ -47,7 +47,7 @@ def test_bundle_description_round_trips_and_keeps_unknown_keys(tmp_path):
     # What a fresh bundle's model.json holds, in this order (a hand-written reference).
     assert list(written) == [
         "format", "architecture", "labels", "image_size", "normalization", "output",
-        "thresholds", "threshold_rule", "temperature", "epoch",
+        "thresholds", "threshold_rule", "temperature", "epoch", "card",
     ]  # fmt: skip
     assert written["labels"] == list(PATHOLOGIES) and written["temperature"] == 1.0
     # A newer cxr's key survives an update by this one, in its place.
@@ -55,7 +55,7 @@ def test_bundle_description_round_trips_and_keeps_unknown_keys(tmp_path):
     update_bundle_meta(folder, temperature=1.5, threshold_fit={"rule": "f1"})
     after = json.loads((folder / "model.json").read_text())
     assert after["future_key"] == {"a": 1} and after["temperature"] == 1.5
-    assert list(after)[-2:] == ["threshold_fit", "future_key"]
+    assert list(after)[-3:] == ["threshold_fit", "card", "future_key"]
     meta = read_bundle_meta(folder)
     assert meta.decision_thresholds == [0.25] * 14 and meta.epoch == 2
     assert BundleMeta.from_dict(meta.to_dict()) == meta

@@ -282,13 +282,13 @@ def test_requests_over_the_time_limit_get_503_and_the_service_recovers(
     # The model blocks until the test releases it: the limit expires first, whatever the
     # machine's speed.
     release = threading.Event()
-    original = predictor.probabilities
+    original = predictor.scores
 
     def stuck(images):
         release.wait(60)
         return original(images)
 
-    monkeypatch.setattr(predictor, "probabilities", stuck)
+    monkeypatch.setattr(predictor, "scores", stuck)
     app = create_app(predictor=predictor, request_timeout_s=0.2, decode_workers=1)
     app.state.service.start()  # a worker up and idle: the limit is spent in the model
     client = TestClient(app)
@@ -320,7 +320,7 @@ def test_unexpected_failures_are_json_500_without_stack_or_paths(
     def broken(images):
         raise RuntimeError(f"boom: cannot open {bundle}/model.safetensors")
 
-    monkeypatch.setattr(predictor, "probabilities", broken)
+    monkeypatch.setattr(predictor, "scores", broken)
     client = TestClient(create_app(predictor=predictor), raise_server_exceptions=False)
     with caplog.at_level("ERROR", logger="cxr.serve"):
         response = post(client, small_png(), name="x.png")

@@ -68,10 +68,10 @@ class Gate:
     """Holds every model call until opened; records the batch sizes."""
 
     def __init__(self, predictor, monkeypatch):
-        self.original = predictor.probabilities
+        self.original = predictor.scores
         self.sizes: list[int] = []
         self.open = threading.Event()
-        monkeypatch.setattr(predictor, "probabilities", self)
+        monkeypatch.setattr(predictor, "scores", self)
 
     def __call__(self, batch):
         self.sizes.append(len(batch))

@@ -166,14 +166,15 @@ def _scripted_validation(monkeypatch, margins):
     monkeypatch.setattr(cxr.workflows.train, "create_model", create_model)
     monkeypatch.setattr(cxr.workflows.train, "build_model", lambda n=14: TinyNet())  # resume
 
-    def predict_logits(model, loader, device, **kwargs):
+    def predict_outputs(model, loader, device, **kwargs):
         seen.append(copy.deepcopy(model.state_dict()))
         labels = loader.dataset.labels
         margin = margins[min(len(seen), len(margins)) - 1]
         logits = (2.0 * labels - 1.0) * margin
-        return np.arange(len(labels)), logits.astype(np.float32)
+        features = np.random.default_rng(len(seen)).random((len(labels), 8))
+        return np.arange(len(labels)), logits.astype(np.float32), features
 
-    monkeypatch.setattr(cxr.engine.trainer, "predict_logits", predict_logits)
+    monkeypatch.setattr(cxr.engine.trainer, "predict_outputs", predict_outputs)
     return seen
 
 

@@ -28,7 +28,9 @@ from pydicom.uid import (
     generate_uid,
 )
 
+from cxr import __version__
 from cxr.model.bundle import BundleMeta, save_bundle
+from cxr.model.card import untrained_card
 from cxr.model.network import build_model
 
 
@@ -56,6 +58,7 @@ def untrained_bundle(folder: str | os.PathLike, image_size: int, *, seed: int = 
     """An untrained DenseNet121 bundle (weights seeded by ``seed``) written into ``folder``:
     a model to time or to exercise the code with, whose outputs mean nothing."""
     torch.manual_seed(seed)
+    meta.setdefault("card", untrained_card(__version__))
     description = BundleMeta(image_size=image_size, normalization="imagenet", **meta)
     save_bundle(folder, build_model(), description)
     return Path(folder)

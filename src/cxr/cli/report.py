@@ -194,3 +194,58 @@ def calibrate(
         f"stored in {shown(run / 'model.json')}; AUROCs are unchanged (the transform keeps every "
         "ranking). Re-run `cxr evaluate` or `cxr report` for calibrated probabilities."
     )
+
+
+# ---------------------------------------------------------------------------- model card, OOD
+
+
+@app.command("ood")
+@friendly_errors
+def ood(
+    run: Annotated[Path, typer.Argument(help="Run folder.")],
+    flag_percentile: Annotated[
+        float, typer.Option(help="Flag images farther than this percentile of validation ones.")
+    ] = 99.0,
+    device: DeviceOption = "auto",
+    batch_size: BatchSizeOption = 32,
+    workers: WorkersOption = 2,
+):
+    """Add (or redo) the out-of-distribution summary of the run's bundle: the validation
+    images' pooled features (mean, Ledoit-Wolf covariance, distances) in ood.safetensors.
+
+    `cxr predict`, `cxr serve` and `cxr evaluate` then score each image's Mahalanobis
+    distance and flag it above that percentile. Training writes it already; this is for
+    bundles made before, or for another percentile.
+    """
+    from cxr.workflows.ood import add_ood_summary
+
+    with progress_task("validation features") as task:
+        result = add_ood_summary(
+            run, flag_percentile=flag_percentile, device=device, batch_size=batch_size,
+            workers=workers, on_batch=task.advance,
+        )  # fmt: skip
+    console.print(
+        f"out-of-distribution summary of {result['reference_images']:,} validation images "
+        f"({result['features']} features); images farther than {result['flag_distance']:.2f} "
+        f"(the {result['flag_percentile']:g}th percentile) are flagged. Stored in "
+        f"{shown(run / 'ood.safetensors')} and {shown(run / 'model.json')}",
+        highlight=False,
+    )
+
+
+@app.command("card")
+@friendly_errors
+def card(run: Annotated[Path, typer.Argument(help="Run folder.")]):
+    """Write the model card (MODEL_CARD.md and model.json's card) from the run folder.
+
+    Training, evaluate, calibrate, thresholds, report and ood keep it up to date; this
+    gives an older bundle one.
+    """
+    from cxr.workflows.card import refresh_card
+
+    result = refresh_card(run)
+    console.print(
+        f"model card of a model trained on {shown(result.trained_on())}: wrote "
+        f"{shown(run / 'MODEL_CARD.md')} and the card in {shown(run / 'model.json')}",
+        highlight=False,
+    )

@@ -63,6 +63,7 @@ def predict(
     a warning and does not change the exit status.
     """
     from cxr.engine.inference import check_out_path, load_predictor, predict_files
+    from cxr.model.bundle import resolve_bundle
 
     check_out_path(out)
     files, errors, skipped = find_images(paths)
@@ -72,6 +73,13 @@ def predict(
     if not files:
         raise CxrError("no PNG, JPEG or DICOM files to predict")
     predictor = load_predictor(model, backend=backend, device=device)
+    _print_about(predictor.about())
+    if predictor.ood is None and Path(model).suffix.lower() != ".onnx":
+        from cxr.engine.inference import missing_ood_note
+
+        note = missing_ood_note(resolve_bundle(model)[0].parent, predictor.meta)
+        if note:
+            warn(note)
     with progress_task("predicting", total=len(files), status=predictor.backend) as task:
         result = predict_files(
             predictor,
@@ -100,6 +108,17 @@ def predict(
         raise typer.Exit(EXIT_SOME_FAILED)
 
 
+def _print_about(about: dict) -> None:
+    """What the model is, once, before its answers."""
+    synthetic = "[bold red]SYNTHETIC-data model:[/] " if about.get("synthetic") else ""
+    console.print(
+        f"{synthetic}model trained on {escape(printable(about['trained_on']))}. "
+        f"{escape(printable(about['intended_use']))}",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
 def _report(error, target=None) -> None:
     (target or err_console).print(
         f"[bold red]error:[/] {shown(error)}", highlight=False, soft_wrap=True
@@ -115,7 +134,8 @@ def _warn_skipped(skipped) -> None:
 
 def _summary_table(result) -> Table:
     records = list(result.records())
-    table = Table(title="predictions")
+    synthetic = result.about.get("synthetic")
+    table = Table(title="predictions" + (" of a SYNTHETIC-data model" if synthetic else ""))
     # A file name is what a user searches the table for: the column takes the longest name
     # (up to 100 characters) and the calls wrap instead; a longer name folds, never an ellipsis.
     names = [printable(r["file"]) for r in records]
@@ -123,11 +143,18 @@ def _summary_table(result) -> Table:
     table.add_column("file", overflow="fold", min_width=min(longest, 100))
     table.add_column("positive calls (probability)")
     table.add_column("highest", no_wrap=True)
+    if result.ood is not None:
+        table.add_column("unlike training data?", no_wrap=True)
     for name, record in zip(names, records):
         probabilities = record["probabilities"]
         positive = ", ".join(f"{n} ({probabilities[n]:.2f})" for n in record["positive"])
         top = max(probabilities, key=probabilities.get)
-        table.add_row(escape(name), positive or "none", f"{top} {probabilities[top]:.2f}")
+        cells = [escape(name), positive or "none", f"{top} {probabilities[top]:.2f}"]
+        if result.ood is not None:
+            ood = record["ood"]
+            flag = "[bold red]FLAGGED[/]" if ood["flagged"] else "no"
+            cells.append(f"{flag} (percentile {ood['percentile']:.1f})")
+        table.add_row(*cells)
     return table
 
 

@@ -29,8 +29,10 @@ from cxr.explain.gradcam import gradcam
 from cxr.explain.render import ExplanationWriter, choose_pathologies
 from cxr.metrics import apply_thresholds, probabilities
 from cxr.model.bundle import BundleMeta, load_bundle, resolve_bundle, weights_digest
-from cxr.model.network import unwrap
+from cxr.model.card import INTENDED_USE
+from cxr.model.network import WithFeatures, unwrap
 from cxr.model.onnx import (
+    ONNX_FEATURES,
     ONNX_INPUT,
     ONNX_OUTPUT,
     ONNX_WEIGHTS_KEY,
@@ -38,6 +40,7 @@ from cxr.model.onnx import (
     onnx_session,
     read_onnx_meta,
 )
+from cxr.model.ood import OodSummary, load_ood
 from cxr.runtime import resolve_device
 from cxr.utils import atomic_write_text, path_text
 
@@ -53,21 +56,38 @@ def predict_logits(
     on_batch: Callable[[int], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(indices, logits) for every sample the loader yields: model in eval mode, float32."""
+    indices, logits, _ = predict_outputs(model, loader, device, on_batch=on_batch)
+    return indices, logits
+
+
+@torch.no_grad()
+def predict_outputs(
+    model: nn.Module,
+    loader,
+    device: torch.device,
+    *,
+    on_batch: Callable[[int], None] | None = None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(indices, logits, pooled features) for every sample: one forward pass gives both."""
     model.eval()
-    indices, outputs = [], []
+    both = WithFeatures(model)
+    indices, outputs, pooled = [], [], []
     for images, _targets, batch_indices in loader:
         images = images.to(device, non_blocking=True)
         if device.type == "cuda":
             images = images.contiguous(memory_format=torch.channels_last)
-        logits = model(images)
+        logits, features = both(images)
         outputs.append(logits.float().cpu().numpy())
+        pooled.append(features.float().cpu().numpy())
         indices.append(batch_indices.numpy())
         if on_batch:
             on_batch(len(batch_indices))
     if not outputs:
-        classes = unwrap(model).classifier.out_features
-        return np.zeros(0, dtype=np.int64), np.zeros((0, classes), dtype=np.float32)
-    return np.concatenate(indices), np.concatenate(outputs)
+        plain = unwrap(model)
+        empty = np.zeros((0, plain.classifier.in_features), dtype=np.float32)
+        classes = plain.classifier.out_features
+        return np.zeros(0, dtype=np.int64), np.zeros((0, classes), dtype=np.float32), empty
+    return np.concatenate(indices), np.concatenate(outputs), np.concatenate(pooled)
 
 
 class Predictor:
@@ -87,8 +107,10 @@ class Predictor:
         session=None,
         device: torch.device | None = None,
         weights_digest: str | None = None,
+        ood: OodSummary | None = None,
     ):
         self.meta = meta
+        self.ood = ood  # the out-of-distribution summary, if the bundle has one
         # SHA-256 of model.safetensors (of the bundle an ONNX file was exported from), or None.
         self.weights_digest = weights_digest
         self.backend = backend
@@ -107,19 +129,40 @@ class Predictor:
     def preprocess(self) -> Preprocess:
         return Preprocess(self.image_size, self.normalization)
 
-    def logits(self, images: torch.Tensor) -> np.ndarray:
+    def outputs(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
+        """(logits, pooled features) from one forward pass; features ``None`` from an ONNX
+        file exported without them."""
         with self.lock:
             if self.backend == "onnx":
                 array = images.detach().cpu().numpy().astype(np.float32, copy=False)
-                return self.session.run([ONNX_OUTPUT], {ONNX_INPUT: array})[0]
+                names = [o.name for o in self.session.get_outputs()]
+                wanted = [ONNX_OUTPUT, *([ONNX_FEATURES] if ONNX_FEATURES in names else [])]
+                results = self.session.run(wanted, {ONNX_INPUT: array})
+                return results[0], results[1] if len(results) > 1 else None
             with torch.inference_mode():
                 batch = images.to(self.device, non_blocking=True)
                 if self.device.type == "cuda":
                     batch = batch.contiguous(memory_format=torch.channels_last)
-                return self.torch_model(batch).float().cpu().numpy()
+                logits, features = WithFeatures(self.torch_model)(batch)
+                return logits.float().cpu().numpy(), features.float().cpu().numpy()
+
+    def logits(self, images: torch.Tensor) -> np.ndarray:
+        return self.outputs(images)[0]
 
     def probabilities(self, images: torch.Tensor) -> np.ndarray:
         return probabilities(self.logits(images), self.temperature)
+
+    def scores(self, images: torch.Tensor) -> Scores:
+        """Probabilities and, where the bundle has a summary, out-of-distribution scores."""
+        logits, features = self.outputs(images)
+        ood = None
+        if self.ood is not None and features is not None:
+            ood = self.ood.score(features)
+        return Scores(probabilities(logits, self.temperature), ood)
+
+    def about(self) -> dict[str, Any]:
+        """What the model is, for every answer: its training data and intended use."""
+        return model_about(self.meta, self.ood)
 
     def calls(self, probabilities: np.ndarray) -> np.ndarray:
         return apply_thresholds(probabilities, self.thresholds).astype(bool)
@@ -155,7 +198,40 @@ class Predictor:
             "normalization": self.normalization,
             "temperature": self.temperature,
             "backend": self.backend,
+            "about": self.about(),
         }
+
+
+@dataclass
+class Scores:
+    """A batch's probabilities ``[N, C]`` and, per image, its out-of-distribution score
+    (``None`` without a summary)."""
+
+    probabilities: np.ndarray
+    ood: list[dict[str, Any]] | None = None
+
+
+def model_about(meta: BundleMeta, ood: OodSummary | None = None) -> dict[str, Any]:
+    """``trained_on``, ``synthetic`` (``None``: not described), ``intended_use``, and the
+    out-of-distribution flag's rule: what every answer says about the model."""
+    card = meta.card
+    if card is None:
+        about = {
+            "trained_on": "data this bundle does not describe (its model.json has no model "
+            "card; `cxr card RUN` adds one)",
+            "synthetic": None,
+            "intended_use": INTENDED_USE,
+        }
+    else:
+        data = card.training_data
+        about = {
+            "trained_on": data.description,
+            "synthetic": data.synthetic,
+            "origin": data.origin,
+            "intended_use": card.intended_use,
+        }
+    about["ood"] = None if ood is None else ood.describe()
+    return about
 
 
 def load_predictor(
@@ -190,15 +266,37 @@ def load_predictor(
     bundle = load_bundle(path, device=torch_device)
     weights = resolve_bundle(path)[0]
     digest = weights_digest(weights)
+    ood = bundle_ood(weights.parent, bundle.meta)
     if backend == "torch":
         return Predictor(
             bundle.meta, "torch", torch_model=bundle.model, device=torch_device,
-            weights_digest=digest,
+            weights_digest=digest, ood=ood,
         )  # fmt: skip
     session = bundle_session(bundle, weights, cache_dir)
     return Predictor(
-        bundle.meta, "onnx", torch_model=bundle.model, session=session, weights_digest=digest
-    )
+        bundle.meta, "onnx", torch_model=bundle.model, session=session, weights_digest=digest,
+        ood=ood,
+    )  # fmt: skip
+
+
+def bundle_ood(directory: Path, meta: BundleMeta) -> OodSummary | None:
+    """The bundle's out-of-distribution summary, checked against model.json, or ``None``
+    when it has none or the file was left behind (a bundle copied as its two original
+    files): the model still answers, without the flag. A file that is there but changed,
+    oversized or malformed is refused."""
+    if meta.ood is None or not (Path(directory) / meta.ood.file).exists():
+        return None
+    return load_ood(directory, meta.ood.model_dump())
+
+
+def missing_ood_note(directory: Path, meta: BundleMeta) -> str | None:
+    """A warning when model.json lists an out-of-distribution summary that is not there."""
+    if meta.ood is not None and not (Path(directory) / meta.ood.file).exists():
+        return (
+            f"{Path(directory) / meta.ood.file}: listed in model.json but missing; images "
+            "get no out-of-distribution flag (copy it with the bundle, or run `cxr ood RUN`)"
+        )
+    return None
 
 
 @dataclass
@@ -220,6 +318,8 @@ class Predictions:
     skipped: list[FileError] = field(default_factory=list)
     overlays: dict[str, list[str]] = field(default_factory=dict)
     backend: str = ""
+    ood: list[dict[str, Any]] | None = None  # per row, where the bundle has a summary
+    about: dict[str, Any] = field(default_factory=dict)  # what the model is (model_about)
 
     @property
     def calls(self) -> np.ndarray:
@@ -233,12 +333,17 @@ class Predictions:
         calls = self.calls.astype(np.int8)
         for c, label in enumerate(self.labels):
             columns[f"call_{label}"] = calls[:, c]
+        if self.ood is not None:
+            columns["ood_distance"] = [s["distance"] for s in self.ood]
+            columns["ood_percentile"] = [s["percentile"] for s in self.ood]
+            columns["ood_flag"] = [int(s["flagged"]) for s in self.ood]
         return pd.DataFrame(columns)
 
     def records(self) -> list[dict[str, Any]]:
         calls = self.calls
         return [
             image_record(self.labels, self.probabilities[row], calls[row], file=path_text(name))
+            | ({} if self.ood is None else {"ood": self.ood[row]})
             | (
                 {"overlays": [path_text(p) for p in self.overlays[name]]}
                 if name in self.overlays
@@ -249,6 +354,7 @@ class Predictions:
 
     def to_json(self) -> dict[str, Any]:
         return {
+            "model": self.about,
             "backend": self.backend,
             "labels": self.labels,
             "thresholds": dict(zip(self.labels, self.thresholds)),
@@ -315,7 +421,9 @@ def predict_files(
         writer = ExplanationWriter(explain_dir, files)
     result = Predictions(labels=predictor.labels, thresholds=predictor.thresholds)
     result.backend = predictor.backend
+    result.about = predictor.about()
     rows: dict[int, np.ndarray] = {}
+    ood_rows: dict[int, dict[str, Any]] = {}
     failures: dict[int, str] = {}
     loader = file_loader(
         files,
@@ -330,9 +438,12 @@ def predict_files(
             if on_error:
                 on_error(FileError(str(files[index]), reason))
         if batch.images is not None:
-            probs = predictor.probabilities(batch.images)
+            scores = predictor.scores(batch.images)
+            probs = scores.probabilities
             for row, index in enumerate(batch.indices):
                 rows[index] = probs[row]
+                if scores.ood is not None:
+                    ood_rows[index] = scores.ood[row]
             if writer is not None:
                 _explain_batch(predictor, writer, batch, probs, files, result, failures)
         if on_progress:
@@ -345,6 +456,8 @@ def predict_files(
         else np.zeros((0, len(result.labels)), dtype=np.float64)
     )
     result.errors = [FileError(str(files[i]), failures[i]) for i in sorted(failures)]
+    if predictor.ood is not None and len(ood_rows) == len(order):
+        result.ood = [ood_rows[i] for i in order]
     return result
 
 

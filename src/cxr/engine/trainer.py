@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 
 from cxr.config import TrainConfig
 from cxr.data.loaders import EpochSampler
-from cxr.engine.inference import predict_logits
+from cxr.engine.inference import predict_outputs
 from cxr.errors import ModelError
 from cxr.metrics import auroc_per_class, mean_defined, probabilities
 from cxr.model.loss import WeightedBCELoss
@@ -59,6 +59,7 @@ class Validation:
     loss: float
     probabilities: np.ndarray
     auroc: list[float | None]
+    features: np.ndarray | None = None  # pooled features [N, 1024]: the OOD summary's input
 
 
 @dataclass
@@ -223,17 +224,18 @@ def validate(
     shard and the logits of all ranks are gathered, in the split's order.
     """
     trainer.dist.sync_buffers(trainer.model)
-    indices, logits = predict_logits(trainer.model, loader, trainer.device, on_batch=on_batch)
-    parts = trainer.dist.gather((indices, logits))
-    order = np.concatenate([p[0] for p in parts])
-    logits = np.concatenate([p[1] for p in parts])[np.argsort(order, kind="stable")]
+    outputs = predict_outputs(trainer.model, loader, trainer.device, on_batch=on_batch)
+    parts = trainer.dist.gather(outputs)
+    order = np.argsort(np.concatenate([p[0] for p in parts]), kind="stable")
+    logits = np.concatenate([p[1] for p in parts])[order]
+    features = np.concatenate([p[2] for p in parts])[order]
     with torch.no_grad():
         loss = trainer.loss_fn(
             torch.from_numpy(logits).to(trainer.device),
             torch.from_numpy(labels).to(trainer.device),
         )
     prob = probabilities(logits)
-    return Validation(float(loss.item()), prob, auroc_per_class(labels, prob))
+    return Validation(float(loss.item()), prob, auroc_per_class(labels, prob), features)
 
 
 def fit(

@@ -13,7 +13,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
@@ -33,6 +33,7 @@ from torch import nn
 from cxr.config import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, NORMALIZATIONS
 from cxr.errors import ModelError
 from cxr.labels import PATHOLOGIES
+from cxr.model.card import ModelCard
 from cxr.model.network import ARCHITECTURE, build_model, unwrap
 from cxr.utils import atomic_write_bytes, atomic_write_text
 
@@ -49,7 +50,12 @@ _OPTIONAL = (
     "training_data",
     "calibration",
     "threshold_fit",
+    "card",
+    "ood",
 )
+# What describes the model without changing what it computes: left out of meta_digest, so
+# that refreshing the card neither re-exports ONNX nor makes predictions stale.
+_DESCRIPTIVE = ("card", "ood")
 # A model.json must say these itself: a default would guess which output is which pathology
 # and what input the weights were trained on.
 _REQUIRED_IN_FILE = ("labels", "image_size")
@@ -59,6 +65,21 @@ _FROM_CODE = ("image_size", "labels", "thresholds", "temperature", "epoch", "val
 _FROM_CODE += ("val_auroc_mean",)
 
 Threshold = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
+
+
+class OodEntry(BaseModel):
+    """``model.json``'s ``ood``: the out-of-distribution summary beside the weights
+    (:mod:`cxr.model.ood`). The file name is fixed, so a description can never point a
+    reader at another path."""
+
+    model_config = ConfigDict(strict=True, frozen=True, extra="forbid")
+
+    file: Literal["ood.safetensors"]
+    sha256: Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+    method: Literal["mahalanobis-ledoitwolf"]
+    features: Annotated[int, Field(ge=1, le=2048)]
+    reference_images: Annotated[int, Field(ge=4)]
+    flag_percentile: Annotated[float, Field(gt=0, lt=100, allow_inf_nan=False)]
 
 
 class BundleMeta(BaseModel):
@@ -88,6 +109,8 @@ class BundleMeta(BaseModel):
     training_data: dict[str, Any] | None = None
     calibration: dict[str, Any] | None = None
     threshold_fit: dict[str, Any] | None = None
+    card: ModelCard | None = None  # what the model is for and was trained on (cxr.model.card)
+    ood: OodEntry | None = None
     extra: dict[str, Any] = Field(default_factory=dict)  # keys of newer versions, kept
 
     def __init__(self, image_size: Any = PydanticUndefined, /, **values: Any):
@@ -157,7 +180,13 @@ class BundleMeta(BaseModel):
             "threshold_rule": self.threshold_rule,
             "temperature": self.temperature,
         }
-        values.update({k: getattr(self, k) for k in _OPTIONAL if getattr(self, k) is not None})
+        values.update(
+            {
+                k: v.model_dump() if isinstance(v, BaseModel) else v
+                for k in _OPTIONAL
+                if (v := getattr(self, k)) is not None
+            }
+        )
         values.update(self.extra)
         return values
 
@@ -196,8 +225,10 @@ class _InvalidMeta(ModelError):
 
 
 def meta_digest(meta: BundleMeta) -> str:
-    """SHA-256 of the description's canonical JSON (sorted keys, no spaces)."""
-    text = json.dumps(meta.to_dict(), sort_keys=True, separators=(",", ":"))
+    """SHA-256 of the description's canonical JSON (sorted keys, no spaces), without the
+    parts that only describe the model (its card, its out-of-distribution summary)."""
+    values = {k: v for k, v in meta.to_dict().items() if k not in _DESCRIPTIVE}
+    text = json.dumps(values, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()
 
 

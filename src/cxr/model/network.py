@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torchvision.models import DenseNet121_Weights, densenet121
 
 from cxr.errors import ModelError
@@ -38,6 +39,26 @@ def build_model(num_classes: int = len(PATHOLOGIES)) -> nn.Module:
     model = densenet121(weights=None)
     model.classifier = nn.Linear(model.classifier.in_features, num_classes)
     return model
+
+
+def pooled_features(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The globally average-pooled features ``[N, 1024]`` that the classifier reads."""
+    model = unwrap(model)
+    maps = F.relu(model.features(images))
+    return torch.flatten(F.adaptive_avg_pool2d(maps, 1), 1)
+
+
+class WithFeatures(nn.Module):
+    """The model answering (logits, pooled features) from one forward pass: what the ONNX
+    export and the out-of-distribution score need."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = unwrap(model)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        features = pooled_features(self.model, images)
+        return self.model.classifier(features), features
 
 
 def load_imagenet_backbone(model: nn.Module, path: str | Path | None = None) -> None:

@@ -28,10 +28,14 @@ from cxr.model.bundle import (
     resolve_bundle,
     weights_digest,
 )
+from cxr.model.network import WithFeatures
 from cxr.utils import atomic_write_bytes
 
 ONNX_INPUT = "image"
 ONNX_OUTPUT = "logits"
+ONNX_FEATURES = "features"  # the pooled features [N, 1024], for the out-of-distribution score
+# Part of the cache key: a model exported before the features output was added is not reused.
+EXPORT_OUTPUTS = f"{ONNX_OUTPUT},{ONNX_FEATURES}"
 ONNX_META_KEY = "cxr_bundle"  # the bundle's model.json, stored in the ONNX metadata
 ONNX_WEIGHTS_KEY = "cxr_weights_sha256"  # which model.safetensors it was exported from
 ONNX_META_DIGEST_KEY = "cxr_bundle_sha256"  # and which model.json (bundle.meta_digest)
@@ -42,7 +46,8 @@ MAX_PROB_DIFF = 1e-4
 
 
 def export_onnx(model_path: str | Path, out: str | Path, *, check: bool = True) -> dict:
-    """Write ``out`` (ONNX, input ``image`` [N,3,S,S] -> ``logits`` [N,C]) for a bundle.
+    """Write ``out`` (ONNX, input ``image`` [N,3,S,S] -> ``logits`` [N,C] and ``features``
+    [N,1024], the pooled features) for a bundle.
 
     The bundle's description (labels, image size, normalisation, thresholds, temperature) is
     embedded in the file's metadata, so ``cxr predict --backend onnx FILE.onnx`` needs nothing
@@ -65,8 +70,9 @@ def export_onnx(model_path: str | Path, out: str | Path, *, check: bool = True) 
 def onnx_bytes(
     model: torch.nn.Module, image_size: int, meta: BundleMeta, *, weights_sha256: str = ""
 ) -> bytes:
-    """The serialised ONNX model, with the bundle description in its metadata."""
-    model = model.to("cpu").eval()
+    """The serialised ONNX model (logits and pooled features), with the bundle description in
+    its metadata."""
+    model = WithFeatures(model.to("cpu").eval()).eval()
     example = torch.zeros(1, 3, image_size, image_size)
     buffer = io.BytesIO()
     with warnings.catch_warnings():
@@ -77,8 +83,12 @@ def onnx_bytes(
                 (example,),
                 buffer,
                 input_names=[ONNX_INPUT],
-                output_names=[ONNX_OUTPUT],
-                dynamic_axes={ONNX_INPUT: {0: "batch"}, ONNX_OUTPUT: {0: "batch"}},
+                output_names=[ONNX_OUTPUT, ONNX_FEATURES],
+                dynamic_axes={
+                    ONNX_INPUT: {0: "batch"},
+                    ONNX_OUTPUT: {0: "batch"},
+                    ONNX_FEATURES: {0: "batch"},
+                },
                 opset_version=OPSET,
                 do_constant_folding=True,
                 dynamo=False,
@@ -154,13 +164,23 @@ def onnx_session(source: str | Path | bytes, threads: int | None = None):
 
 
 def check_onnx(data: bytes, model: torch.nn.Module, image_size: int, batch: int = 3) -> float:
-    """Max |p_onnx - p_torch| on a random batch; raises :class:`ModelError` above the bar."""
+    """Max |p_onnx - p_torch| on a random batch; raises :class:`ModelError` above the bar
+    (for the probabilities, and for the pooled features relative to their largest value)."""
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(batch, 3, image_size, image_size, generator=generator)
     with torch.no_grad():
-        expected = probabilities(model.eval()(images).numpy())
-    logits = onnx_session(data).run([ONNX_OUTPUT], {ONNX_INPUT: images.numpy()})[0]
+        logits_torch, features_torch = WithFeatures(model.eval())(images)
+    expected = probabilities(logits_torch.numpy())
+    outputs = [ONNX_OUTPUT, ONNX_FEATURES]
+    logits, features = onnx_session(data).run(outputs, {ONNX_INPUT: images.numpy()})
     diff = float(np.max(np.abs(probabilities(logits) - expected)))
+    scale = 1.0 + float(np.max(np.abs(features_torch.numpy())))
+    feature_diff = float(np.max(np.abs(features - features_torch.numpy()))) / scale
+    if not feature_diff <= MAX_PROB_DIFF:
+        raise ModelError(
+            f"the ONNX model's pooled features disagree with PyTorch's: {feature_diff:.2e} "
+            f"(relative) > {MAX_PROB_DIFF:.0e}"
+        )
     if not diff <= MAX_PROB_DIFF:
         raise ModelError(
             f"the ONNX model disagrees with PyTorch: max probability difference {diff:.2e} "
@@ -186,7 +206,7 @@ def bundle_session(bundle: Bundle, weights: Path, cache_dir=None) -> ort.Inferen
     """
     digest = weights_digest(weights)
     described = meta_digest(bundle.meta)
-    key = hashlib.sha256(f"{digest}\n{described}".encode()).hexdigest()
+    key = hashlib.sha256(f"{digest}\n{described}\n{EXPORT_OUTPUTS}".encode()).hexdigest()
     cached = Path(cache_dir or default_cache_dir()) / "onnx" / f"{key[:24]}.onnx"
     for candidate in (weights.parent / "model.onnx", cached):
         session = _matching_session(candidate, bundle.meta, digest, described)
@@ -214,6 +234,8 @@ def _matching_session(
         ):
             return None
         check_session(meta, session, str(path))
+        if ONNX_FEATURES not in {o.name for o in session.get_outputs()}:
+            return None  # exported before the features output: exported again
     except ModelError:  # unreadable or foreign: exported again
         return None
     return session

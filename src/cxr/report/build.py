@@ -47,6 +47,7 @@ from cxr.report.numbers import (
     data_origin,
     external_side_by_side,
     gallery_cases,
+    ood_numbers,
     report_metrics,
 )
 from cxr.run import RunFolder
@@ -109,7 +110,12 @@ def build_report(
         on_stage("Grad-CAM gallery")
         figures.update(gallery_images(run.root, run.read_split(split), cases, device=device))
     report["gallery"] = cases
-    return _write(run, split, report, figures)
+    written = _write(run, split, report, figures)
+    if split == "test":
+        from cxr.workflows.card import refresh_card  # the card quotes the report's intervals
+
+        refresh_card(run.root)
+    return written
 
 
 def _report(
@@ -137,6 +143,7 @@ def _report(
             "splits": _split_summary(run),
         },
         "external": external_side_by_side(run.read_metrics().get("external"), numbers),
+        "ood": ood_numbers(predictions, run.read_metrics().get(split) or {}),
         "baselines": _baselines(origin),
         "baselines_note": BASELINES_NOTE if origin["chestxray14"] else None,
         "training": _training_summary(run, meta),

@@ -308,3 +308,32 @@ def gallery_cases(
             ]
         cases[name] = entry
     return cases
+
+
+# ---------------------------------------------------------------------------- OOD
+
+
+def ood_numbers(
+    predictions: pd.DataFrame, evaluation: dict[str, Any], shown: int = 10
+) -> dict[str, Any] | None:
+    """How many of the split's images are flagged as unlike the validation images, and the
+    ``shown`` most unusual ones; ``None`` without scores (a bundle without a summary)."""
+    if "ood_distance" not in predictions.columns:
+        return None
+    ranked = predictions.sort_values("ood_distance", ascending=False).head(shown)
+    flagged = int(predictions["ood_flag"].sum())
+    return {
+        "flag_percentile": (evaluation.get("ood") or {}).get("flag_percentile"),
+        "images": len(predictions),
+        "flagged": flagged,
+        "share_flagged": flagged / len(predictions) if len(predictions) else None,
+        "most_unusual": [
+            {
+                "image": str(row[IMAGE_COLUMN]),
+                "distance": float(row["ood_distance"]),
+                "percentile": float(row["ood_percentile"]),
+                "flagged": bool(row["ood_flag"]),
+            }
+            for _, row in ranked.iterrows()
+        ],
+    }

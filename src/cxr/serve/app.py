@@ -49,6 +49,7 @@ from cxr.serve.batching import (
     DEFAULT_MAX_BATCH,
     DEFAULT_MAX_WAIT_MS,
     BatchedPredictor,
+    Scored,
     check_settings,
 )
 from cxr.serve.decoding import (
@@ -75,6 +76,7 @@ from cxr.serve.limits import (
     sniff,
 )
 from cxr.serve.metrics import RequestMetrics, ServiceMetrics
+from cxr.serve.page import render_page
 from cxr.serve.results import add_results_route, open_results
 from cxr.utils import safe_name
 
@@ -158,7 +160,8 @@ def create_app(
         title="cxr",
         version=_version(),
         description=(
-            "Chest X-ray classification (NIH ChestX-ray14, 14 pathologies) with Grad-CAM. "
+            f"Chest X-ray classification ({len(predictor.labels)} findings) with Grad-CAM, by "
+            f"a model trained on {predictor.about()['trained_on']}. "
             "Research software: not a medical device."
         ),
         docs_url=None,  # served below with local assets instead of a CDN's
@@ -259,9 +262,11 @@ def _add_docs(app: FastAPI) -> None:
 def _add_routes(app: FastAPI, service: _Service) -> None:
     predictor = service.predictor
 
+    page_html = render_page(predictor.meta, service.about)
+
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page() -> HTMLResponse:
-        return HTMLResponse(_page_html(), headers={"Cache-Control": "no-store"})
+        return HTMLResponse(page_html, headers={"Cache-Control": "no-store"})
 
     @app.get("/healthz")
     def healthz() -> dict[str, Any]:
@@ -324,6 +329,7 @@ class _Service:
         metrics: ServiceMetrics,
     ):
         self.predictor = predictor
+        self.about = predictor.about()  # what the model is: part of every answer
         self.batcher = batcher
         self.metrics = metrics
         self.preprocess = predictor.preprocess
@@ -438,12 +444,12 @@ class _Service:
         """Decode ``data`` in a worker, then predict it in a batch, within the time limit."""
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
         gray = await self._decode(name, data, deadline)
-        probabilities = await self._batched(name, gray, deadline)
+        scored = await self._batched(name, gray, deadline)
         predictor, labels = self.predictor, self.predictor.labels
-        calls = predictor.calls(probabilities[None])[0]
+        calls = predictor.calls(scored.probabilities[None])[0]
         return image_record(
             labels,
-            probabilities,
+            scored.probabilities,
             calls,
             file=name,
             width=int(gray.shape[1]),
@@ -451,11 +457,14 @@ class _Service:
             labels=labels,
             thresholds=dict(zip(labels, predictor.thresholds)),
             backend=predictor.backend,
+            model=self.about,
+            ood=scored.ood,
         )
 
-    async def _batched(self, name: str, gray: np.ndarray, deadline: float | None) -> np.ndarray:
-        """The image's probabilities from the batched worker, or the HTTP error for why not."""
-        work = self.batcher.predict(gray, deadline=deadline, executor=self.compute)
+    async def _batched(self, name: str, gray: np.ndarray, deadline: float | None) -> Scored:
+        """The image's probabilities and out-of-distribution score from the batched worker,
+        or the HTTP error for why not."""
+        work = self.batcher.predict(gray, deadline=deadline, executor=self.compute, scored=True)
         try:
             return await asyncio.wait_for(work, None if deadline is None else _remaining(deadline))
         except (asyncio.TimeoutError, TimeoutError, DeadlineExceeded):
@@ -503,6 +512,7 @@ class _Service:
                 # Header values are Latin-1: a label in another script is sent escaped.
                 "X-Pathology": labels[index].encode("ascii", "backslashreplace").decode(),
                 "X-Probability": f"{probability:.6f}",
+                "X-Model-Synthetic": _synthetic_header(self.about),
                 "Cache-Control": "no-store",
             },
         )
@@ -560,5 +570,5 @@ def _version() -> str:
         return "0"
 
 
-def _page_html() -> str:
-    return resources.files("cxr.serve").joinpath("static/index.html").read_text(encoding="utf-8")
+def _synthetic_header(about: dict[str, Any]) -> str:
+    return {True: "true", False: "false"}.get(about.get("synthetic"), "unknown")

@@ -63,6 +63,16 @@ class _Job:
     future: Future
     deadline: float | None  # time.monotonic() after which the image is dropped
     queued_at: float
+    scored: bool = False  # answer Scored (probabilities + out-of-distribution score)
+
+
+@dataclass(frozen=True)
+class Scored:
+    """One image's probabilities and its out-of-distribution score (``None`` when the
+    bundle has no summary)."""
+
+    probabilities: np.ndarray
+    ood: dict | None
 
 
 class BatchedPredictor:
@@ -110,8 +120,12 @@ class BatchedPredictor:
                 self._thread = threading.Thread(target=self._work, name="cxr-batcher", daemon=True)
                 self._thread.start()
 
-    def submit(self, image: np.ndarray, *, deadline: float | None = None) -> Future:
-        """A future of ``image``'s probabilities (float64, one per label).
+    def submit(
+        self, image: np.ndarray, *, deadline: float | None = None, scored: bool = False
+    ) -> Future:
+        """A future of ``image``'s probabilities (float64, one per label), or with ``scored``
+        of a :class:`Scored` (the probabilities and the out-of-distribution score from the
+        same forward pass).
 
         ``image`` is a decoded 2-D uint8 grayscale array; it is preprocessed here, in the
         caller's thread. ``deadline`` is a :func:`time.monotonic` time after which the image is
@@ -128,7 +142,7 @@ class BatchedPredictor:
             if len(self._pending) >= self.max_queue:
                 self._refused("queue_full")
                 raise ServiceBusy(f"the inference queue is full ({self.max_queue} images waiting)")
-            self._pending.append(_Job(tensor, future, deadline, time.monotonic()))
+            self._pending.append(_Job(tensor, future, deadline, time.monotonic(), scored))
             self._set_depth()
             self._changed.notify_all()
         return future
@@ -139,12 +153,13 @@ class BatchedPredictor:
         *,
         deadline: float | None = None,
         executor: Executor | None = None,
-    ) -> np.ndarray:
+        scored: bool = False,
+    ) -> np.ndarray | Scored:
         """:meth:`submit` for asyncio: the preprocessing runs in ``executor`` (the loop's
         default if ``None``), never in the event loop. Cancelling the awaiting task cancels
         the image's future, so the worker drops it if it has not started it."""
         loop = asyncio.get_running_loop()
-        submit = partial(self.submit, image, deadline=deadline)
+        submit = partial(self.submit, image, deadline=deadline, scored=scored)
         future = await loop.run_in_executor(executor, submit)
         return await asyncio.wrap_future(future)
 
@@ -235,8 +250,8 @@ class BatchedPredictor:
             self.metrics.batch_sizes.observe(len(live))
         started = time.perf_counter()
         try:
-            probabilities = self.predictor.probabilities(torch.stack([j.image for j in live]))
-            probabilities = np.asarray(probabilities, dtype=np.float64)
+            scores = self.predictor.scores(torch.stack([j.image for j in live]))
+            probabilities = np.asarray(scores.probabilities, dtype=np.float64)
             if probabilities.shape != (len(live), self._classes):
                 raise RuntimeError(
                     f"the model answered {probabilities.shape} for a batch of {len(live)} "
@@ -249,8 +264,9 @@ class BatchedPredictor:
         finally:
             if self.metrics is not None:
                 self.metrics.batch_seconds.observe(time.perf_counter() - started)
-        for job, row in zip(live, probabilities):
-            _settle(job.future, result=row.copy())
+        ood = scores.ood or [None] * len(live)
+        for job, row, score in zip(live, probabilities, ood):
+            _settle(job.future, result=Scored(row.copy(), score) if job.scored else row.copy())
 
     def _refused(self, reason: str) -> None:
         if self.metrics is not None:

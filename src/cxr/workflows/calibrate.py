@@ -27,6 +27,7 @@ from cxr.metrics import probabilities
 from cxr.model.bundle import BundleMeta, read_bundle_meta, shift_classifier_bias
 from cxr.model.bundle import update_bundle_meta as update_meta
 from cxr.run import RunFolder
+from cxr.workflows.card import refresh_card
 from cxr.workflows.evaluate import bundle_logits, ensure_predictions, prediction_arrays
 
 OnBatch = Callable[[int], None] | None
@@ -56,6 +57,7 @@ def refit_thresholds(
         thresholds, rule, target_sensitivity, len(labels), meta.effective_temperature, kept
     )
     update_meta(run_dir, **changes)
+    refresh_card(run_dir)
     return {**changes, "previous_thresholds": before, "labels": list(meta.labels)}
 
 
@@ -114,6 +116,7 @@ def calibrate_run(
         calibration=_calibration_note(new_offsets, temperature, len(labels), offsets is not None),
         **changes,
     )
+    refresh_card(run_dir)
     return {
         "temperature": temperature,
         "previous_temperature": previous,

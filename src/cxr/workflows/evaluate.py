@@ -19,13 +19,23 @@ from cxr.data.nih import IMAGE_COLUMN, PATH_COLUMN, PATIENT_COLUMN, attach_image
 from cxr.data.split import read_split_table
 from cxr.data.table import LabeledData
 from cxr.data.transforms import Preprocess
-from cxr.engine.inference import predict_logits
+from cxr.engine.inference import bundle_ood, predict_outputs
 from cxr.errors import DataError, LeakageError
 from cxr.metrics import apply_thresholds, classification_metrics, mean_defined, probabilities
-from cxr.model.bundle import BUNDLE_META, BUNDLE_WEIGHTS, Bundle, load_bundle
+from cxr.model.bundle import (
+    BUNDLE_META,
+    BUNDLE_WEIGHTS,
+    Bundle,
+    load_bundle,
+    meta_digest,
+    read_bundle_meta,
+    resolve_bundle,
+    weights_digest,
+)
 from cxr.run import SPLIT_NAMES, RunFolder
 from cxr.runtime import resolve_device
 from cxr.utils import atomic_write_csv
+from cxr.workflows.card import refresh_card
 
 OnBatch = Callable[[int], None] | None
 
@@ -96,12 +106,29 @@ def bundle_logits(
 ) -> tuple[Bundle, np.ndarray]:
     """The run's bundle and its raw logits (temperature 1) for every image of ``frame``, in
     the table's order."""
+    bundle, logits, _ = bundle_outputs(
+        run, frame, device=device, batch_size=batch_size, workers=workers, on_batch=on_batch
+    )
+    return bundle, logits
+
+
+def bundle_outputs(
+    run: RunFolder,
+    frame: pd.DataFrame,
+    *,
+    device: str = "auto",
+    batch_size: int = 32,
+    workers: int = 0,
+    on_batch: OnBatch = None,
+) -> tuple[Bundle, np.ndarray, np.ndarray]:
+    """:func:`bundle_logits` and the pooled features of the same forward pass."""
     device_obj = resolve_device(device)
     bundle = load_bundle(run.root, device=device_obj)
     preprocess = Preprocess(bundle.image_size, bundle.normalization)
     loader, _ = split_loader(frame, preprocess, batch_size=batch_size, workers=workers)
-    indices, logits = predict_logits(bundle.model, loader, device_obj, on_batch=on_batch)
-    return bundle, logits[np.argsort(indices, kind="stable")]
+    indices, logits, features = predict_outputs(bundle.model, loader, device_obj, on_batch=on_batch)
+    order = np.argsort(indices, kind="stable")
+    return bundle, logits[order], features[order]
 
 
 def evaluate_run(
@@ -119,14 +146,16 @@ def evaluate_run(
     """
     run = RunFolder(run_dir).require()
     frame, name = split_frame(run, split)
-    bundle, logits = bundle_logits(
+    bundle, logits, features = bundle_outputs(
         run, frame, device=device, batch_size=batch_size, workers=workers, on_batch=on_batch
     )
     labels = label_matrix(frame, bundle.labels)
     prob = probabilities(logits, bundle.temperature)
     per_class = classification_metrics(labels, prob, bundle.thresholds, bundle.labels)
     aurocs = [per_class[n]["auroc"] for n in bundle.labels]
-    atomic_write_csv(_predictions_table(frame, bundle, labels, prob), run.predictions(name))
+    table = _predictions_table(frame, bundle, labels, prob)
+    ood = ood_columns(run, bundle, features)
+    table = table if ood is None else pd.concat([table, ood.set_axis(table.index)], axis=1)
     result = {
         "split": name,
         "images": len(frame),
@@ -137,9 +166,14 @@ def evaluate_run(
         "model_epoch": bundle.meta.epoch,
         "per_class": per_class,
         "predictions": run.predictions(name).name,
+        "bundle": bundle_fingerprint(run.root),
+        **({} if ood is None else {"ood": ood_summary(ood, bundle)}),
     }
     metrics = run.read_metrics()
     metrics[name] = result
+    # The card first: it only describes the model, so the predictions stay fresh after it.
+    refresh_card(run.root, metrics)
+    atomic_write_csv(table, run.predictions(name))
     run.write_json(run.metrics, metrics)
     result["path"] = str(run.metrics)
     json.dumps(result)  # fail here, not in a later reader, if something is not serialisable
@@ -170,6 +204,10 @@ def predictions_are_fresh(run_dir: str | Path, split: str) -> bool:
     path = run.predictions(split)
     if not path.exists() or split not in run.read_metrics():
         return False
+    recorded = run.read_metrics()[split].get("bundle")
+    if recorded is not None:
+        # What the predictions were made with, by content: a refreshed model card is not news.
+        return recorded == bundle_fingerprint(run.root)
     bundle_time = max((run.root / n).stat().st_mtime_ns for n in (BUNDLE_META, BUNDLE_WEIGHTS))
     return path.stat().st_mtime_ns > bundle_time
 
@@ -201,3 +239,39 @@ def prediction_arrays(
     truth = predictions[[f"true_{n}" for n in labels]].to_numpy(dtype=np.float64)
     prob = predictions[[f"prob_{n}" for n in labels]].to_numpy(dtype=np.float64)
     return truth, prob
+
+
+def bundle_fingerprint(run_dir: str | Path) -> dict[str, str]:
+    """The SHA-256 of the weights and of what in model.json shapes predictions (not the
+    model card): predictions made with another fingerprint are stale."""
+    weights, _ = resolve_bundle(run_dir)
+    return {
+        "weights_sha256": weights_digest(weights),
+        "meta_sha256": meta_digest(read_bundle_meta(run_dir)),
+    }
+
+
+def ood_columns(run: RunFolder, bundle: Bundle, features: np.ndarray) -> pd.DataFrame | None:
+    """``ood_distance``, ``ood_percentile``, ``ood_flag`` per image, where the bundle has an
+    out-of-distribution summary."""
+    summary = bundle_ood(run.root, bundle.meta)
+    if summary is None:
+        return None
+    scores = summary.score(features)
+    return pd.DataFrame(
+        {
+            "ood_distance": [s["distance"] for s in scores],
+            "ood_percentile": [s["percentile"] for s in scores],
+            "ood_flag": [int(s["flagged"]) for s in scores],
+        }
+    )
+
+
+def ood_summary(columns: pd.DataFrame, bundle: Bundle) -> dict[str, Any]:
+    flagged = int(columns["ood_flag"].sum())
+    return {
+        "flag_percentile": bundle.meta.ood.flag_percentile,
+        "images_flagged": flagged,
+        "share_flagged": flagged / len(columns) if len(columns) else None,
+        "median_percentile": float(columns["ood_percentile"].median()) if len(columns) else None,
+    }

@@ -41,12 +41,14 @@ from cxr.engine.trainer import (
 )
 from cxr.errors import ConfigError, DataError
 from cxr.metrics import choose_thresholds
-from cxr.model.bundle import BundleMeta, save_bundle
+from cxr.model.bundle import BundleMeta, save_bundle, update_bundle_meta
 from cxr.model.factory import SCRATCH, create_model
 from cxr.model.network import build_model
+from cxr.model.ood import MIN_REFERENCE_IMAGES, fit_ood_summary, save_ood
 from cxr.run import SPLIT_NAMES, RunFolder, require_paths
 from cxr.runtime import Distributed, resolve_device, setup_distributed
 from cxr.utils import atomic_write_bytes, atomic_write_csv
+from cxr.workflows.card import refresh_card
 
 THRESHOLD_RULE = "youden"
 
@@ -244,6 +246,7 @@ def _persist_epoch(
         thresholds = choose_thresholds(val_labels, validation.probabilities, THRESHOLD_RULE)
         meta = _best_bundle_meta(run, config, thresholds, record, *best)
         save_bundle(run.root, trainer.model, meta)
+        _describe_bundle(run, validation.features)
     _write_log(run, state.history, writer, record, run.labels)
     buffer = io.BytesIO()
     torch.save(trainer.checkpoint(state, config), buffer)
@@ -275,6 +278,14 @@ def _best_bundle_meta(
             "uncertain": config.uncertain,
         },
     )
+
+
+def _describe_bundle(run: RunFolder, val_features: np.ndarray | None) -> None:
+    """The new best bundle's out-of-distribution summary (from this epoch's validation
+    features; none for a split of fewer than 4 images) and its model card."""
+    if val_features is not None and len(val_features) >= MIN_REFERENCE_IMAGES:
+        update_bundle_meta(run.root, ood=save_ood(run.root, fit_ood_summary(val_features)))
+    refresh_card(run.root)
 
 
 def _write_log(run: RunFolder, history, writer: SummaryWriter | None, record, labels) -> None:
