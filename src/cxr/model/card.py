@@ -197,7 +197,11 @@ def _training_lines(data: TrainingData) -> list[str]:
         for split, images in data.images.items():
             lines.append(f"| {split} | {images:,} | {data.patients.get(split, 0):,} |")
     if data.prevalence:
-        lines += ["", "Prevalence in the training split:", ""]
+        lines += [
+            "",
+            "Prevalence in the training split (positives among the images whose label is known):",
+            "",
+        ]
         lines.append(
             ", ".join(f"{n} {_pct(v)}" for n, v in data.prevalence.items() if v is not None)
         )
