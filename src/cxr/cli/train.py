@@ -136,6 +136,20 @@ CheckImagesOption = Annotated[
         "(decode every image once) or none. Not needed with --cache.",
     ),
 ]
+SubgroupOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--subgroup",
+        help="Also analyse subgroups by this column of the split table (repeatable; each "
+        "value a subgroup); sex, age band, view and follow-up band are always analysed.",
+    ),
+]
+SubgroupsOption = Annotated[
+    bool,
+    typer.Option(
+        "--subgroups/--no-subgroups", help="Subgroup results (AUROC, underdiagnosis, gaps)."
+    ),
+]
 CacheOption = Annotated[
     Path | None, typer.Option("--cache", help="Read images from this `cxr data cache` folder.")
 ]
@@ -367,6 +381,8 @@ def evaluate(
     device: DeviceOption = "auto",
     batch_size: BatchSizeOption = 32,
     workers: WorkersOption = 2,
+    subgroup: SubgroupOption = None,
+    subgroups: SubgroupsOption = True,
     dataset=None,
 ):
     """Probabilities for every image, AUROC per class, and positive/negative calls; or, with
@@ -381,11 +397,23 @@ def evaluate(
     with progress_task(f"evaluating {shown(split)}") as task:
         result = evaluate_run(
             run, split, device=device, batch_size=batch_size, workers=workers,
-            on_batch=task.advance,
+            on_batch=task.advance, subgroups=(subgroup or []) if subgroups else None,
         )  # fmt: skip
     title = f"{shown(result['split'])}: {result['images']:,} images"
     console.print(auroc_table(result, title, list(result["per_class"])))
+    if "subgroups" in result:
+        _print_subgroups(result["subgroups"], result["split"])
     console.print(f"wrote {shown(run / result['predictions'])} and {shown(result['path'])}")
+
+
+def _print_subgroups(subgroups: dict, split: str) -> None:
+    from cxr.cli.subgroups import flags_line, subgroup_table
+
+    if not subgroups["groupings"]:
+        console.print("no subgroup columns (sex, age, view, follow-up) in the split table")
+        return
+    console.print(subgroup_table(subgroups, f"{shown(split)} by subgroup"))
+    console.print(flags_line(subgroups), highlight=False)
 
 
 def _evaluate_external(run, data, split, drop_missing, dataset, options, runtime) -> None:

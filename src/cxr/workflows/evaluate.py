@@ -6,7 +6,7 @@ predictions)."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from cxr.metrics import apply_thresholds, classification_metrics, mean_defined, 
 from cxr.model.bundle import BUNDLE_META, BUNDLE_WEIGHTS, Bundle, load_bundle
 from cxr.run import SPLIT_NAMES, RunFolder
 from cxr.runtime import resolve_device
+from cxr.subgroups import build_groupings, subgroup_analysis
 from cxr.utils import atomic_write_csv
 
 OnBatch = Callable[[int], None] | None
@@ -97,13 +98,18 @@ def evaluate_run(
     batch_size: int = 32,
     workers: int = 0,
     on_batch: OnBatch = None,
+    subgroups: Sequence[str] | None = (),
 ) -> dict[str, Any]:
     """Predict every image of a split with the run's best bundle; write predictions and metrics.
 
     ``split`` is ``test``, ``val`` or the path of a CSV in NIH format (:func:`split_frame`).
+    The subgroup analysis (:mod:`cxr.subgroups`) covers sex, age, view and follow-up and the
+    columns named in ``subgroups``; ``None`` leaves it out.
     """
     run = RunFolder(run_dir).require()
     frame, name = split_frame(run, split)
+    if subgroups is not None:
+        build_groupings(frame, subgroups)  # a column that is not there fails before inference
     bundle, logits = bundle_logits(
         run, frame, device=device, batch_size=batch_size, workers=workers, on_batch=on_batch
     )
@@ -123,6 +129,10 @@ def evaluate_run(
         "per_class": per_class,
         "predictions": run.predictions(name).name,
     }
+    if subgroups is not None:
+        result["subgroups"] = subgroup_analysis(
+            frame, labels, prob, bundle.thresholds, bundle.labels, columns=subgroups
+        )
     metrics = run.read_metrics()
     metrics[name] = result
     run.write_json(run.metrics, metrics)
