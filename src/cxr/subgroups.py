@@ -38,6 +38,7 @@ number of comparisons is stored beside the flags.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -242,7 +243,8 @@ def _group_entry(data: _Data, rows: np.ndarray, classes: list[int], settings: di
     mean, interval = None, [None, None]
     if classes:
         mean = float(np.mean([per_class[data.labels[c]]["auroc"] for c in classes]))
-        with np.errstate(invalid="ignore"):
+        with np.errstate(invalid="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
             samples = np.nanmean(boot.per_class[:, classes], axis=1)
         interval = list(percentile_interval(samples, confidence))
     counts = resample_counts(patients, len(patients), resamples, seed)
@@ -266,14 +268,17 @@ def _mean_auroc_samples(data: _Data, rows: np.ndarray, classes, counts) -> np.nd
         [weighted_auroc(data.truth[rows, c], data.prob[rows, c], counts[:, rows]) for c in classes],
         axis=1,
     )
-    with np.errstate(invalid="ignore"):
+    # A class can lack positives in a resample of a small subgroup: NaN, left out of the mean.
+    with np.errstate(invalid="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
         return np.nanmean(per_class, axis=1)
 
 
-def _difference_samples(data, grouping_rows, in_group, classes, counts) -> dict[str, np.ndarray]:
-    """Bootstrap samples of (subgroup - rest) for the mean AUROC and the underdiagnosis rate;
-    ``counts`` weigh the grouping's rows, ``in_group`` marks the subgroup among them."""
-    rest = ~in_group
+def _side_samples(data, grouping_rows, in_group, classes, counts) -> dict[str, np.ndarray]:
+    """Bootstrap samples ``[2, R]`` (the subgroup, the rest) of the mean AUROC and of the
+    underdiagnosis rate; ``counts`` weigh the grouping's rows, ``in_group`` marks the
+    subgroup among them. Both sides come from the same resamples."""
+    sides = (in_group, ~in_group)
     out: dict[str, list[np.ndarray]] = {"auroc_mean": [], "underdiagnosis": []}
     chunk = max(1, _CHUNK_CELLS // max(len(in_group), 1))
     with_finding = data.with_finding[grouping_rows].astype(np.float64)
@@ -284,30 +289,41 @@ def _difference_samples(data, grouping_rows, in_group, classes, counts) -> dict[
         block = counts[start : start + chunk]
         if classes:
             out["auroc_mean"].append(
-                _mean_auroc_samples(sub, in_group, classes, block)
-                - _mean_auroc_samples(sub, rest, classes, block)
+                np.stack([_mean_auroc_samples(sub, side, classes, block) for side in sides])
             )
         with np.errstate(invalid="ignore", divide="ignore"):
             rates = [
                 (block[:, side] @ missed[side]) / (block[:, side] @ with_finding[side])
-                for side in (in_group, rest)
+                for side in sides
             ]
-        out["underdiagnosis"].append(rates[0] - rates[1])
-    return {key: np.concatenate(parts) if parts else np.array([]) for key, parts in out.items()}
+        out["underdiagnosis"].append(np.stack(rates))
+    return {
+        key: np.concatenate(parts, axis=1) if parts else np.empty((2, 0))
+        for key, parts in out.items()
+    }
 
 
-def _wald(difference: float, samples: np.ndarray, confidence: float) -> dict[str, Any]:
-    """The difference, its bootstrap percentile interval and standard error, and the
-    two-sided p-value of difference / SE under a normal reference."""
-    finite = samples[np.isfinite(samples)]
-    se = float(np.std(finite, ddof=1)) if len(finite) > 1 else math.nan
+def _wald(group: float, rest: float, samples: np.ndarray, confidence: float) -> dict[str, Any]:
+    """The difference (subgroup - rest), its bootstrap percentile interval and standard
+    error, and the two-sided p-value of difference / SE under a normal reference.
+
+    Measured on simulated data without a gap (4 classes, 50 patients in the subgroup), it
+    rejects about 5-7 % of comparisons at p < 0.05; with one class of 15-30 positives about
+    8-13 %: the bootstrap SE of an AUROC from few positives varies with the AUROC itself
+    (a logit scale was tried and made this worse).
+    """
+    finite = np.isfinite(samples).all(axis=0)
+    differences = samples[0, finite] - samples[1, finite]
+    se = float(np.std(differences, ddof=1)) if len(differences) > 1 else math.nan
+    difference = group - rest
     if se > 0:
         p = math.erfc(abs(difference / se) / math.sqrt(2.0))
     else:
         p = 1.0 if difference == 0 else 0.0
-    low, high = percentile_interval(finite, confidence)
-    return {"difference": difference, "ci": [low, high], "se": se if se == se else None,
-            "p": p, "p_adjusted": None, "flagged": False}  # fmt: skip
+    low, high = percentile_interval(differences, confidence)
+    return {"rest": rest, "difference": difference, "ci": [low, high],
+            "se": se if se == se else None, "p": p, "p_adjusted": None,
+            "flagged": False}  # fmt: skip
 
 
 def holm_adjust(p_values: Sequence[float]) -> list[float]:
@@ -334,23 +350,21 @@ def _tests(data, grouping: Grouping, rows, entry, classes, counts, confidence) -
     """The subgroup against the rest of its grouping, where both sides can be estimated."""
     known = grouping.known
     rest = known & ~rows
-    samples = _difference_samples(data, known, rows[known], classes, counts)
+    samples = _side_samples(data, known, rows[known], classes, counts)
     tests = {}
     if classes:
         rest_mean = _full_mean_auroc(data, rest, classes)
-        tests["auroc_mean"] = {
-            "rest": rest_mean,
-            **_wald(entry["auroc_mean"] - rest_mean, samples["auroc_mean"], confidence),
-        }
+        tests["auroc_mean"] = _wald(
+            entry["auroc_mean"], rest_mean, samples["auroc_mean"], confidence
+        )
     under = entry["underdiagnosis"]
     sides = [(under["called_no_finding"], under["with_finding"]),
              (int(data.missed[rest].sum()), int(data.with_finding[rest].sum()))]  # fmt: skip
     if all(MIN_EVENTS <= missed <= total - MIN_EVENTS for missed, total in sides):
         rest_rate = sides[1][0] / sides[1][1]
-        tests["underdiagnosis"] = {
-            "rest": rest_rate,
-            **_wald(under["rate"] - rest_rate, samples["underdiagnosis"], confidence),
-        }
+        tests["underdiagnosis"] = _wald(
+            under["rate"], rest_rate, samples["underdiagnosis"], confidence
+        )
     return tests
 
 

@@ -388,6 +388,8 @@ def evaluate(
     """Probabilities for every image, AUROC per class, and positive/negative calls; or, with
     --data (or --labels google2019), the model validated on another dataset."""
     if data is not None or dataset.labels == ("google2019",):
+        if subgroup:
+            raise CxrError("--subgroup applies to the run's own splits, not to --data")
         runtime = dict(device=device, batch_size=batch_size, workers=workers)
         options = dict(label_map=label_map, labels_file=labels_file, name=name)
         _evaluate_external(run, data, split, drop_missing, dataset, options, runtime)
@@ -529,4 +531,8 @@ def demo(
         f"mean test AUROC {evaluation['auroc_mean']:.3f} in {time.perf_counter() - started:.0f} s"
         f"; run folder: {shown(result['run'])}"
     )
+    if "subgroups" in evaluation:
+        from cxr.cli.subgroups import flags_line
+
+        console.print(flags_line(evaluation["subgroups"]) + " (see the report)", highlight=False)
     console.print(f"evaluation report (opens offline): {shown(result['report']['html'])}")
