@@ -24,7 +24,7 @@ from cxr.data.split import (
     split_official,
     write_split,
 )
-from cxr.data.synthetic import write_synthetic_dataset
+from cxr.data.synthetic import PLANT_EFFECT_HELP, parse_planted_effect, write_synthetic_dataset
 
 
 @data_app.command("stats")
@@ -242,9 +242,19 @@ def data_synth(
         SynthLayout,
         typer.Option(help="Whose layout: NIH's, CheXpert's or MIMIC-CXR-JPG's."),
     ] = SynthLayout.nih,
+    plant_effect: Annotated[
+        str | None,
+        typer.Option(
+            "--plant-effect",
+            help="Draw one subgroup's findings fainter, to check the subgroup analysis: "
+            + PLANT_EFFECT_HELP
+            + ".",
+        ),
+    ] = None,
 ):
     """Write a SYNTHETIC dataset in NIH's layout (tables, images, boxes, official lists), or
     in CheXpert's or MIMIC-CXR-JPG's (tables with uncertain and blank labels, JPEGs)."""
+    effect = parse_planted_effect(plant_effect) if plant_effect is not None else None
     with progress_task("generating synthetic images") as task:
         summary = write_synthetic_dataset(
             out,
@@ -253,6 +263,7 @@ def data_synth(
             seed=seed,
             progress=task.update,
             layout=layout.value,
+            plant_effect=effect,
         )
     what = {"nih": "NIH", "chexpert": "CheXpert", "mimic": "MIMIC-CXR-JPG"}[layout.value]
     boxes = f"{summary.boxes:,} boxes, " if layout == SynthLayout.nih else ""
@@ -260,6 +271,8 @@ def data_synth(
         f"wrote SYNTHETIC dataset (not {what} data): {summary.images:,} images of "
         f"{summary.patients:,} patients, {boxes}{image_size} px -> {shown(out)}"
     )
+    if effect is not None:
+        console.print(f"planted subgroup effect: {shown(effect.describe())} (see README.txt)")
 
 
 @data_app.command("cache")

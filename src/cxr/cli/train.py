@@ -136,6 +136,20 @@ CheckImagesOption = Annotated[
         "(decode every image once) or none. Not needed with --cache.",
     ),
 ]
+SubgroupOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--subgroup",
+        help="Also analyse subgroups by this column of the split table (repeatable; each "
+        "value a subgroup); sex, age band, view and follow-up band are always analysed.",
+    ),
+]
+SubgroupsOption = Annotated[
+    bool,
+    typer.Option(
+        "--subgroups/--no-subgroups", help="Subgroup results (AUROC, underdiagnosis, gaps)."
+    ),
+]
 CacheOption = Annotated[
     Path | None, typer.Option("--cache", help="Read images from this `cxr data cache` folder.")
 ]
@@ -367,11 +381,15 @@ def evaluate(
     device: DeviceOption = "auto",
     batch_size: BatchSizeOption = 32,
     workers: WorkersOption = 2,
+    subgroup: SubgroupOption = None,
+    subgroups: SubgroupsOption = True,
     dataset=None,
 ):
     """Probabilities for every image, AUROC per class, and positive/negative calls; or, with
     --data (or --labels google2019), the model validated on another dataset."""
     if data is not None or dataset.labels == ("google2019",):
+        if subgroup:
+            raise CxrError("--subgroup applies to the run's own splits, not to --data")
         runtime = dict(device=device, batch_size=batch_size, workers=workers)
         options = dict(label_map=label_map, labels_file=labels_file, name=name)
         _evaluate_external(run, data, split, drop_missing, dataset, options, runtime)
@@ -381,11 +399,23 @@ def evaluate(
     with progress_task(f"evaluating {shown(split)}") as task:
         result = evaluate_run(
             run, split, device=device, batch_size=batch_size, workers=workers,
-            on_batch=task.advance,
+            on_batch=task.advance, subgroups=(subgroup or []) if subgroups else None,
         )  # fmt: skip
     title = f"{shown(result['split'])}: {result['images']:,} images"
     console.print(auroc_table(result, title, list(result["per_class"])))
+    if "subgroups" in result:
+        _print_subgroups(result["subgroups"], result["split"])
     console.print(f"wrote {shown(run / result['predictions'])} and {shown(result['path'])}")
+
+
+def _print_subgroups(subgroups: dict, split: str) -> None:
+    from cxr.cli.subgroups import flags_line, subgroup_table
+
+    if not subgroups["groupings"]:
+        console.print("no subgroup columns (sex, age, view, follow-up) in the split table")
+        return
+    console.print(subgroup_table(subgroups, f"{shown(split)} by subgroup"))
+    console.print(flags_line(subgroups), highlight=False)
 
 
 def _evaluate_external(run, data, split, drop_missing, dataset, options, runtime) -> None:
@@ -501,4 +531,8 @@ def demo(
         f"mean test AUROC {evaluation['auroc_mean']:.3f} in {time.perf_counter() - started:.0f} s"
         f"; run folder: {shown(result['run'])}"
     )
+    if "subgroups" in evaluation:
+        from cxr.cli.subgroups import flags_line
+
+        console.print(flags_line(evaluation["subgroups"]) + " (see the report)", highlight=False)
     console.print(f"evaluation report (opens offline): {shown(result['report']['html'])}")

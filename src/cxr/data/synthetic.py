@@ -102,6 +102,85 @@ class SynthSummary:
     layout: str = "nih"
 
 
+@dataclass(frozen=True)
+class PlantedEffect:
+    """A subgroup whose findings are drawn fainter: a known gap for the subgroup analysis to
+    find (``cxr data synth --plant-effect``). ``sex`` and the inclusive age band select the
+    images (by the patient's sex and age at the image); their findings change the image by
+    ``contrast`` times as much as elsewhere (0: invisible, 1: no effect)."""
+
+    contrast: float
+    sex: str | None = None
+    age: tuple[int, int] | None = None  # inclusive, years
+
+    def applies(self, sex: str, age: float) -> bool:
+        if self.sex is not None and sex != self.sex:
+            return False
+        return self.age is None or self.age[0] <= age <= self.age[1]
+
+    def _band(self) -> str:
+        low, high = self.age or (0, 0)
+        return f"{low}+" if high >= _OPEN_AGE else f"{low}-{high}"
+
+    def spec(self) -> str:
+        """The ``--plant-effect`` text that gives this effect."""
+        parts = [f"sex={self.sex}"] if self.sex else []
+        if self.age:
+            parts.append(f"age={self._band()}")
+        return ",".join([*parts, f"contrast={self.contrast:g}"])
+
+    def describe(self) -> str:
+        who = [f"sex {self.sex}"] if self.sex else []
+        if self.age:
+            who.append(f"age {self._band()}")
+        return f"findings drawn at {self.contrast:g} x their contrast for {', '.join(who)}"
+
+
+_OPEN_AGE = 200  # the top of an open age band ("80+")
+_EXAMPLE = (
+    "e.g. 'sex=F,age=60-79,contrast=0.5' (sex M or F, age LOW-HIGH or LOW+, contrast 0 to <1)"
+)
+PLANT_EFFECT_HELP = (
+    "sex=F,age=60-79,contrast=0.5: the findings of images of female patients aged 60 to 79 "
+    "are drawn at half their contrast (sex M or F; age LOW-HIGH or LOW+; at least one of them; "
+    "contrast from 0, invisible, to below 1)"
+)
+
+
+def _age_band(text: str) -> tuple[int, int]:
+    """``60-79`` -> (60, 79); ``80+`` -> (80, 200); anything else raises ValueError."""
+    if text.endswith("+"):
+        return int(text[:-1]), _OPEN_AGE
+    low, dash, high = text.partition("-")
+    if not dash:
+        raise ValueError(text)
+    return int(low), int(high)
+
+
+def parse_planted_effect(text: str) -> PlantedEffect:
+    """``sex=F,age=60-79,contrast=0.5`` as a :class:`PlantedEffect` (:data:`PLANT_EFFECT_HELP`)."""
+    fields: dict[str, str] = {}
+    for part in filter(None, (p.strip() for p in str(text).split(","))):
+        key, sep, value = part.partition("=")
+        key = key.strip().lower()
+        if not sep or key not in ("sex", "age", "contrast") or key in fields:
+            raise ConfigError(f"planted effect {text!r}: cannot read {part!r}; write {_EXAMPLE}")
+        fields[key] = value.strip()
+    try:
+        contrast = float(fields["contrast"])
+        age = None
+        if "age" in fields:
+            age = _age_band(fields["age"])
+    except (KeyError, ValueError):
+        raise ConfigError(f"planted effect {text!r} not understood; write {_EXAMPLE}") from None
+    sex = fields["sex"].upper() if "sex" in fields else None
+    if not 0.0 <= contrast < 1.0 or sex not in (None, "M", "F") or (sex is None and age is None):
+        raise ConfigError(f"planted effect {text!r} not understood; write {_EXAMPLE}")
+    if age is not None and not 0 <= age[0] <= age[1]:
+        raise ConfigError(f"planted effect {text!r}: age band {fields['age']!r} is empty")
+    return PlantedEffect(contrast=contrast, sex=sex, age=age)
+
+
 # ---------------------------------------------------------------------------------------------
 # Population
 
@@ -669,7 +748,7 @@ def _box(before: np.ndarray, after: np.ndarray) -> Box:
 
 
 def render_image(
-    labels: Sequence[int], rng: np.random.Generator, image_size: int
+    labels: Sequence[int], rng: np.random.Generator, image_size: int, contrast: float = 1.0
 ) -> tuple[np.ndarray, dict[str, Box]]:
     """Render one synthetic radiograph with a visible pattern for each positive label.
 
@@ -677,7 +756,8 @@ def render_image(
     image and, for each planted finding, its box ``(x, y, w, h)`` in pixels of this image
     (the bounding box of the pixels the finding changed). The generator is consumed the same
     way whatever the labels, so the same seed renders the same patient with and without a
-    finding.
+    finding. ``contrast`` below 1 draws every finding fainter: the image changes by that
+    fraction of what the findings change at full contrast (the boxes stay where they were).
     """
     flags = [int(x) for x in labels]
     if len(flags) != len(PATHOLOGIES):
@@ -704,6 +784,7 @@ def render_image(
     }
     boxes: dict[str, Box] = {}
     layers = _render_anatomy(anatomy, size, noise)
+    healthy = layers.density
     for name, change in _ANATOMY_FINDINGS.items():
         if name in positive:
             anatomy = change(anatomy, finding_rng[name])
@@ -716,6 +797,9 @@ def render_image(
             boxes[name] = _box(layers.density, density)
             layers = replace(layers, density=density.astype(np.float32))
 
+    if contrast != 1.0:
+        change = np.float32(contrast) * (layers.density - healthy)
+        layers = replace(layers, density=healthy + change)
     image = low + (high - low) * np.clip(layers.density, 0.0, 1.0) + grain * noise.fine
     image = np.clip(image, 0.0, 1.0) ** gamma
     pixels = np.round(image * 255.0).astype(np.uint8)
@@ -776,6 +860,7 @@ def write_synthetic_dataset(
     progress: Callable[[int, int], None] | None = None,
     workers: int | None = None,
     layout: str = "nih",
+    plant_effect: PlantedEffect | None = None,
 ) -> SynthSummary:
     """Write a synthetic dataset in NIH's layout into ``out`` (see the module docstring).
 
@@ -785,9 +870,13 @@ def write_synthetic_dataset(
     refused. ``progress(done, total)`` is called as images are written. ``workers`` is the
     number of rendering processes (default: one per CPU, up to 8, for large runs).
     ``layout`` ``"chexpert"`` or ``"mimic"`` writes the same kind of images in CheXpert's or
-    MIMIC-CXR-JPG's layout instead (:mod:`cxr.data.synthetic_layouts`).
+    MIMIC-CXR-JPG's layout instead (:mod:`cxr.data.synthetic_layouts`). ``plant_effect``
+    draws the findings of one subgroup fainter (NIH's layout only); the table and every other
+    image are the same as without it.
     """
     _check_arguments(patients, image_size, seed)
+    if plant_effect is not None and layout != "nih":
+        raise ConfigError("a planted subgroup effect is written in NIH's layout only")
     if layout != "nih":
         from cxr.data.synthetic_layouts import write_layout
 
@@ -804,8 +893,13 @@ def write_synthetic_dataset(
 
     def fill(staging: Path) -> SynthSummary:
         (staging / IMAGE_DIR).mkdir()
-        boxes = _render_images(table, staging / IMAGE_DIR, seed, image_size, workers, progress)
-        return _write_tables(staging, Path(out), table, boxes, seed, image_size, patients)
+        boxes = _render_images(
+            table, staging / IMAGE_DIR, seed, image_size, workers, progress, plant_effect
+        )
+        summary = _write_tables(staging, Path(out), table, boxes, seed, image_size, patients)
+        if plant_effect is not None:
+            _note_planted_effect(staging / README_NAME, table, plant_effect)
+        return summary
 
     return write_atomically(out, fill)
 
@@ -846,10 +940,14 @@ def _render_images(
     image_size: int,
     workers: int | None,
     progress: Callable[[int, int], None] | None,
+    plant_effect: PlantedEffect | None = None,
 ) -> list[dict[str, Box]]:
     """Render every image of ``table`` into ``image_dir``; returns each image's boxes."""
     names = table["Image Index"].tolist()
     flags = table[list(PATHOLOGIES)].to_numpy(dtype=np.int64)
+    fainter = _planted_rows(table, plant_effect)
+    # A partial of a module-level function still pickles for the spawned workers.
+    faint = plant_effect and functools.partial(render_image, contrast=plant_effect.contrast)
     jobs = [
         (
             i,
@@ -857,11 +955,37 @@ def _render_images(
             tuple(int(x) for x in flags[i]),
             image_size,
             str(image_dir / names[i]),
-            render_image,
+            faint if fainter[i] else render_image,
         )
         for i in range(len(table))
     ]
     return render_all(jobs, workers, progress)
+
+
+def _planted_rows(table: pd.DataFrame, plant_effect: PlantedEffect | None) -> np.ndarray:
+    """Which images of ``table`` the planted effect draws fainter."""
+    if plant_effect is None:
+        return np.zeros(len(table), dtype=bool)
+    return np.array(
+        [
+            plant_effect.applies(sex, age)
+            for sex, age in zip(table["Patient Gender"], table["Patient Age"])
+        ],
+        dtype=bool,
+    )
+
+
+def _note_planted_effect(readme: Path, table: pd.DataFrame, plant_effect: PlantedEffect) -> None:
+    rows = _planted_rows(table, plant_effect)
+    with_finding = int((table.loc[rows, list(PATHOLOGIES)].to_numpy().sum(axis=1) > 0).sum())
+    note = (
+        f"\nPLANTED SUBGROUP EFFECT: {plant_effect.describe()}: {int(rows.sum())} images, "
+        f"{with_finding} of them with findings.\nThe table does not say which; the subgroup "
+        "analysis of cxr evaluate should find them. Regenerate with the same arguments and\n"
+        f"plant_effect=parse_planted_effect({plant_effect.spec()!r}) (cxr data synth "
+        f"--plant-effect {plant_effect.spec()!r}).\n"
+    )
+    _write_text(readme, readme.read_text(encoding="utf-8") + note)
 
 
 def render_all(

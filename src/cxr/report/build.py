@@ -50,6 +50,7 @@ from cxr.report.numbers import (
     ood_numbers,
     report_metrics,
 )
+from cxr.report.subgroups import SUBGROUP_FIGURE, subgroup_figure, subgroup_numbers
 from cxr.run import RunFolder
 from cxr.utils import atomic_write_bytes, atomic_write_text
 from cxr.workflows.evaluate import ensure_predictions, prediction_arrays
@@ -103,6 +104,10 @@ def build_report(
         labels=meta.labels,
     )
     report = _report(run, split, predictions, meta, numbers)
+    on_stage("subgroups")
+    report["subgroups"] = subgroup_numbers(
+        run, split, predictions, meta, y_true, y_prob, resamples=resamples, seed=seed
+    )
     on_stage("figures")
     figures = _figures(run, report, y_true, y_prob)
     cases = gallery_cases(predictions, gallery, meta.labels)
@@ -161,6 +166,8 @@ def _figures(
         "reliability.png": reliability_figure(report),
         "scores.png": scores_figure(y_true, y_prob, report),
     }
+    if report["subgroups"]["groupings"]:
+        figures[SUBGROUP_FIGURE] = subgroup_figure(report["subgroups"])
     if run.log_csv.exists():
         log = pd.read_csv(run.log_csv)
         if len(log):

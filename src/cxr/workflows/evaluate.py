@@ -6,7 +6,7 @@ predictions)."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ from cxr.model.bundle import (
 )
 from cxr.run import SPLIT_NAMES, RunFolder
 from cxr.runtime import resolve_device
+from cxr.subgroups import build_groupings, subgroup_analysis
 from cxr.utils import atomic_write_csv
 from cxr.workflows.card import refresh_card
 
@@ -139,13 +140,18 @@ def evaluate_run(
     batch_size: int = 32,
     workers: int = 0,
     on_batch: OnBatch = None,
+    subgroups: Sequence[str] | None = (),
 ) -> dict[str, Any]:
     """Predict every image of a split with the run's best bundle; write predictions and metrics.
 
     ``split`` is ``test``, ``val`` or the path of a CSV in NIH format (:func:`split_frame`).
+    The subgroup analysis (:mod:`cxr.subgroups`) covers sex, age, view and follow-up and the
+    columns named in ``subgroups``; ``None`` leaves it out.
     """
     run = RunFolder(run_dir).require()
     frame, name = split_frame(run, split)
+    if subgroups is not None:
+        build_groupings(frame, subgroups)  # a column that is not there fails before inference
     bundle, logits, features = bundle_outputs(
         run, frame, device=device, batch_size=batch_size, workers=workers, on_batch=on_batch
     )
@@ -169,6 +175,10 @@ def evaluate_run(
         "bundle": bundle_fingerprint(run.root),
         **({} if ood is None else {"ood": ood_summary(ood, bundle)}),
     }
+    if subgroups is not None:
+        result["subgroups"] = subgroup_analysis(
+            frame, labels, prob, bundle.thresholds, bundle.labels, columns=subgroups
+        )
     metrics = run.read_metrics()
     metrics[name] = result
     # The card first: it only describes the model, so the predictions stay fresh after it.
