@@ -104,8 +104,10 @@ def test_evaluate_and_report_fill_the_test_metrics_and_keep_predictions_fresh(
     card = read_bundle_meta(run).card
     assert card.test_metrics.auroc_mean == pytest.approx(result["auroc_mean"])
     assert card.test_metrics.auroc_mean_ci is None  # no report yet: no interval claimed
-    assert card.subgroups is None
-    assert "## Subgroup results\n\nNot computed." in (run / "MODEL_CARD.md").read_text()
+    groups = result["subgroups"]["groupings"]
+    assert len(card.subgroups["rows"]) == sum(len(g["groups"]) for g in groups)
+    assert card.subgroups["comparisons"] == result["subgroups"]["test"]["comparisons"]
+    assert "## Subgroup results\n\nTest split" in (run / "MODEL_CARD.md").read_text()
     build_report(run, resamples=50, gallery=0, device="cpu")
     assert predictions_are_fresh(run, "test")  # the card's refresh is not a new model
     report = json.loads((run / "metrics.json").read_text())["test"]["report"]
@@ -118,13 +120,10 @@ def test_evaluate_and_report_fill_the_test_metrics_and_keep_predictions_fresh(
     assert report["ood"]["flagged"] == int(predictions["ood_flag"].sum())
     assert report["ood"]["most_unusual"][0]["distance"] == predictions["ood_distance"].max()
     assert "Images unlike the validation images" in (run / "report.html").read_text()
-    # The other half of issue 17 writes test.subgroups; the card then points at it.
-    metrics = json.loads((run / "metrics.json").read_text())
-    metrics["test"]["subgroups"] = {"sex": {"F": {}, "M": {}}}
-    (run / "metrics.json").write_text(json.dumps(metrics))
+    # `cxr card` rebuilds the same card from the run folder.
+    before = read_bundle_meta(run).card.subgroups
     assert CliRunner().invoke(app, ["card", str(run)]).exit_code == 0
-    assert read_bundle_meta(run).card.subgroups == {"sex": {"F": {}, "M": {}}}
-    assert "Not computed" not in (run / "MODEL_CARD.md").read_text()
+    assert read_bundle_meta(run).card.subgroups == before
 
 
 # ---------------------------------------------------------------------------- every answer

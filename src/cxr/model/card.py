@@ -243,10 +243,34 @@ def _subgroup_lines(subgroups: dict[str, Any] | None) -> list[str]:
     lines = ["## Subgroup results", ""]
     if not subgroups:
         return [*lines, "Not computed.", ""]
-    lines.append(
-        f"Computed by `cxr evaluate` ({len(subgroups)} entries); the tables are in "
-        "`metrics.json` under `test.subgroups` and in the report."
+    lines += [
+        "Test split, by `cxr evaluate` (per-class tables in `metrics.json` under "
+        "`test.subgroups` and in the report). A blank is a subgroup with too few cases to "
+        "estimate.",
+        "",
+        "| grouping | subgroup | images | mean AUROC (95 % CI) | underdiagnosis |",
+        "|---|---|---|---|---|",
+    ]
+    for row in subgroups.get("rows", []):
+        low, high = row["auroc_mean_ci"] or (None, None)
+        auroc = "" if row["auroc_mean"] is None else f"{row['auroc_mean']:.3f}"
+        if auroc and low is not None:
+            auroc += f" ({low:.3f}-{high:.3f})"
+        rate = "" if row["underdiagnosis"] is None else _pct(row["underdiagnosis"])
+        lines.append(
+            f"| {row['grouping']} | {row['group']} | {row['images']:,} | {auroc} | {rate} |"
+        )
+    flags = subgroups.get("flags") or []
+    shown = "; ".join(
+        f"{f['grouping']} {f['group']}: {f['metric']} {f['difference']:+.3f}" for f in flags
     )
+    lines += [
+        "",
+        f"Gaps flagged ({subgroups.get('adjustment')}-adjusted, alpha "
+        f"{subgroups.get('alpha')}, over {subgroups.get('comparisons')} comparisons): "
+        + (shown or "none")
+        + ".",
+    ]
     return [*lines, ""]
 
 

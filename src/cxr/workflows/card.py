@@ -53,6 +53,34 @@ def refresh_card(run_dir: str | Path, metrics: dict[str, Any] | None = None) -> 
     return card
 
 
+def subgroup_summary(subgroups: dict[str, Any] | None) -> dict[str, Any] | None:
+    """What the card keeps of ``metrics.json``'s subgroup analysis: per subgroup its size,
+    mean AUROC with its interval and underdiagnosis rate, and the flagged gaps with the
+    number of comparisons (the per-class tables stay in metrics.json and the report)."""
+    if not subgroups:
+        return None
+    rows = [
+        {
+            "grouping": grouping["title"],
+            "group": group["name"],
+            "images": group["images"],
+            "auroc_mean": group["auroc_mean"],
+            "auroc_mean_ci": group["auroc_mean_ci"],
+            "underdiagnosis": group["underdiagnosis"]["rate"],
+        }
+        for grouping in subgroups["groupings"]
+        for group in grouping["groups"]
+    ]
+    test = subgroups["test"]
+    return {
+        "rows": rows,
+        "flags": subgroups["flags"],
+        "comparisons": test["comparisons"],
+        "adjustment": test["adjustment"],
+        "alpha": test["alpha"],
+    }
+
+
 def build_card(run: RunFolder, meta: BundleMeta, metrics: dict[str, Any]) -> ModelCard:
     origin = _origin(run)
     test = metrics.get("test") or {}
@@ -60,7 +88,7 @@ def build_card(run: RunFolder, meta: BundleMeta, metrics: dict[str, Any]) -> Mod
         training_data=_training_data(run, origin, meta),
         method=_method(run, meta),
         test_metrics=_test_metrics(test) if test.get("per_class") else None,
-        subgroups=test.get("subgroups") or None,
+        subgroups=subgroup_summary(test.get("subgroups")),
         calibration=_calibration(meta),
         ood=_ood_note(meta),
         limitations=limitations_for(origin),
