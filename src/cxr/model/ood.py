@@ -124,7 +124,9 @@ def save_ood(directory: str | Path, summary: OodSummary) -> dict[str, Any]:
         "precision": np.ascontiguousarray(summary.precision, dtype=np.float64),
         "reference": np.ascontiguousarray(summary.reference, dtype=np.float64),
     }
-    data = save(tensors, metadata={"format": "cxr-ood/1", "method": OOD_METHOD})
+    # One metadata entry: safetensors writes its metadata map in no fixed order, and two
+    # entries would make the same summary a file of different bytes (and digest) per process.
+    data = save(tensors, metadata={"format": f"cxr-ood/1 {OOD_METHOD}"})
     atomic_write_bytes(Path(directory) / OOD_FILE, data)
     return {
         "file": OOD_FILE,
