@@ -218,7 +218,9 @@ def test_without_a_planted_gap_nothing_is_flagged_over_several_seeds():
         result = subgroup_analysis(frame, truth, scores(frame, truth, rng), [0.5] * 4, LABELS)
         assert result["flags"] == [], (seed, result["flags"])
         comparisons += result["test"]["comparisons"]
-    assert comparisons >= 6 * 16  # the tests were made, not skipped as "too few"
+    # The tests were made, not skipped as "too few" (of 16 per seed, a small age band may
+    # lack MIN_TEST_POSITIVES positives of a class now and then).
+    assert comparisons >= 6 * 15
 
 
 # ---------------------------------------------------------------------------- synthetic data

@@ -56,5 +56,7 @@ def flags_line(subgroups: dict) -> str:
         f"vs the rest of its grouping, patient-bootstrap Wald test, Holm-adjusted p < "
         f"{test['alpha']:g}); 'too few': under {rules['min_positives']} positives or "
         f"{rules['min_negatives']} negatives for a class, under {rules['min_with_finding']} "
-        "images with a finding for underdiagnosis; blank 'vs rest': not tested"
+        "images with a finding for underdiagnosis; blank 'vs rest': not tested (mean AUROCs "
+        f"need {rules.get('min_test_positives', 0)} positives and negatives per class on each "
+        "side)"
     )
