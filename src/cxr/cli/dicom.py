@@ -179,28 +179,15 @@ def results(
     csv: Annotated[bool, typer.Option("--csv", help="CSV on standard output.")] = False,
 ):
     """The DICOM listener's results: one row per instance received (oldest first)."""
-    from cxr.results import open_store, rows_table
+    from cxr.results import existing_store, open_store, rows_table
 
-    with open_store(_store_location(source)) as store:
+    with open_store(existing_store(source)) as store:
         rows = store.query(since=_parse_since(since), status=status, limit=limit)
     if csv:
         rows_table(rows).to_csv(sys.stdout, index=False)
         return
     console.print(_results_table(rows))
     console.print(f"{len(rows):,} row(s)", highlight=False)
-
-
-def _store_location(source: str) -> str:
-    from cxr.results import DEFAULT_STORE_NAME
-
-    if "://" in source:
-        return source
-    path = Path(source)
-    if path.is_dir():
-        path = path / DEFAULT_STORE_NAME
-    if not path.is_file():  # reading must not create an empty store
-        raise CxrError(f"{path}: no results store here (cxr dicom listen writes one)")
-    return str(path)
 
 
 def _parse_since(text: str | None) -> datetime | None:

@@ -98,7 +98,7 @@ def read_layout(source: Path, image_root: str | None = None) -> LabeledData:
         frames.append(frame)
     table = pd.concat(frames, ignore_index=True)
     check_unique_images(table, line_namer(paths[0]))
-    root = Path(image_root) if image_root else _image_root(paths[0], table)
+    root = Path(image_root) if image_root else _image_root(paths[0])
     return LabeledData(
         table=table, labels=CHEXPERT_LABELS, layout="chexpert", source=paths[0], image_root=root
     )
@@ -122,7 +122,7 @@ def to_canonical(raw: pd.DataFrame, path: Path) -> pd.DataFrame:
     return table
 
 
-def _image_root(table_path: Path, table: pd.DataFrame) -> Path:
+def _image_root(table_path: Path) -> Path:
     """``Path`` is ``CheXpert-v1.0-small/train/...``: relative to the folder that holds the
     download's folder, where the table sits (``--image-root`` names another)."""
     return table_path.parent.parent

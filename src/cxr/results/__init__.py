@@ -11,12 +11,32 @@ from cxr.results.store import (
 
 DEFAULT_STORE_NAME = "results.sqlite"
 
+
+def existing_store(source: str) -> str:
+    """The store a reader names: a database URL, an SQLite file, or a run folder (its
+    ``results.sqlite``). A path that holds no store is an error: reading must never create
+    an empty store in its place."""
+    from pathlib import Path
+
+    from cxr.errors import ConfigError
+
+    if "://" in source:
+        return source
+    path = Path(source)
+    if path.is_dir():
+        path = path / DEFAULT_STORE_NAME
+    if not path.is_file():
+        raise ConfigError(f"{path}: no results store here (cxr dicom listen writes one)")
+    return str(path)
+
+
 __all__ = [
     "COLUMNS",
     "DEFAULT_STORE_NAME",
     "STATUSES",
     "ResultsStore",
     "StoreError",
+    "existing_store",
     "open_store",
     "rows_table",
 ]

@@ -9,12 +9,9 @@ from __future__ import annotations
 
 import logging
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Query
-
-from cxr.errors import ConfigError
 
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 1000
@@ -26,16 +23,9 @@ log = logging.getLogger("cxr.serve")
 def open_results(location: str):
     """The :class:`~cxr.results.ResultsStore` at ``location`` (see the module's description);
     :class:`ConfigError` when a path holds no store."""
-    from cxr.results import DEFAULT_STORE_NAME, open_store
+    from cxr.results import existing_store, open_store
 
-    if "://" not in location:
-        path = Path(location)
-        if path.is_dir():
-            path = path / DEFAULT_STORE_NAME
-        if not path.is_file():
-            raise ConfigError(f"{path}: no results store here (cxr dicom listen writes one)")
-        location = str(path)
-    return open_store(location)
+    return open_store(existing_store(location))
 
 
 def add_results_route(app: FastAPI, store) -> None:

@@ -194,12 +194,20 @@ def _predictions_table(
     frame: pd.DataFrame, bundle: Bundle, labels: np.ndarray, prob: np.ndarray
 ) -> pd.DataFrame:
     """``Image Index``, ``Patient ID``, then ``prob_``, ``true_`` and ``call_`` per label."""
-    columns = {IMAGE_COLUMN: frame[IMAGE_COLUMN], PATIENT_COLUMN: frame[PATIENT_COLUMN]}
     calls = apply_thresholds(prob, bundle.thresholds)
+    return predictions_frame(frame, bundle.labels, labels, prob, calls)
+
+
+def predictions_frame(
+    frame: pd.DataFrame, labels, truth: np.ndarray, prob: np.ndarray, calls: np.ndarray
+) -> pd.DataFrame:
+    """The predictions table: ``Image Index``, ``Patient ID``, then ``prob_``, ``true_`` and
+    ``call_`` per label."""
+    columns = {IMAGE_COLUMN: frame[IMAGE_COLUMN], PATIENT_COLUMN: frame[PATIENT_COLUMN]}
     # Unknown labels are blank cells (a nullable integer column), read back as NaN.
-    truth = pd.DataFrame(labels).round().astype("Int8").to_numpy()
-    for prefix, values in (("prob", prob), ("true", truth), ("call", calls)):
-        for c, label in enumerate(bundle.labels):
+    known = pd.DataFrame(truth).round().astype("Int8").to_numpy()
+    for prefix, values in (("prob", prob), ("true", known), ("call", calls)):
+        for c, label in enumerate(labels):
             columns[f"{prefix}_{label}"] = values[:, c]
     return pd.DataFrame(columns)
 

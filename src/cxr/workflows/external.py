@@ -27,7 +27,7 @@ from cxr.data.datasets import (
     read_dataset,
     resolve_paths,
 )
-from cxr.data.nih import IMAGE_COLUMN, PATH_COLUMN, PATIENT_COLUMN
+from cxr.data.nih import IMAGE_COLUMN, PATIENT_COLUMN, attach_image_paths
 from cxr.data.split import find_official_lists, read_name_list
 from cxr.data.table import SOURCE_SPLIT_COLUMN, line_namer, read_text_table
 from cxr.errors import DataError
@@ -45,7 +45,11 @@ from cxr.metrics import (
 from cxr.model.bundle import read_bundle_meta
 from cxr.run import RunFolder
 from cxr.utils import atomic_write_csv, safe_name
-from cxr.workflows.evaluate import bundle_logits, check_no_training_patients
+from cxr.workflows.evaluate import (
+    bundle_logits,
+    check_no_training_patients,
+    predictions_frame,
+)
 
 EXTERNAL_SPLITS = ("test", "all")
 GOOGLE2019 = "google2019"
@@ -118,7 +122,7 @@ def external_evaluate(
     )
     folder = run.root / "external" / safe_name(name)
     folder.mkdir(parents=True, exist_ok=True)
-    table = _predictions(found.table, scored, truth, scores, answers)
+    table = predictions_frame(found.table, scored, truth, scores, answers)
     atomic_write_csv(table, folder / "predictions.csv")
     result["predictions"] = str((folder / "predictions.csv").relative_to(run.root))
     metrics = run.read_metrics()
@@ -172,15 +176,6 @@ def _external_metrics(truth, scores, answers, found: LabeledData, scored, mappin
     }
 
 
-def _predictions(frame: pd.DataFrame, scored, truth, scores, answers) -> pd.DataFrame:
-    columns = {IMAGE_COLUMN: frame[IMAGE_COLUMN], PATIENT_COLUMN: frame[PATIENT_COLUMN]}
-    known = pd.DataFrame(truth).round().astype("Int8").to_numpy()
-    for prefix, values in (("prob", scores), ("true", known), ("call", answers)):
-        for column, label in enumerate(scored):
-            columns[f"{prefix}_{label}"] = values[:, column]
-    return pd.DataFrame(columns)
-
-
 # ---------------------------------------------------------------------------------------------
 # Which images
 
@@ -195,9 +190,9 @@ def _external_data(
     if split == "test":
         found.table = _own_test_rows(found, data)
     if found.layout == "nih":
-        # NIH's images are found by name wherever its archives unpacked them.
-        on_disk = read_dataset(data, spec, drop_missing=True).table
-        found.table = found.table.merge(on_disk[[IMAGE_COLUMN, PATH_COLUMN]], on=IMAGE_COLUMN)
+        # NIH's images are found by name wherever its archives unpacked them (one walk).
+        root = found.image_root or found.source.parent
+        found.table = attach_image_paths(found.table, root, drop_missing=True).table
     else:
         found = resolve_paths(found, drop_missing=drop_missing)
     if found.layout == run.dataset_info()["layout"]:
