@@ -37,7 +37,9 @@ def run_folder(tmp_path_factory):
             calls={"Effusion": True, "Mass": False},
         )
         store.sent("1.2.3.1")
-        store.refuse("1.2.3.2", "lateral view (ViewPosition LL)", calling_ae="PACS")
+        store.refuse(
+            "1.2.3.2", "lateral view (ViewPosition LL)", received_at=DAY, calling_ae="PACS"
+        )
         store.admit("1.2.3.3", received_at=DAY + timedelta(hours=30), calling_ae="PACS")
     finally:
         store.close()

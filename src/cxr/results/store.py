@@ -112,14 +112,21 @@ class ResultsStore:
                 connection.execute(results.insert().values(**row))
         return True
 
-    def refuse(self, sop_instance_uid: str | None, reason: str, **values) -> None:
+    def refuse(
+        self,
+        sop_instance_uid: str | None,
+        reason: str,
+        *,
+        received_at: datetime | None = None,
+        **values,
+    ) -> None:
         """Record a refusal. An instance already stored as pending or sent keeps its row (a
         resend refused for another reason must not undo a result)."""
         row = {
             "sop_instance_uid": sop_instance_uid,
             "status": "refused",
             "reason": reason,
-            "received_at": _naive_utc(None),
+            "received_at": _naive_utc(received_at),
             **values,
         }
         with self._write() as connection:
