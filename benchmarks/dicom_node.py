@@ -2,8 +2,10 @@
 
 1. throughput: N radiographs (DX DICOMs made from the real NIH PNGs) pushed over K concurrent
    associations to ``cxr dicom listen``; images/s from the first C-STORE to the last report
-   stored in Orthanc, against ``cxr predict``'s images/s on the same files (model loaded, the
-   same backend, on this machine, measured in this run);
+   stored in Orthanc, with and without Grad-CAM overlays, each against the bare batched
+   forward (the model alone on preprocessed batches, timed just before and after the phase)
+   and ``cxr predict``'s images/s on the same files; then the listener's peak memory
+   (VmHWM) under 16 concurrent senders;
 2. a SIGKILL part-way: N fresh images pushed over K associations whose senders retry what
    was not acknowledged (as a PACS does), the listener killed after a third of them were
    acknowledged and started again on the same spool and store; then every acknowledged
@@ -60,8 +62,11 @@ def make_inputs(count: int, folder: Path) -> list[Path]:
     return files
 
 
-def start_listener(bundle: Path, orthanc, folder: Path, port: int, args) -> subprocess.Popen:
+def start_listener(
+    bundle: Path, orthanc, folder: Path, port: int, args, extra=()
+) -> subprocess.Popen:
     command = [sys.executable, "-m", "cxr", "dicom", "listen", str(bundle), "--port", str(port)]
+    command += list(extra)
     command += ["--forward", f"127.0.0.1:{orthanc.dicom_port}:{orthanc.ae_title}"]
     command += ["--spool", str(folder / "spool"), "--db", str(folder / "results.sqlite")]
     command += ["--workers", str(args.workers), "--max-batch", str(args.max_batch)]
@@ -143,7 +148,55 @@ def orthanc_sources(orthanc) -> Counter:
     return sources
 
 
+def overlay_bundle(bundle: Path, work: Path, positives: int) -> Path:
+    """A copy of ``bundle`` whose first ``positives`` findings are always called positive
+    (threshold 0), so that every image gets that many Grad-CAM overlays."""
+    import shutil
+
+    from cxr.model.bundle import update_bundle_meta
+
+    folder = Path(shutil.copytree(bundle, work / "bundle-overlays"))
+    labels = load_predictor(folder).labels
+    update_bundle_meta(folder, thresholds=[0.0] * positives + [1.0] * (len(labels) - positives))
+    return folder
+
+
+def peak_rss_mb(pid: int) -> tuple[float, float]:
+    """(current, peak) resident memory of a process, from /proc (VmRSS, VmHWM)."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            fields[key] = int(value.split()[0]) / 1024
+    return fields["VmRSS"], fields["VmHWM"]
+
+
+def node_phase(model: Path, orthanc, work: Path, files: list[Path], args, *, name, extra=(),
+               associations=None) -> dict:  # fmt: skip
+    """Push ``files`` to a fresh listener; images/s from the first C-STORE to the last SR
+    stored at the PACS, and the listener's memory when ready and at its peak."""
+    folder = work / f"node-{name}"
+    folder.mkdir()
+    port = free_port()
+    listener = start_listener(model, orthanc, folder, port, args, extra=extra)
+    try:
+        ready_rss, _ = peak_rss_mb(listener.pid)
+        started = time.perf_counter()
+        push(port, files, associations or args.associations)
+        wait_sent(folder, len(files))
+        seconds = time.perf_counter() - started
+        _, peak = peak_rss_mb(listener.pid)
+    finally:
+        listener.send_signal(signal.SIGTERM)
+        listener.wait(timeout=WAIT_S)
+    return {"images_per_s": len(files) / seconds, "rss_ready_mb": ready_rss, "rss_peak_mb": peak}
+
+
 def throughput(bundle: Path, orthanc, work: Path, args) -> dict:
+    """Each listener phase between two timings of the bare batched forward (the same model,
+    backend and batch size, in this process), so that each ratio is measured in one stretch."""
+    from serve_batching import BareForward
+
     files = make_inputs(args.images, work / "inputs")
     predictor = load_predictor(bundle)
     predict_files(predictor, files[:16], workers=0)  # warm-up
@@ -151,25 +204,26 @@ def throughput(bundle: Path, orthanc, work: Path, args) -> dict:
     result = predict_files(predictor, files)
     predict_s = time.perf_counter() - started
     assert not result.errors, result.errors
-    folder = work / "node"
-    folder.mkdir()
-    port = free_port()
-    listener = start_listener(bundle, orthanc, folder, port, args)
-    try:
-        started = time.perf_counter()
-        push(port, files, args.associations)
-        wait_sent(folder, len(files))
-        listen_s = time.perf_counter() - started
-    finally:
-        listener.send_signal(signal.SIGTERM)
-        listener.wait(timeout=WAIT_S)
-    return {
-        "images": len(files),
-        "predict_images_per_s": len(files) / predict_s,
-        "listener_images_per_s": len(files) / listen_s,
-        "ratio": predict_s / listen_s,
-        "backend": predictor.backend,
+    bare = BareForward(bundle, "auto", work / "bare-cache", files[:16], args.max_batch, 64)
+    with_overlays = overlay_bundle(bundle, work, args.positives)
+    phases = {
+        "reports": (bundle, (), args.associations),
+        "reports+overlays": (with_overlays, ("--overlays",), args.associations),
+        "16 senders": (bundle, (), 16),
     }
+    figures = {
+        "images": len(files),
+        "backend": predictor.backend,
+        "predict_images_per_s": len(files) / predict_s,
+    }
+    for name, (model, extra, associations) in phases.items():
+        before = bare.per_s()
+        phase = node_phase(model, orthanc, work, files, args, name=name.replace(" ", "-"),
+                           extra=extra, associations=associations)  # fmt: skip
+        phase["bare_images_per_s"] = (before + bare.per_s()) / 2
+        phase["ratio_to_bare"] = phase["images_per_s"] / phase["bare_images_per_s"]
+        figures[name] = phase
+    return figures
 
 
 def kill_and_restart(bundle: Path, orthanc, work: Path, args) -> dict:
@@ -214,6 +268,7 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=224, help="the untrained model's input")
     parser.add_argument("--workers", type=int, default=4, help="the listener's --workers")
     parser.add_argument("--max-batch", type=int, default=16, help="the listener's --max-batch")
+    parser.add_argument("--positives", type=int, default=2, help="overlays per image (phase 2)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="cxr-dicom-bench-") as tmp:
         work = Path(tmp)
@@ -223,10 +278,17 @@ def main() -> None:
             print(json.dumps({"throughput": speed}, indent=2), flush=True)
             kill = kill_and_restart(bundle, orthanc, work, args)
             print(json.dumps({"sigkill": kill}, indent=2), flush=True)
+    for name in ("reports", "reports+overlays", "16 senders"):
+        phase = speed[name]
+        print(
+            f"{name}: {phase['images_per_s']:.1f} images/s C-STORE to SR at the PACS, "
+            f"{100 * phase['ratio_to_bare']:.0f} % of the bare batched forward "
+            f"({phase['bare_images_per_s']:.1f} images/s); listener memory "
+            f"{phase['rss_ready_mb']:.0f} MB ready, {phase['rss_peak_mb']:.0f} MB peak"
+        )
     print(
-        f"listener {speed['listener_images_per_s']:.1f} images/s vs cxr predict "
-        f"{speed['predict_images_per_s']:.1f} images/s ({speed['backend']}): "
-        f"{100 * speed['ratio']:.0f} %; SIGKILL after {kill['at_kill']['acked']} acknowledged: "
+        f"cxr predict {speed['predict_images_per_s']:.1f} images/s ({speed['backend']}); "
+        f"SIGKILL after {kill['at_kill']['acked']} acknowledged: "
         f"{kill['acknowledged']} acknowledged, {kill['lost']} lost, "
         f"{kill['duplicated_sr']} duplicated SRs, {kill['rows_missing']} rows missing, "
         f"{kill['rows_duplicated']} duplicated rows"
