@@ -40,7 +40,11 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 
 def atomic_write_csv(frame, path: str | Path) -> None:
-    atomic_write_text(path, frame.to_csv(index=False))
+    """Every CSV cxr writes goes through here: text cells a spreadsheet would run as a
+    formula get a leading ``'`` (:mod:`cxr.safety`); cxr's readers take it off again."""
+    from cxr.safety import spreadsheet_safe
+
+    atomic_write_text(path, spreadsheet_safe(frame).to_csv(index=False))
 
 
 def npy_bytes(array) -> bytes:

@@ -184,7 +184,9 @@ def results(
     with open_store(existing_store(source)) as store:
         rows = store.query(since=_parse_since(since), status=status, limit=limit)
     if csv:
-        rows_table(rows).to_csv(sys.stdout, index=False)
+        from cxr.safety import spreadsheet_safe
+
+        spreadsheet_safe(rows_table(rows)).to_csv(sys.stdout, index=False)
         return
     console.print(_results_table(rows))
     console.print(f"{len(rows):,} row(s)", highlight=False)

@@ -37,6 +37,7 @@ from PIL import Image
 from cxr.data.images import decode_gray
 from cxr.data.nih import IMAGE_COLUMN, PATH_COLUMN
 from cxr.errors import CacheError
+from cxr.safety import restored_frame, spreadsheet_safe
 from cxr.utils import atomic_write_text
 
 FORMAT = "cxr-cache/1"
@@ -144,7 +145,7 @@ def build_cache(
         raise CacheError("no images to cache")
     out = Path(out)
     index = index_table(table)
-    index_text = index.to_csv(index=False)
+    index_text = spreadsheet_safe(index).to_csv(index=False)
     count = len(index)
     meta = {
         "format": FORMAT,
@@ -319,7 +320,9 @@ def open_cache(path: str | os.PathLike, *, min_size: int | None = None) -> Image
             f"{index_path}: does not match the checksum in {META_NAME}; the cache is stale or "
             "was mixed with another one, rebuild it"
         )
-    index = pd.read_csv(index_path, dtype={IMAGE_COLUMN: str}, keep_default_na=False)
+    index = restored_frame(
+        pd.read_csv(index_path, dtype={IMAGE_COLUMN: str}, keep_default_na=False)
+    )
     if len(index) != count or not np.array_equal(index["row"].to_numpy(), np.arange(count)):
         raise CacheError(f"{index_path}: has {len(index)} rows, {META_NAME} says {count}")
     pixels_path = root / PIXELS_NAME

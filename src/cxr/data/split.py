@@ -32,6 +32,7 @@ from cxr.data.nih import IMAGE_COLUMN, LABELS_COLUMN, PATIENT_COLUMN, prepare_ta
 from cxr.data.table import SOURCE_SPLIT_COLUMN, line_namer, parse_label_cells
 from cxr.errors import DataError, LeakageError
 from cxr.labels import PATHOLOGIES, format_finding_labels
+from cxr.safety import restored_frame
 from cxr.utils import atomic_write_csv, atomic_write_text
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
@@ -640,7 +641,7 @@ def read_split_table(path: Path, info: dict | None = None) -> pd.DataFrame:
     label columns as written (1 / 0 / -1 / blank)."""
     info = info or dict(NIH_INFO)
     try:
-        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+        table = restored_frame(pd.read_csv(path, dtype=str, keep_default_na=False))
     except FileNotFoundError:
         raise DataError(f"{path}: split file not found") from None
     except pd.errors.EmptyDataError:

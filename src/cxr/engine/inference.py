@@ -42,7 +42,7 @@ from cxr.model.onnx import (
 )
 from cxr.model.ood import OodSummary, load_ood
 from cxr.runtime import resolve_device
-from cxr.utils import atomic_write_text, path_text
+from cxr.utils import atomic_write_csv, atomic_write_text, path_text
 
 BACKENDS = ("auto", "torch", "onnx")
 
@@ -368,7 +368,7 @@ class Predictions:
         out = Path(out)
         suffix = out.suffix.lower()
         if suffix == ".csv":
-            atomic_write_text(out, self.table().to_csv(index=False))
+            atomic_write_csv(self.table(), out)
         elif suffix == ".json":
             atomic_write_text(out, json.dumps(self.to_json(), indent=2) + "\n")
         else:

@@ -10,6 +10,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from cxr.safety import markdown_text as md
+
 MODEL_CARD_FILE = "MODEL_CARD.md"
 Origin = Literal["synthetic", "nih", "chexpert", "mimic", "other", "untrained"]
 Rate = Annotated[float, Field(ge=0, le=1, allow_inf_nan=False)]
@@ -152,7 +154,7 @@ def render_card(card: ModelCard, labels: list[str]) -> str:
     lines = [
         "# Model card",
         "",
-        f"**Trained on:** {data.description}.",
+        f"**Trained on:** {md(data.description)}.",
         "",
         "## Intended use",
         "",
@@ -168,7 +170,9 @@ def render_card(card: ModelCard, labels: list[str]) -> str:
         *_subgroup_lines(card.subgroups),
         "## Calibration",
         "",
-        card.calibration or "Not calibrated (`cxr calibrate RUN` fits it on the validation split).",
+        md(card.calibration)
+        if card.calibration
+        else "Not calibrated (`cxr calibrate RUN` fits it on the validation split).",
         "",
         *_ood_lines(card.ood),
         "## Known limitations",
@@ -190,12 +194,12 @@ def _training_lines(data: TrainingData) -> list[str]:
     if data.synthetic:
         lines += ["**SYNTHETIC DATA.** These are not radiographs; see the limitations.", ""]
     facts = [("layout", data.layout), ("split", data.split_method), ("labels", data.label_source)]
-    lines += [f"- {name}: {value}" for name, value in facts if value]
+    lines += [f"- {name}: {md(value)}" for name, value in facts if value]
     if data.images:
         lines.append("")
         lines += ["| split | images | patients |", "|---|---|---|"]
         for split, images in data.images.items():
-            lines.append(f"| {split} | {images:,} | {data.patients.get(split, 0):,} |")
+            lines.append(f"| {md(split)} | {images:,} | {data.patients.get(split, 0):,} |")
     if data.prevalence:
         lines += [
             "",
@@ -203,17 +207,24 @@ def _training_lines(data: TrainingData) -> list[str]:
             "",
         ]
         lines.append(
-            ", ".join(f"{n} {_pct(v)}" for n, v in data.prevalence.items() if v is not None)
+            ", ".join(f"{md(n)} {_pct(v)}" for n, v in data.prevalence.items() if v is not None)
         )
     for name, counts in data.demographics.items():
-        shown = ", ".join(f"{k} {v:,}" for k, v in counts.items())
-        lines += ["", f"Training images by {name}: {shown}"]
+        shown = ", ".join(f"{md(k)} {v:,}" for k, v in counts.items())
+        lines += ["", f"Training images by {md(name)}: {shown}"]
     return [*lines, ""]
 
 
 def _method_lines(card: ModelCard, labels: list[str]) -> list[str]:
-    lines = ["## Method and settings", "", f"Outputs ({len(labels)}): {', '.join(labels)}.", ""]
-    lines += [f"- {key}: {value}" for key, value in card.method.items() if value is not None]
+    lines = [
+        "## Method and settings",
+        "",
+        f"Outputs ({len(labels)}): {', '.join(md(label) for label in labels)}.",
+        "",
+    ]
+    lines += [
+        f"- {md(key)}: {md(value)}" for key, value in card.method.items() if value is not None
+    ]
     return [*lines, ""]
 
 
@@ -223,7 +234,7 @@ def _metric_lines(metrics: TestMetrics | None) -> list[str]:
         return [*lines, "Not evaluated yet (`cxr evaluate RUN`, then `cxr report RUN`).", ""]
     mean = f"{_num(metrics.auroc_mean)}{_ci(metrics.auroc_mean_ci)}"
     lines += [
-        f"Split `{metrics.split}`: {metrics.images:,} images"
+        f"Split {md(metrics.split)}: {metrics.images:,} images"
         + (f", {metrics.patients:,} patients" if metrics.patients is not None else "")
         + f". Mean AUROC {mean}.",
         "",
@@ -233,7 +244,7 @@ def _metric_lines(metrics: TestMetrics | None) -> list[str]:
     lines += ["| finding | AUROC | 95 % interval |", "|---|---|---|"]
     for name, result in metrics.per_class.items():
         interval = _ci(result.auroc_ci).strip(" ()") or "-"
-        lines.append(f"| {name} | {_num(result.auroc)} | {interval} |")
+        lines.append(f"| {md(name)} | {_num(result.auroc)} | {interval} |")
     if metrics.ece_mean is not None:
         lines += ["", f"Mean expected calibration error (10 bins): {metrics.ece_mean:.3f}."]
     return [*lines, ""]
@@ -258,11 +269,12 @@ def _subgroup_lines(subgroups: dict[str, Any] | None) -> list[str]:
             auroc += f" ({low:.3f}-{high:.3f})"
         rate = "" if row["underdiagnosis"] is None else _pct(row["underdiagnosis"])
         lines.append(
-            f"| {row['grouping']} | {row['group']} | {row['images']:,} | {auroc} | {rate} |"
+            f"| {md(row['grouping'])} | {md(row['group'])} | {row['images']:,} | {auroc} | {rate} |"
         )
     flags = subgroups.get("flags") or []
     shown = "; ".join(
-        f"{f['grouping']} {f['group']}: {f['metric']} {f['difference']:+.3f}" for f in flags
+        f"{md(f['grouping'])} {md(f['group'])}: {md(f['metric'])} {f['difference']:+.3f}"
+        for f in flags
     )
     lines += [
         "",

@@ -34,6 +34,7 @@ from cxr.model.bundle import (
 )
 from cxr.run import SPLIT_NAMES, RunFolder
 from cxr.runtime import resolve_device
+from cxr.safety import restored_frame
 from cxr.subgroups import build_groupings, subgroup_analysis
 from cxr.utils import atomic_write_csv
 from cxr.workflows.card import refresh_card
@@ -247,7 +248,9 @@ def ensure_predictions(
             run.root, split, device=device, batch_size=batch_size, workers=workers,
             on_batch=on_batch,
         )  # fmt: skip
-    return pd.read_csv(run.predictions(split), dtype={IMAGE_COLUMN: str, PATIENT_COLUMN: str})
+    return restored_frame(
+        pd.read_csv(run.predictions(split), dtype={IMAGE_COLUMN: str, PATIENT_COLUMN: str})
+    )
 
 
 def prediction_arrays(
