@@ -17,6 +17,7 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 
 from cxr.labels import PATHOLOGIES, canonical_pathology
+from cxr.safety import figure_text
 from cxr.utils import atomic_write_bytes, npy_bytes, path_text, printable_text, safe_name
 
 OVERLAY_CMAP = "jet"
@@ -47,7 +48,8 @@ def overlay_png(gray_crop_uint8: np.ndarray, heatmap: np.ndarray, title: str) ->
     axes = figure.add_subplot(1, 1, 1)
     axes.imshow(heatmap_rgb(gray_crop_uint8, heatmap))
     axes.set_axis_off()
-    axes.set_title(title, fontsize=10)
+    # Each line shortened: a label or file name of any length keeps the figure its size.
+    axes.set_title("\n".join(figure_text(line, 60) for line in title.splitlines()), fontsize=10)
     scale = ScalarMappable(norm=Normalize(0.0, 1.0), cmap=OVERLAY_CMAP)
     bar = figure.colorbar(scale, ax=axes, fraction=0.046, pad=0.04)
     bar.set_label("Grad-CAM (0 = none, 1 = strongest)", fontsize=8)

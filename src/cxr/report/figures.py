@@ -28,6 +28,7 @@ from cxr.metrics import known_only
 from cxr.model.bundle import load_bundle
 from cxr.report.numbers import fmt
 from cxr.runtime import resolve_device
+from cxr.safety import figure_text
 from cxr.utils import safe_name
 
 
@@ -56,8 +57,8 @@ def _grid(names: Sequence[str]):
 
 def roc_figure(y_true, y_prob, report: dict) -> bytes:
     figure, axes = _grid(report["labels"])
-    for c, (name, ax) in enumerate(zip(report["labels"], axes)):
-        entry = report["per_class"][name]
+    for c, (label, ax) in enumerate(zip(report["labels"], axes)):
+        entry, name = report["per_class"][label], figure_text(label)
         ax.plot([0, 1], [0, 1], color="0.7", lw=0.8, ls="--")
         if entry["auroc"] is not None:
             fpr, tpr, _ = roc_curve(*known_only(y_true[:, c], y_prob[:, c]))
@@ -79,8 +80,8 @@ def roc_figure(y_true, y_prob, report: dict) -> bytes:
 
 def pr_figure(y_true, y_prob, report: dict) -> bytes:
     figure, axes = _grid(report["labels"])
-    for c, (name, ax) in enumerate(zip(report["labels"], axes)):
-        entry = report["per_class"][name]
+    for c, (label, ax) in enumerate(zip(report["labels"], axes)):
+        entry, name = report["per_class"][label], figure_text(label)
         if entry["positives"]:
             precision, recall, _ = precision_recall_curve(*known_only(y_true[:, c], y_prob[:, c]))
             ax.step(recall, precision, where="post", color="C0", lw=1.4)
@@ -103,8 +104,8 @@ def pr_figure(y_true, y_prob, report: dict) -> bytes:
 
 def reliability_figure(report: dict) -> bytes:
     figure, axes = _grid(report["labels"])
-    for name, ax in zip(report["labels"], axes):
-        entry = report["per_class"][name]
+    for label, ax in zip(report["labels"], axes):
+        entry, name = report["per_class"][label], figure_text(label)
         bins = entry["reliability"]
         edges = np.asarray(bins["edges"])
         centres = (edges[:-1] + edges[1:]) / 2
@@ -136,8 +137,8 @@ def reliability_figure(report: dict) -> bytes:
 
 def scores_figure(y_true, y_prob, report: dict) -> bytes:
     figure, axes = _grid(report["labels"])
-    for c, (name, ax) in enumerate(zip(report["labels"], axes)):
-        entry = report["per_class"][name]
+    for c, (label, ax) in enumerate(zip(report["labels"], axes)):
+        entry, name = report["per_class"][label], figure_text(label)
         truth = y_true[:, c]
         # Bins over this class's range: a model trained with a weighted loss may put every
         # score in a narrow band, which bins over [0, 1] would show as one bar.

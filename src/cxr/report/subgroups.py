@@ -15,6 +15,7 @@ from cxr.errors import DataError
 from cxr.model.bundle import BundleMeta
 from cxr.report.figures import _figure, _png
 from cxr.run import RunFolder
+from cxr.safety import figure_text
 from cxr.subgroups import subgroup_analysis
 
 SUBGROUP_FIGURE = "subgroups.png"
@@ -54,8 +55,8 @@ def _rows(subgroups: dict) -> list[tuple[str, dict | None]]:
     """(label, group) per line of the figure, a heading line (group None) per grouping."""
     rows: list[tuple[str, dict | None]] = []
     for grouping in subgroups["groupings"]:
-        rows.append((grouping["title"], None))
-        rows.extend((f"{g['name']} ({g['images']:,})", g) for g in grouping["groups"])
+        rows.append((figure_text(grouping["title"]), None))
+        rows.extend((f"{figure_text(g['name'])} ({g['images']:,})", g) for g in grouping["groups"])
     return rows
 
 
