@@ -13,7 +13,9 @@ formula cells as they are; markdown libraries render, they do not escape)."""
 
 from __future__ import annotations
 
+import csv
 import html
+import logging
 import re
 from typing import Any
 
@@ -52,17 +54,35 @@ def spreadsheet_safe(frame):
     spreadsheet (numeric columns are left as numbers)."""
     safe = frame.copy()
     for column in safe.columns:
-        if safe[column].dtype == object or str(safe[column].dtype) in ("string", "str"):
+        if _is_text(safe[column]):
             safe[column] = safe[column].map(spreadsheet_cell)
     safe.columns = [spreadsheet_cell(str(c)) for c in safe.columns]
     return safe
+
+
+def _is_text(column) -> bool:
+    """A column that may hold text (object, or pandas' string dtypes)."""
+    return column.dtype == object or str(column.dtype) in ("string", "str")
+
+
+def csv_text(frame) -> str:
+    """``frame`` as CSV text that a spreadsheet opens safely and that reads back whole: text
+    cells through :func:`spreadsheet_safe`, and every cell quoted when a text holds a bare
+    carriage return (pandas' writer quotes only delimiters, quotes and newlines, so a ``\r``
+    would split the row for any reader)."""
+    safe = spreadsheet_safe(frame)
+    text_columns = [c for c in safe.columns if _is_text(safe[c])]
+    has_cr = any(
+        safe[c].map(lambda v: isinstance(v, str) and "\r" in v).any() for c in text_columns
+    ) or any("\r" in str(c) for c in safe.columns)
+    return safe.to_csv(index=False, quoting=csv.QUOTE_ALL if has_cr else csv.QUOTE_MINIMAL)
 
 
 def restored_frame(frame):
     """A table written through :func:`spreadsheet_safe`, as it was before (in place)."""
     frame.columns = [restored_cell(c) for c in frame.columns]
     for column in frame.columns:
-        if frame[column].dtype == object or str(frame[column].dtype) in ("string", "str"):
+        if _is_text(frame[column]):
             frame[column] = frame[column].map(restored_cell)
     return frame
 
@@ -100,3 +120,21 @@ def masked(text: Any) -> str:
     ``password=...`` pairs (libpq's connection strings, driver errors) replaced by ``***``."""
     shown = _URL_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:***@", str(text))
     return _KEY_VALUE_PASSWORD.sub(lambda m: f"{m[1]}=***", shown)
+
+
+class MaskSecrets(logging.Filter):
+    """A logging filter (on a handler) that masks passwords in every record it passes."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        shown = masked(message)
+        if shown != message:
+            record.msg, record.args = shown, ()
+        return True
+
+
+def mask_secrets_in_logs(handler: logging.Handler | None = None) -> None:
+    """Mask passwords on ``handler``, or on every handler of the root logger."""
+    for each in [handler] if handler else logging.getLogger().handlers:
+        if not any(isinstance(f, MaskSecrets) for f in each.filters):
+            each.addFilter(MaskSecrets())

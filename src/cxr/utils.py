@@ -42,9 +42,9 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 def atomic_write_csv(frame, path: str | Path) -> None:
     """Every CSV cxr writes goes through here: text cells a spreadsheet would run as a
     formula get a leading ``'`` (:mod:`cxr.safety`); cxr's readers take it off again."""
-    from cxr.safety import spreadsheet_safe
+    from cxr.safety import csv_text
 
-    atomic_write_text(path, spreadsheet_safe(frame).to_csv(index=False))
+    atomic_write_text(path, csv_text(frame))
 
 
 def npy_bytes(array) -> bytes:

@@ -23,6 +23,7 @@ from rich.progress import (
 from rich.table import Table
 
 from cxr.errors import CxrError, LeakageError
+from cxr.safety import masked
 from cxr.utils import printable_text
 
 app = typer.Typer(
@@ -50,8 +51,9 @@ def printable(text: object) -> str:
 
 
 def shown(value: object) -> str:
-    """A file name or message inside rich markup: :func:`printable`, then markup-escaped."""
-    return escape(printable(value))
+    """A file name or message inside rich markup: :func:`printable`, passwords masked
+    (:func:`cxr.safety.masked`), then markup-escaped."""
+    return escape(masked(printable(value)))
 
 
 def friendly_errors(func: Callable) -> Callable:
@@ -72,6 +74,15 @@ def friendly_errors(func: Callable) -> Callable:
             raise typer.Exit(3) from None
         except CxrError as exc:
             err_console.print(f"[bold red]error:[/] {shown(exc)}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except OSError as exc:  # a file the command could not read or write
+            where = f"{exc.filename}: " if exc.filename else ""
+            reason = exc.strerror or exc.__class__.__name__
+            err_console.print(
+                f"[bold red]error:[/] {shown(where)}{shown(reason)}",
+                highlight=False,
+                soft_wrap=True,
+            )
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted[/]")

@@ -133,6 +133,9 @@ def _log_to_stderr() -> None:
         level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr
     )
     logging.getLogger("cxr").setLevel(logging.INFO)
+    from cxr.safety import mask_secrets_in_logs
+
+    mask_secrets_in_logs()
 
 
 def _check_counts(workers, max_batch, queue_size, forward_associations) -> None:
@@ -184,9 +187,9 @@ def results(
     with open_store(existing_store(source)) as store:
         rows = store.query(since=_parse_since(since), status=status, limit=limit)
     if csv:
-        from cxr.safety import spreadsheet_safe
+        from cxr.safety import csv_text
 
-        spreadsheet_safe(rows_table(rows)).to_csv(sys.stdout, index=False)
+        sys.stdout.write(csv_text(rows_table(rows)))
         return
     console.print(_results_table(rows))
     console.print(f"{len(rows):,} row(s)", highlight=False)

@@ -37,7 +37,7 @@ from PIL import Image
 from cxr.data.images import decode_gray
 from cxr.data.nih import IMAGE_COLUMN, PATH_COLUMN
 from cxr.errors import CacheError
-from cxr.safety import restored_frame, spreadsheet_safe
+from cxr.safety import csv_text, restored_frame
 from cxr.utils import atomic_write_text
 
 FORMAT = "cxr-cache/1"
@@ -145,7 +145,7 @@ def build_cache(
         raise CacheError("no images to cache")
     out = Path(out)
     index = index_table(table)
-    index_text = spreadsheet_safe(index).to_csv(index=False)
+    index_text = csv_text(index)
     count = len(index)
     meta = {
         "format": FORMAT,

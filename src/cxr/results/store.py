@@ -13,6 +13,7 @@ Times are stored as naive UTC (SQLite has no time zones) and returned as aware U
 from __future__ import annotations
 
 import hashlib
+import os
 import secrets
 import threading
 from collections.abc import Sequence
@@ -24,6 +25,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from cxr.errors import CxrError
+from cxr.safety import masked
 
 STATUSES = ("received", "predicted", "sent", "refused", "failed")
 PENDING = ("received", "predicted")
@@ -314,7 +316,7 @@ def open_store(url_or_path: str) -> ResultsStore:
         if text.startswith(prefix):
             text = "postgresql+psycopg://" + text[len(prefix) :]
     try:
-        url = sa.make_url(text)
+        url = _with_password(sa.make_url(text))
         if url.get_backend_name() == "sqlite":
             engine = sa.create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
             sa.event.listen(engine, "connect", _sqlite_durable)
@@ -323,6 +325,29 @@ def open_store(url_or_path: str) -> ResultsStore:
     except (SQLAlchemyError, ImportError, ValueError) as exc:
         raise StoreError(f"{_hidden(text)}: not a usable database URL ({_short(exc)})") from None
     return ResultsStore(engine)
+
+
+PASSWORD_ENV = "CXR_DB_PASSWORD"
+PASSWORD_FILE_ENV = "CXR_DB_PASSWORD_FILE"
+
+
+def _with_password(url: sa.URL) -> sa.URL:
+    """A URL without a password takes it from ``$CXR_DB_PASSWORD`` or from the file named
+    by ``$CXR_DB_PASSWORD_FILE`` (a container secret), so that it need not sit on a command
+    line or in a shell history."""
+    if url.password or url.get_backend_name() == "sqlite":
+        return url
+    if os.environ.get(PASSWORD_FILE_ENV):
+        path = Path(os.environ[PASSWORD_FILE_ENV])
+        try:
+            return url.set(password=path.read_text(encoding="utf-8").strip())
+        except (OSError, UnicodeDecodeError) as exc:
+            raise StoreError(
+                f"{path} (${PASSWORD_FILE_ENV}): cannot read the password ({exc})"
+            ) from None
+    if os.environ.get(PASSWORD_ENV):
+        return url.set(password=os.environ[PASSWORD_ENV])
+    return url
 
 
 def _sqlite_durable(connection, _record) -> None:
@@ -361,7 +386,9 @@ def _cleared(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def _short(exc: BaseException, limit: int = 200) -> str:
-    text = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+    """The first line of a driver's error, passwords masked (drivers may quote the URL or
+    the connection string)."""
+    text = masked(str(exc).splitlines()[0]) if str(exc) else exc.__class__.__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
