@@ -60,7 +60,7 @@ def untrained_bundle(folder: str | os.PathLike, image_size: int, *, seed: int = 
     torch.manual_seed(seed)
     meta.setdefault("card", untrained_card(__version__))
     description = BundleMeta(image_size=image_size, normalization="imagenet", **meta)
-    save_bundle(folder, build_model(), description)
+    save_bundle(folder, build_model(len(description.labels)), description)
     return Path(folder)
 
 

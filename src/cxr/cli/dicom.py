@@ -11,6 +11,7 @@ from typing import Annotated
 
 import typer
 from rich.table import Table
+from typer.core import TyperGroup
 
 from cxr.cli.common import app, console, friendly_errors, shown
 from cxr.cli.options import DeviceOption
@@ -163,7 +164,42 @@ def _check_listen_options(port, ae_title, allowed, host) -> None:
         )
 
 
-@app.command("results")
+class _ShowByDefault(TyperGroup):
+    """``cxr results SOURCE ...`` shows the results (the ``show`` command) as it always did;
+    ``cxr results backup SOURCE DEST`` is the other command. A run folder that is literally
+    called ``backup`` is named ``./backup``."""
+
+    def parse_args(self, ctx, args):
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h"):
+            args = ["show", *args]
+        return super().parse_args(ctx, args)
+
+
+results_app = typer.Typer(
+    cls=_ShowByDefault,
+    help="The DICOM listener's results: show them (cxr results SOURCE), or back them up.",
+)
+app.add_typer(results_app, name="results")
+
+
+@results_app.command("backup")
+@friendly_errors
+def results_backup(
+    source: Annotated[str, typer.Argument(help="Run folder, SQLite file or sqlite:/// URL.")],
+    destination: Annotated[Path, typer.Argument(help="The backup file to write (a new file).")],
+):
+    """A consistent copy of an SQLite results store, taken while the listener writes
+    (SQLite's online backup; a plain file copy can miss what the write-ahead log holds).
+    For PostgreSQL, use pg_dump."""
+    from cxr.results import open_existing_store
+
+    with open_existing_store(source) as store:
+        written = store.backup(destination)
+        rows = len(store.query())
+    console.print(f"backed up {rows:,} row(s) to {shown(written)}", highlight=False)
+
+
+@results_app.command("show")
 @friendly_errors
 def results(
     source: Annotated[
@@ -182,9 +218,9 @@ def results(
     csv: Annotated[bool, typer.Option("--csv", help="CSV on standard output.")] = False,
 ):
     """The DICOM listener's results: one row per instance received (oldest first)."""
-    from cxr.results import existing_store, open_store, rows_table
+    from cxr.results import open_existing_store, rows_table
 
-    with open_store(existing_store(source)) as store:
+    with open_existing_store(source) as store:
         rows = store.query(since=_parse_since(since), status=status, limit=limit)
     if csv:
         from cxr.safety import csv_text
@@ -206,7 +242,12 @@ def _parse_since(text: str | None) -> datetime | None:
         raise CxrError(
             f"--since {text!r}: expected today, YYYY-MM-DD or an ISO date-time"
         ) from None
-    return moment if moment.tzinfo else moment.astimezone()
+    try:
+        moment = moment if moment.tzinfo else moment.astimezone()
+        moment.astimezone(timezone.utc)
+    except (OverflowError, ValueError):
+        raise CxrError(f"--since {text!r}: out of range") from None
+    return moment
 
 
 def _results_table(rows) -> Table:

@@ -21,6 +21,17 @@ def existing_store(source: str) -> str:
     from cxr.errors import ConfigError
 
     if "://" in source:
+        import sqlalchemy as sa
+
+        try:
+            url = sa.make_url(source)
+        except Exception:  # open_store names the problem
+            return source
+        if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
+            return source
+        path = Path(url.database)
+        if not path.is_file():
+            raise ConfigError(f"{path}: no results store here (cxr dicom listen writes one)")
         return source
     path = Path(source)
     if path.is_dir():
@@ -30,6 +41,12 @@ def existing_store(source: str) -> str:
     return str(path)
 
 
+def open_existing_store(source: str) -> ResultsStore:
+    """The store a reader names (:func:`existing_store`), opened without creating anything:
+    a database that holds no results table is refused too."""
+    return open_store(existing_store(source), create=False)
+
+
 __all__ = [
     "COLUMNS",
     "DEFAULT_STORE_NAME",
@@ -37,6 +54,7 @@ __all__ = [
     "ResultsStore",
     "StoreError",
     "existing_store",
+    "open_existing_store",
     "open_store",
     "rows_table",
 ]

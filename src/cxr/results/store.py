@@ -72,15 +72,20 @@ class StoreError(CxrError):
 class ResultsStore:
     """Read and write the results table. Thread-safe: a server's threads may share one."""
 
-    def __init__(self, engine: sa.Engine):
+    def __init__(self, engine: sa.Engine, *, create: bool = True):
+        """``create=False`` opens an existing store for reading: nothing is created, and a
+        database without the results table is refused."""
         self.engine = engine
         self.url = engine.url.render_as_string(hide_password=True)
         # SQLite allows one writer at a time; serialising here avoids 'database is locked'
         # between our own threads (another process still waits on the busy timeout).
         self._lock = threading.Lock()
         try:
-            _metadata.create_all(engine)
-            self._salt = self._ensure_salt()
+            if create:
+                _metadata.create_all(engine)
+                self._salt = self._ensure_salt()
+            elif not sa.inspect(engine).has_table(results.name):
+                raise StoreError(f"{self.url}: holds no cxr results table (a mistyped URL?)")
         except SQLAlchemyError as exc:
             raise StoreError(f"{self.url}: cannot open the results store ({_short(exc)})") from None
 
@@ -241,7 +246,41 @@ class ResultsStore:
             ).scalar_one_or_none()
 
     def close(self) -> None:
+        """Fold the write-ahead log into the database file (SQLite), so that a plain copy of
+        the file holds every row; then release the connections."""
+        if self.engine.url.get_backend_name() == "sqlite":
+            try:
+                with self.engine.connect() as connection:
+                    connection.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+            except SQLAlchemyError:
+                pass  # another process holds it: the log stays, and SQLite reads it
         self.engine.dispose()
+
+    def backup(self, destination: str | os.PathLike) -> Path:
+        """A consistent copy of an SQLite store at ``destination`` (a new file), taken with
+        SQLite's online backup API while writers go on. PostgreSQL has pg_dump for this."""
+        target = Path(destination)
+        if self.engine.url.get_backend_name() != "sqlite":
+            raise StoreError(f"{self.url}: back up a PostgreSQL store with pg_dump")
+        if target.exists():
+            raise StoreError(f"{target}: already exists; a backup never replaces a file")
+        if not target.parent.is_dir():
+            raise StoreError(f"{target.parent}: no such folder for the backup")
+        import sqlite3
+
+        partial = target.with_name(f".{target.name}.partial")
+        source = self.engine.raw_connection()
+        try:
+            with sqlite3.connect(partial) as copy:
+                source.driver_connection.backup(copy)
+            copy.close()
+            os.replace(partial, target)
+        except (sqlite3.Error, OSError) as exc:
+            partial.unlink(missing_ok=True)
+            raise StoreError(f"{target}: backup failed ({exc})") from None
+        finally:
+            source.close()
+        return target
 
     def __enter__(self) -> ResultsStore:
         return self
@@ -304,13 +343,15 @@ class _Transaction:
         return False
 
 
-def open_store(url_or_path: str) -> ResultsStore:
+def open_store(url_or_path: str, *, create: bool = True) -> ResultsStore:
     """A store at a database URL (``sqlite:///...``, ``postgresql://user@host:port/db``) or
-    at an SQLite file path (created with its folder if missing)."""
+    at an SQLite file path (created with its folder if missing, unless ``create=False``: a
+    reader's store must already be there)."""
     text = str(url_or_path)
     if "://" not in text:
         path = Path(text)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if create:
+            path.parent.mkdir(parents=True, exist_ok=True)
         text = f"sqlite:///{path}"
     for prefix in _POSTGRES_PREFIXES:
         if text.startswith(prefix):
@@ -324,7 +365,7 @@ def open_store(url_or_path: str) -> ResultsStore:
             engine = sa.create_engine(url, pool_pre_ping=True)
     except (SQLAlchemyError, ImportError, ValueError) as exc:
         raise StoreError(f"{_hidden(text)}: not a usable database URL ({_short(exc)})") from None
-    return ResultsStore(engine)
+    return ResultsStore(engine, create=create)
 
 
 PASSWORD_ENV = "CXR_DB_PASSWORD"

@@ -27,6 +27,7 @@ import os
 import re
 import threading
 import time
+import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from importlib import resources
@@ -522,20 +523,22 @@ def _remaining(deadline: float) -> float:
     return max(0.0, deadline - time.monotonic())
 
 
+def _label_key(text: str) -> str:
+    return " ".join(unicodedata.normalize("NFC", text).casefold().replace("_", " ").split())
+
+
 def _pathology_index(labels: list[str], pathology: str) -> int:
     """The index that ``pathology`` names: ASCII decimal digits in range, or a label
-    (case-insensitive, space for underscore); 422 for anything else."""
+    as the bundle writes it, case-insensitively, a space and an underscore alike ("Pleural
+    Effusion", "pleural_thickening"); 422 listing the valid names for anything else."""
     text = pathology.strip()
     # Not str.isdigit(): it accepts '²' and '①' (int() then fails: a 500), and int() reads
     # '٣' and '３' as 3, an index the client did not write.
     if re.fullmatch(r"[0-9]{1,3}", text) and int(text) < len(labels):
         return int(text)
-    if text.isascii():
-        index = {label.lower(): i for i, label in enumerate(labels)}.get(
-            text.lower().replace(" ", "_")
-        )
-        if index is not None:
-            return index
+    index = {_label_key(label): i for i, label in enumerate(labels)}.get(_label_key(text))
+    if index is not None:
+        return index
     shown = ascii(text[:40]) + ("..." if len(text) > 40 else "")
     raise HTTPException(
         422,

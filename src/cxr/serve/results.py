@@ -8,7 +8,7 @@ when the service starts: reading must never create an empty store in its place.
 from __future__ import annotations
 
 import logging
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Query
@@ -23,9 +23,9 @@ log = logging.getLogger("cxr.serve")
 def open_results(location: str):
     """The :class:`~cxr.results.ResultsStore` at ``location`` (see the module's description);
     :class:`ConfigError` when a path holds no store."""
-    from cxr.results import existing_store, open_store
+    from cxr.results import open_existing_store
 
-    return open_store(existing_store(location))
+    return open_existing_store(location)
 
 
 def add_results_route(app: FastAPI, store) -> None:
@@ -60,7 +60,13 @@ def _since(text: str | None) -> datetime | None:
     try:
         if len(text) > MAX_SINCE_CHARS:
             raise ValueError
-        return datetime.fromisoformat(text.strip())
+        moment = datetime.fromisoformat(text.strip())
+        if moment.tzinfo is None:
+            moment = moment.astimezone()
+        moment.astimezone(timezone.utc)  # 0001-01-01T00:00+14:00 has no UTC time
+        return moment
+    except OverflowError:
+        raise HTTPException(422, f"since: {text[:40]!r} is out of range") from None
     except ValueError:
         raise HTTPException(
             422, "since: not an ISO 8601 time (e.g. 2026-11-27 or 2026-11-27T08:00:00+01:00)"
