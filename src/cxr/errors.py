@@ -49,3 +49,8 @@ class DeadlineExceeded(CxrError):
 
 class WorkerClosed(CxrError):
     """The inference worker is closed (or closing) and takes no more work."""
+
+
+class OutputError(CxrError):
+    """An output path that cannot be written as asked: a folder where a file is wanted, a
+    file where a folder is, a missing parent folder, or a place that cannot be written."""

@@ -150,6 +150,9 @@ def data_split(
     dataset=None,
 ):
     """Patient-level split with no patient in two sets (or the dataset's official one)."""
+    from cxr.outputs import output_folder
+
+    out = output_folder(out)
     found = _load_for_split(data, drop_missing, dataset)
     if official or official_lists:
         split = _official_split(found, data, official_lists, val_patients, val_fraction, seed)
@@ -254,6 +257,9 @@ def data_synth(
 ):
     """Write a SYNTHETIC dataset in NIH's layout (tables, images, boxes, official lists), or
     in CheXpert's or MIMIC-CXR-JPG's (tables with uncertain and blank labels, JPEGs)."""
+    from cxr.outputs import output_folder
+
+    out = output_folder(out)
     effect = parse_planted_effect(plant_effect) if plant_effect is not None else None
     with progress_task("generating synthetic images") as task:
         summary = write_synthetic_dataset(
@@ -299,6 +305,9 @@ def data_cache(
     Run it again with the same --out to finish an interrupted build: images already written
     are not decoded again.
     """
+    from cxr.outputs import output_folder
+
+    out = output_folder(out)
     from cxr.data.datasets import read_dataset
 
     found = read_dataset(data, dataset, drop_missing=drop_missing)

@@ -64,6 +64,9 @@ def explain(
     device: DeviceOption = "auto",
 ):
     """Probabilities, positive/negative calls and Grad-CAM overlays for each image."""
+    from cxr.outputs import output_folder
+
+    out = output_folder(out)
     from cxr.model.bundle import load_bundle
     from cxr.runtime import resolve_device
     from cxr.workflows.explain import explain_images
@@ -157,6 +160,13 @@ def localize(
     device: DeviceOption = "auto",
 ):
     """Pointing game and IoU of Grad-CAM against boxes, per pathology and overall."""
+    from cxr.outputs import output_file
+
+    out = (
+        out
+        if out is None
+        else output_file(out, default_name="localization.json", suffixes=(".json",))
+    )
     from cxr.workflows.localize import localize_run
 
     thresholds = _thresholds(threshold)

@@ -62,10 +62,12 @@ def predict(
     a named pipe, socket, broken link or symbolic-link loop found inside a folder is named in
     a warning and does not change the exit status.
     """
-    from cxr.engine.inference import check_out_path, load_predictor, predict_files
+    from cxr.outputs import output_file
+
+    out = out if out is None else output_file(out, suffixes=(".csv", ".json"))
+    from cxr.engine.inference import load_predictor, predict_files
     from cxr.model.bundle import resolve_bundle
 
-    check_out_path(out)
     files, errors, skipped = find_images(paths)
     for error in errors:
         _report(error)
@@ -168,6 +170,9 @@ def export(
     ] = True,
 ):
     """Export the model to ONNX (input `image` [N,3,S,S] -> `logits` [N,14])."""
+    from cxr.outputs import output_file
+
+    onnx = output_file(onnx, default_name="model.onnx", suffixes=(".onnx",), option="--onnx")
     from cxr.model.onnx import export_onnx
 
     result = export_onnx(model, onnx, check=check)

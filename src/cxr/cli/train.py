@@ -202,6 +202,9 @@ def train(
     Under ``torchrun --nproc_per_node=N -m cxr train ...`` it trains with
     DistributedDataParallel (``--batch-size`` is per process); rank 0 writes the run folder.
     """
+    from cxr.outputs import output_folder
+
+    out = out if out is None else output_folder(out)
     if resume is not None:
         # A resumed run keeps its method; only when and where it runs may change.
         runtime = dict(
@@ -489,6 +492,9 @@ def demo(
     ] = "auto",
 ):
     """Synthetic data -> patient split -> train from scratch -> evaluate, all offline."""
+    from cxr.outputs import output_folder
+
+    out = out if out is None else output_folder(out)
     from cxr.workflows.demo import resolve_demo_device, run_demo
 
     device = resolve_demo_device(device)
