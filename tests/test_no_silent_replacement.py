@@ -104,3 +104,63 @@ def test_explain_names_labels_as_the_bundle_writes_them(tmp_path):
     )
     assert response.status_code == 422
     assert all(label in response.json()["detail"] for label in labels)
+
+
+def digest(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.slow
+def test_another_split_and_two_external_sets_called_images_replace_nothing(trained_run, tmp_path):
+    """A run's own test results stay byte for byte when another table named test.csv is
+    evaluated, and two external sets whose folders are both called ``images`` keep their
+    own results; the report builds on the whole mixture."""
+    import json
+    import shutil
+
+    import pandas as pd
+
+    run = Path(shutil.copytree(trained_run, tmp_path / "run"))
+    fast = ["--workers", "0", "--device", "cpu"]
+    assert run_cli("evaluate", run, *fast)[0] == 0
+    own = digest(run / "predictions-test.csv")
+    own_test = json.loads((run / "metrics.json").read_text())["test"]
+    test = pd.read_csv(run / "split" / "test.csv", dtype=str, keep_default_na=False)
+    other = tmp_path / "other" / "test.csv"
+    other.parent.mkdir()
+    test.head(len(test) // 2).to_csv(other, index=False)
+    code, output = run_cli("evaluate", run, "--split", other, *fast)
+    assert code == 0, output
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert digest(run / "predictions-test.csv") == own
+    assert metrics["test"] == own_test
+    (key,) = [k for k in metrics if k.startswith("split-test-")]
+    assert metrics[key]["images"] == len(test) // 2
+    assert (run / f"predictions-{key}.csv").is_file()
+
+    # Two hospitals' tables of the run's unseen test patients, each in a folder "images".
+    from cxr.labels import PATHOLOGIES
+
+    table = test[["path", "Patient ID", *PATHOLOGIES]].rename(
+        columns={"path": "image", "Patient ID": "patient"}
+    )
+    sources = []
+    for site, rows in (("site-a", table.head(20)), ("site-b", table.tail(20))):
+        folder = tmp_path / site / "images"
+        folder.mkdir(parents=True)
+        rows.to_csv(folder / "labels.csv", index=False)
+        sources.append(folder / "labels.csv")
+        code, output = run_cli("evaluate", run, "--data", folder / "labels.csv", "--split",
+                               "all", "--image-col", "image", "--patient-col", "patient",
+                               *fast)  # fmt: skip
+        assert code == 0, output
+    external = json.loads((run / "metrics.json").read_text())["external"]
+    assert len(external) == 2 and "labels.csv" in external
+    assert sorted(r["data"] for r in external.values()) == sorted(str(s) for s in sources)
+    assert len({r["predictions"] for r in external.values()}) == 2
+    code, output = run_cli("report", run, *fast, "--resamples", 20)
+    assert code == 0, output
+    page = (run / "report.html").read_text()
+    assert all(str(source) in page for source in sources)

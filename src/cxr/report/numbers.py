@@ -271,6 +271,7 @@ def external_side_by_side(
         shown.append(
             {
                 **{k: result[k] for k in ("name", "layout", "split", "images", "patients")},
+                "data": result.get("data"),
                 **{k: result[k] for k in ("auroc_mean", "auroc_mean_ci", "dropped")},
                 "rows": rows,
             }

@@ -5,6 +5,7 @@ predictions)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -36,7 +37,7 @@ from cxr.run import SPLIT_NAMES, RunFolder
 from cxr.runtime import resolve_device
 from cxr.safety import restored_frame
 from cxr.subgroups import build_groupings, subgroup_analysis
-from cxr.utils import atomic_write_csv
+from cxr.utils import atomic_write_csv, safe_name
 from cxr.workflows.card import refresh_card
 
 OnBatch = Callable[[int], None] | None
@@ -49,13 +50,21 @@ def split_frame(run: RunFolder, split: str) -> tuple[pd.DataFrame, str]:
         frame, name = run.read_split(split), split
     else:
         path = Path(split)
-        frame, name = read_split_table(path, run.dataset_info()), path.stem
+        frame, name = read_split_table(path, run.dataset_info()), other_split_name(path)
         if PATH_COLUMN not in frame.columns:
             frame = _with_image_paths(run, frame, path)
         check_no_training_patients(run, frame, path)
     if frame.empty:
         raise DataError(f"split {split!r} of {run.root} has no images")
     return frame, name
+
+
+def other_split_name(path: Path) -> str:
+    """What the results of a table that is not one of the run's splits are kept under:
+    ``split-<stem>-<8 hex of its absolute path>``, so that ``other/test.csv`` never replaces
+    the run's own ``test`` results and two tables called ``test.csv`` never meet."""
+    digest = hashlib.sha256(str(path.resolve()).encode("utf-8", "surrogateescape")).hexdigest()
+    return f"split-{safe_name(path.stem) or 'table'}-{digest[:8]}"
 
 
 def _with_image_paths(run: RunFolder, frame: pd.DataFrame, path: Path) -> pd.DataFrame:
@@ -145,7 +154,8 @@ def evaluate_run(
 ) -> dict[str, Any]:
     """Predict every image of a split with the run's best bundle; write predictions and metrics.
 
-    ``split`` is ``test``, ``val`` or the path of a CSV in NIH format (:func:`split_frame`).
+    ``split`` is ``test``, ``val`` or the path of a table (:func:`split_frame`), whose results
+    are kept under their own name (:func:`other_split_name`).
     The subgroup analysis (:mod:`cxr.subgroups`) covers sex, age, view and follow-up and the
     columns named in ``subgroups``; ``None`` leaves it out.
     """

@@ -11,6 +11,7 @@ the report shows them beside the internal test results.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -82,14 +83,15 @@ def external_evaluate(
     meta = read_bundle_meta(run.root)
     if labels == GOOGLE2019:
         found = _google2019_data(run, data, split, labels_file, dataset)
-        name = name or GOOGLE2019
+        default = GOOGLE2019
     elif labels is not None:
         raise DataError(f"--labels {labels!r}: the only named label set is {GOOGLE2019}")
     else:
         if data is None:
             raise DataError("give --data OTHER (a dataset folder or table) to validate on")
         found = _external_data(run, Path(data), dataset or DatasetSpec(), split, drop_missing)
-        name = name or Path(data).resolve().name
+        default = Path(data).resolve().name
+    name = _result_name(run, name, default, found.source)
     mapping = dict(label_map) if label_map else default_label_map(meta.labels, found.labels)
     unknown = sorted({s for sources in mapping.values() for s in sources} - set(meta.labels))
     if unknown:
@@ -120,7 +122,7 @@ def external_evaluate(
         notes=found.notes,
         model_epoch=meta.epoch,
     )
-    folder = run.root / "external" / safe_name(name)
+    folder = run.root / "external" / _folder_name(name)
     folder.mkdir(parents=True, exist_ok=True)
     table = predictions_frame(found.table, scored, truth, scores, answers)
     atomic_write_csv(table, folder / "predictions.csv")
@@ -130,6 +132,36 @@ def external_evaluate(
     run.write_json(run.metrics, metrics)
     json.dumps(result)  # fail here, not in a later reader, if something is not serialisable
     return result
+
+
+def _result_name(run: RunFolder, name: str | None, default: str, source: Path) -> str:
+    """The key of an external result: ``--name``, else ``default`` (the data's folder name).
+    A name that already holds the result of another source is never replaced: an explicit
+    one is refused, a default one gets the source's short hash."""
+    held = run.read_metrics().get("external", {})
+
+    def taken(key: str) -> bool:
+        return key in held and held[key].get("data") != str(source)
+
+    if name is not None:
+        if taken(name):
+            raise DataError(
+                f"external result {name!r} already holds {held[name].get('data')}; choose "
+                "another --name"
+            )
+        return name
+    if taken(default):
+        digest = hashlib.sha256(str(source).encode("utf-8", "surrogateescape")).hexdigest()
+        default = f"{default}-{digest[:8]}"
+    return default
+
+
+def _folder_name(name: str) -> str:
+    """A file-name-safe folder for the result ``name``, distinct for distinct names."""
+    safe = safe_name(name) or "external"
+    if safe == name:
+        return safe
+    return f"{safe}-{hashlib.sha256(name.encode('utf-8', 'surrogateescape')).hexdigest()[:8]}"
 
 
 def _mapped(prob, calls, outputs: list[str], mapping, scored: list[str]):
