@@ -164,3 +164,36 @@ def test_another_split_and_two_external_sets_called_images_replace_nothing(train
     assert code == 0, output
     page = (run / "report.html").read_text()
     assert all(str(source) in page for source in sources)
+
+
+def generic_table(tmp_path: Path, text: str, encoding: str = "utf-8") -> Path:
+    path = tmp_path / "labels.csv"
+    path.write_bytes(text.encode(encoding))
+    return path
+
+
+def test_generic_tables_keep_other_columns_and_refuse_what_is_ambiguous(tmp_path):
+    from cxr.data.datasets import DatasetSpec, read_dataset
+    from cxr.errors import DataError
+    from cxr.subgroups import build_groupings
+
+    spec = DatasetSpec(image_col="file", patient_col="mrn", labels=("Effusion",))
+    rows = "".join(f"img{n}.png,P{n},{n % 2},{'AB'[n % 2]}\n" for n in range(6))
+    data = read_dataset(
+        generic_table(tmp_path, "file,mrn,Effusion,site\n" + rows), spec, require_images=False
+    )
+    assert data.table["site"].tolist() == ["A", "B"] * 3
+    (grouping,) = [g for g in build_groupings(data.table, ["site"]) if g.column == "site"]
+    assert grouping.names == ("A", "B") and grouping.codes.tolist() == [0, 1] * 3
+
+    with pytest.raises(DataError, match=r"line 1: the column 'site' appears more than once"):
+        read_dataset(generic_table(tmp_path, "file,mrn,Effusion,site,site\n" + rows.replace(
+            "\n", ",x\n")), spec, require_images=False)  # fmt: skip
+    latin = "file,mrn,Effusion\na.png,P1,1\nb.png,Ren\xe9e,0\n"
+    with pytest.raises(DataError, match=r"labels\.csv, line 3: not UTF-8"):
+        read_dataset(generic_table(tmp_path, latin, "latin-1"), spec, require_images=False)
+
+
+def test_results_csv_has_empty_cells_for_times_not_reached(store_file):
+    code, output = run_cli("results", store_file, "--csv")
+    assert code == 0 and "NaT" not in output and "None" not in output

@@ -31,6 +31,7 @@ import pandas as pd
 from cxr.config import UNCERTAIN_POLICIES
 from cxr.data import chexpert, mimic
 from cxr.data.nih import (
+    AGE_COLUMN,
     IMAGE_COLUMN,
     LABELS_COLUMN,
     PATH_COLUMN,
@@ -42,6 +43,7 @@ from cxr.data.nih import (
 )
 from cxr.data.table import (
     LABEL_VALUES,
+    SOURCE_SPLIT_COLUMN,
     UNCERTAIN,
     LabeledData,
     check_unique_images,
@@ -285,11 +287,25 @@ def read_generic(source: Path, spec: DatasetSpec) -> LabeledData:
     for label in labels:
         table[label] = parse_label_cells(raw[label], label, where)
     _add_demographics(table, raw, spec, where)
+    _keep_other_columns(table, raw, {c for c in named if c} | set(labels))
     check_unique_images(table, where)
     root = Path(spec.image_root) if spec.image_root else table_path.parent
     return LabeledData(
         table=table, labels=tuple(labels), layout="generic", source=table_path, image_root=root
     )
+
+
+# Columns cxr itself puts in an image table: a user's column of the same name is not kept.
+_OWN_COLUMNS = {IMAGE_COLUMN, PATIENT_COLUMN, PATH_COLUMN, VIEW_COLUMN, SEX_COLUMN, AGE_COLUMN,
+                "age_years", SOURCE_SPLIT_COLUMN}  # fmt: skip
+
+
+def _keep_other_columns(table: pd.DataFrame, raw: pd.DataFrame, used: set[str]) -> None:
+    """The table's other columns (a site, a scanner) travel with the images, as text, so
+    that splits keep them and ``--subgroup site`` can group by them."""
+    for column in raw.columns:
+        if column not in used and column not in _OWN_COLUMNS and column not in table.columns:
+            table[column] = raw[column].to_numpy()
 
 
 def infer_label_columns(raw: pd.DataFrame, taken: set[str], path: Path) -> list[str]:

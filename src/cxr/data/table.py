@@ -66,12 +66,57 @@ def read_text_table(path: Path, max_bytes: int = 4 << 30) -> pd.DataFrame:
             table = pd.read_csv(path, dtype=str, keep_default_na=False, index_col=False)
     except pd.errors.EmptyDataError:
         raise DataError(f"{path}: the table is empty") from None
-    except (ImportError, ValueError, OSError, UnicodeDecodeError, EOFError) as exc:
+    except UnicodeDecodeError as exc:
+        where = _first_non_utf8_line(path)
+        raise DataError(f"{path}{where}: not UTF-8 text ({exc.reason}); save it as UTF-8") from None
+    except (ImportError, ValueError, OSError, EOFError) as exc:
         raise DataError(f"{path}: not a readable table ({exc})") from None
+    if path.suffix.lower() not in (".parquet", ".pq"):
+        _refuse_duplicate_header(path)
     table = table.rename(columns=lambda c: str(c).strip())
     if table.empty:
         raise DataError(f"{path}: the table has a header but no rows")
     return table
+
+
+def _open_text(path: Path):
+    import gzip
+
+    if path.suffix.lower() == ".gz":
+        return gzip.open(path, "rt", encoding="utf-8", newline="")
+    return open(path, encoding="utf-8", newline="")
+
+
+def _refuse_duplicate_header(path: Path) -> None:
+    """pandas renames a repeated column (``site``, ``site.1``): which one a user meant is
+    not ours to guess."""
+    import csv
+
+    with _open_text(path) as handle:
+        header = next(csv.reader(handle), [])
+    seen: set[str] = set()
+    for name in (column.strip() for column in header):
+        if name in seen:
+            raise DataError(f"{path}, line 1: the column {name!r} appears more than once")
+        seen.add(name)
+
+
+def _first_non_utf8_line(path: Path) -> str:
+    """', line N' of the first line that is not UTF-8 (pandas' error gives an offset into
+    its own buffer, not the file), or '' when it cannot be found."""
+    import gzip
+
+    try:
+        opener = gzip.open if path.suffix.lower() == ".gz" else open
+        with opener(path, "rb") as handle:
+            for number, line in enumerate(handle, start=1):
+                try:
+                    line.decode("utf-8")
+                except UnicodeDecodeError:
+                    return f", line {number}"
+    except OSError:
+        pass
+    return ""
 
 
 def parse_label_cells(cells: pd.Series, label: str, where) -> pd.Series:

@@ -450,5 +450,6 @@ def rows_table(rows: Sequence[dict[str, Any]]):
     for key in ("probabilities", "calls"):
         frame[key] = [None if v is None else json.dumps(v, sort_keys=False) for v in frame[key]]
     for key in ("received_at", "finished_at", "sent_at"):
-        frame[key] = [None if v is None else v.isoformat() for v in frame[key]]
+        # pandas turns a column of times into datetime64, its blanks into NaT: an empty cell
+        frame[key] = [None if pd.isna(v) else v.isoformat() for v in frame[key]]
     return frame
