@@ -157,3 +157,20 @@ def parse_label_map(text: str) -> dict[str, tuple[str, ...]]:
             )
         mapping[target.strip()] = names
     return mapping
+
+
+MAX_LABEL_CHARS = 256
+
+
+def label_name_problem(label: str) -> str | None:
+    """Why ``label`` cannot be a label name, or None. A label travels as a CSV header, a JSON
+    key, Markdown, HTML, a figure title and a DICOM code meaning, so it must be printable
+    text on one line (any language, any punctuation) of at most 256 characters."""
+    if not label.strip():
+        return "it is blank"
+    if len(label) > MAX_LABEL_CHARS:
+        return f"it has {len(label):,} characters (at most {MAX_LABEL_CHARS})"
+    bad = next((ch for ch in label if not ch.isprintable()), None)
+    if bad is not None:
+        return f"it holds the control character {bad!r}"
+    return None

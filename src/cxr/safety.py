@@ -89,7 +89,7 @@ def restored_frame(frame):
 
 # Markdown's punctuation that can start emphasis, links, code, headings, lists, tables or
 # raw HTML (CommonMark 2.4: any ASCII punctuation may be backslash-escaped).
-_MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|~<>])")
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|~<>=])")
 
 
 def markdown_text(value: Any) -> str:

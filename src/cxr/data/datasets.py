@@ -54,7 +54,7 @@ from cxr.data.table import (
     read_text_table,
 )
 from cxr.errors import DataError
-from cxr.labels import PATHOLOGIES
+from cxr.labels import PATHOLOGIES, label_name_problem
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -273,6 +273,11 @@ def read_generic(source: Path, spec: DatasetSpec) -> LabeledData:
             f"found {', '.join(map(repr, raw.columns))}"
         )
     labels = spec.labels or infer_label_columns(raw, {c for c in named if c}, table_path)
+    for label in labels:
+        problem = label_name_problem(label)
+        if problem:
+            shown = repr(label[:60]) + ("..." if len(label) > 60 else "")
+            raise DataError(f"{table_path}: the label column {shown} cannot be a label: {problem}")
     table = pd.DataFrame(
         {
             IMAGE_COLUMN: raw[spec.image_col].str.strip(),

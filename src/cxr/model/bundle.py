@@ -32,7 +32,7 @@ from torch import nn
 
 from cxr.config import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, NORMALIZATIONS
 from cxr.errors import ModelError
-from cxr.labels import PATHOLOGIES
+from cxr.labels import PATHOLOGIES, label_name_problem
 from cxr.model.card import ModelCard
 from cxr.model.network import ARCHITECTURE, build_model, unwrap
 from cxr.utils import atomic_write_bytes, atomic_write_text
@@ -142,6 +142,10 @@ class BundleMeta(BaseModel):
         blank = [i for i, label in enumerate(labels) if not label.strip()]
         if blank:
             raise ValueError(f"expected non-empty labels, got {_shown(labels[blank[0]])}")
+        for label in labels:
+            problem = label_name_problem(label)
+            if problem:
+                raise ValueError(f"label {_shown(label)} cannot be used: {problem}")
         repeated = sorted({label for label in labels if labels.count(label) > 1})
         if repeated:
             raise ValueError(f"expected distinct labels, got repeated {', '.join(repeated)}")
