@@ -64,6 +64,11 @@ class NodeOptions:
     host: str = "127.0.0.1"
     port: int = 11112
     allowed_ae: tuple[str, ...] = ()  # empty: any calling AE title
+    accept_any_called_ae: bool = False  # else the called AE title must be ae_title
+    max_associations: int = 32
+    # A connection that sends no A-ASSOCIATE-RQ holds an association slot: ARTIM bounds it.
+    first_pdu_timeout_s: float = 10.0
+    idle_timeout_s: float = 60.0  # an association that sends nothing for this long is aborted
     overlays: bool = False
     workers: int = 4
     senders: int = 4  # concurrent associations to the destination
@@ -85,11 +90,16 @@ class _Counts:
     predicted: int = 0
     sent: int = 0
     failed: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)  # associations, by reason
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def add(self, name: str) -> None:
         with self.lock:
             setattr(self, name, getattr(self, name) + 1)
+
+    def reject(self, reason: str) -> None:
+        with self.lock:
+            self.rejected[reason] = self.rejected.get(reason, 0) + 1
 
 
 class DicomNode:
@@ -170,11 +180,16 @@ class DicomNode:
             ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification)
         ae.require_calling_aet = list(self.options.allowed_ae)
-        ae.maximum_associations = 32
+        ae.require_called_aet = not self.options.accept_any_called_ae
+        ae.maximum_associations = self.options.max_associations
         # Larger PDUs than pynetdicom's 16 KiB default: a 2 MB radiograph in 2 PDUs instead of
         # 128 (a fifth less time receiving), still a bounded read per PDU.
         ae.maximum_pdu_size = 2**20
-        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.options.timeout_s
+        # acse_timeout is the ARTIM timer: how long a connection may wait before its
+        # A-ASSOCIATE-RQ (and a release its reply); network_timeout is the idle limit.
+        ae.acse_timeout = self.options.first_pdu_timeout_s
+        ae.network_timeout = self.options.idle_timeout_s
+        ae.dimse_timeout = self.options.timeout_s
         return ae
 
     # ------------------------------------------------------------------ recovery
@@ -207,10 +222,14 @@ class DicomNode:
     # ------------------------------------------------------------------ reception
 
     def _on_reject(self, event) -> None:
-        calling = _ae_text(event.assoc.requestor.ae_title)
-        reason = f"association from calling AE title {calling!r} refused: not an allowed AE"
-        log.warning(reason)
-        self._record(lambda: self.store.refuse(None, reason, calling_ae=calling))
+        """A rejected association is logged and counted, never a results row: no instance
+        came, and a flood of them must not fill the table."""
+        reason = rejection_reason(event.assoc.acceptor.primitive)
+        requested = event.assoc.requestor.primitive
+        calling = _ae_text(getattr(requested, "calling_ae_title", ""))
+        called = _ae_text(getattr(requested, "called_ae_title", ""))
+        self.counts.reject(reason)
+        log.warning("association from %r to %r rejected: %s", calling, called, reason)
 
     def _on_store(self, event):
         calling = _ae_text(event.assoc.requestor.ae_title)
@@ -397,6 +416,22 @@ class DicomNode:
             write()
         except StoreError as exc:
             log.error("%s", exc)
+
+
+# (result source, diagnostic) of an A-ASSOCIATE-RJ (PS3.8 9.3.4) -> the reason logged.
+REJECTION_REASONS = {
+    (0x01, 0x02): "application context name not supported",
+    (0x01, 0x03): "calling AE title not recognised",
+    (0x01, 0x07): "called AE title not recognised",
+    (0x02, 0x02): "protocol version not supported",
+    (0x03, 0x01): "temporary congestion",
+    (0x03, 0x02): "too many associations (local limit exceeded)",
+}
+
+
+def rejection_reason(rejection) -> str:
+    key = (getattr(rejection, "result_source", None), getattr(rejection, "diagnostic", None))
+    return REJECTION_REASONS.get(key, "no reason given")
 
 
 def _status(code: int, comment: str) -> Dataset:
