@@ -9,17 +9,33 @@ from __future__ import annotations
 import io
 import shutil
 import subprocess
+import threading
 from pathlib import Path
 
+import numpy as np
 import pydicom
 import pytest
-from dicom_support import nih_gray, send
-from test_dicom_node import Sink, bundle, make_node, sink, store_rows  # noqa: F401
+from dicom_support import nih_gray, referenced_image, report_findings, send
+from pydicom.uid import (
+    DigitalXRayImageStorageForPresentation,
+    ExplicitVRLittleEndian,
+    generate_uid,
+)
+from pynetdicom import AE
+from test_dicom_node import (  # noqa: F401
+    Sink,
+    bundle,
+    make_node,
+    reference_probabilities,
+    sink,
+    store_rows,
+)
 
 from cxr.testing import radiograph_dicom
 
 WAIT_S = 120  # a hang guard, never a timing assertion
 DX_FOR_PROCESSING = "1.2.840.10008.5.1.4.1.1.1.1.1"
+UID_CONFLICT = "SOP Instance UID already received for another patient"  # the status we chose
 
 
 def dcmtk(tool: str) -> str:
@@ -105,3 +121,68 @@ def test_for_processing_images_are_refused_and_the_association_goes_on(sink, mak
         assert rows[str(refused.SOPInstanceUID)]["status"] == "refused"
         assert "FOR PROCESSING" in rows[str(refused.SOPInstanceUID)]["reason"]
     assert rows[str(good.SOPInstanceUID)]["status"] == "sent"
+
+
+def _store_at_once(port: int, dataset: pydicom.Dataset, barrier: threading.Barrier, answers):
+    """One association opened, then (with the other sender) one C-STORE at the same moment."""
+    ae = AE(ae_title="PACS")
+    ae.add_requested_context(DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = WAIT_S
+    assoc = ae.associate("127.0.0.1", port, ae_title="CXR")
+    try:
+        barrier.wait(timeout=WAIT_S)
+        status = assoc.send_c_store(dataset)
+        answers[str(dataset.PatientID)] = (int(status.Status), str(status.get("ErrorComment", "")))
+    finally:
+        assoc.release()
+
+
+@pytest.mark.slow
+def test_two_senders_racing_one_uid_first_write_wins(bundle, sink, make_node, tmp_path):
+    rounds = 8
+    node = make_node(sink.port, patient_ids="keep").start()
+    # Each patient's image has its own pixels, so a report tells which copy was spooled.
+    pixels = {"A": nih_gray(0), "B": nih_gray(1)}
+    expected = reference_probabilities(
+        bundle, {p: radiograph_dicom(g) for p, g in pixels.items()}, tmp_path / "reference"
+    )
+    expected = dict(zip(pixels, expected.values()))
+    winners = {}
+    for n in range(rounds):
+        uid = generate_uid()
+        copies = {
+            p: pydicom.dcmread(
+                io.BytesIO(radiograph_dicom(g, SOPInstanceUID=uid, PatientID=f"{p}-{n}"))
+            )
+            for p, g in pixels.items()
+        }
+        answers, barrier = {}, threading.Barrier(2)
+        senders = [
+            threading.Thread(target=_store_at_once, args=(node.address[1], c, barrier, answers))
+            for c in copies.values()
+        ]
+        for sender in senders:
+            sender.start()
+        for sender in senders:
+            sender.join(WAIT_S)
+        statuses = sorted(answers.values())
+        assert statuses == [(0x0000, ""), (0xC000, UID_CONFLICT)], statuses
+        winner = next(p for p in pixels if answers[f"{p}-{n}"][0] == 0x0000)
+        winners[uid] = (winner, copies[winner])
+
+    assert node.wait(lambda: node.counts.sent == rounds, WAIT_S)
+    rows = {r["sop_instance_uid"]: r for r in store_rows(tmp_path)}
+    assert len(rows) == rounds
+    reports = {referenced_image(r)[1]: r for r in sink.reports()}
+    assert sorted(reports) == sorted(winners) and len(sink.reports()) == rounds
+    for uid, (winner, dataset) in winners.items():
+        assert rows[uid]["patient_ref"] == dataset.PatientID  # the row is the winner's
+        assert reports[uid].PatientID == dataset.PatientID  # the SR too
+        findings = report_findings(reports[uid])  # and the spooled pixels were the winner's
+        got = [findings[label]["probability"] for label in node.model.labels]
+        np.testing.assert_allclose(got, expected[winner], rtol=0, atol=1e-9)
+
+    # A resend from the winner's own patient is the same image: acknowledged, one row.
+    uid, (_, dataset) = next(iter(winners.items()))
+    assert send(node.address[1], [dataset]) == [(0x0000, "")]
+    assert len(store_rows(tmp_path)) == rounds

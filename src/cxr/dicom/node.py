@@ -38,7 +38,13 @@ from cxr.dicom.report import ModelInfo, ReportMaker, overlay_capture
 from cxr.dicom.spool import Spool
 from cxr.errors import CxrError
 from cxr.explain.render import overlay_png
-from cxr.results.store import ResultsStore, StoreError
+from cxr.results.store import (
+    BEING_RECEIVED,
+    CLAIMED,
+    HELD_ALREADY,
+    ResultsStore,
+    StoreError,
+)
 from cxr.serve.batching import BatchedPredictor
 
 log = logging.getLogger(__name__)
@@ -56,6 +62,7 @@ STATUS_SUCCESS = 0x0000
 STATUS_CANNOT_UNDERSTAND = 0xC000  # a failure: the instance is refused
 STATUS_OUT_OF_RESOURCES = 0xA700  # a failure the sender may retry later
 PATIENT_ID_MODES = ("hash", "keep", "drop")
+UID_CONFLICT = "SOP Instance UID already received for another patient"
 
 
 @dataclass(frozen=True)
@@ -141,6 +148,8 @@ class DicomNode:
             self._spawn(self._work_loop, f"cxr-worker-{n}")
         for n in range(self.options.senders):
             self._spawn(self._send_loop, f"cxr-sender-{n}")
+        if dropped := self.store.drop_claims():
+            log.info("%d image(s) being received when the last run ended were dropped", dropped)
         self.recover()
         self._server = self._make_ae().start_server(
             (self.options.host, self.options.port),
@@ -240,29 +249,49 @@ class DicomNode:
                 raise Refused("the SOP Instance UID differs from the one the request names")
         except Refused as exc:
             return self._refuse(event, calling, str(exc))
-        if self.store.status_of(instance.sop_instance_uid) in ("received", "predicted", "sent"):
-            return STATUS_SUCCESS  # a resend of an image already held: one result only
-        if not self._slots.acquire(timeout=self.options.admit_timeout_s):
-            return _status(STATUS_OUT_OF_RESOURCES, "listener busy, try again later")
+        return self._admit(instance, data, calling)
+
+    def _admit(self, instance, data: bytes, calling: str):
+        """Claim the SOP Instance UID in the store, then spool, then confirm: between two
+        senders racing one UID the store decides before either's bytes are written."""
+        uid = instance.sop_instance_uid
         try:
-            self.spool.put_incoming(instance.sop_instance_uid, data)
-            admitted = self.store.admit(
-                instance.sop_instance_uid,
+            claim = self.store.claim(
+                uid,
+                patient_ref=self._patient_ref(instance.patient_id),
                 study_instance_uid=instance.study_instance_uid,
                 sop_class_uid=instance.sop_class_uid,
-                patient_ref=self._patient_ref(instance.patient_id),
                 calling_ae=calling,
             )
+        except CxrError as exc:
+            log.error("cannot admit %s: %s", uid, exc)
+            return _status(STATUS_OUT_OF_RESOURCES, "cannot record the image")
+        if claim != CLAIMED:
+            return self._not_claimed(uid, calling, claim)
+        if not self._slots.acquire(timeout=self.options.admit_timeout_s):
+            self._record(partial(self.store.withdraw, uid))
+            return _status(STATUS_OUT_OF_RESOURCES, "listener busy, try again later")
+        try:
+            self.spool.put_incoming(uid, data)
+            self.store.confirm(uid)
         except (OSError, CxrError) as exc:
             self._slots.release()
-            log.error("cannot admit %s: %s", instance.sop_instance_uid, exc)
+            self._record(partial(self.store.withdraw, uid))
+            log.error("cannot admit %s: %s", uid, exc)
             return _status(STATUS_OUT_OF_RESOURCES, "cannot spool or record the image")
-        if admitted:
-            self.counts.add("received")
-            self._work.put(instance.sop_instance_uid)
-        else:
-            self._slots.release()
+        self.counts.add("received")
+        self._work.put(uid)
         return STATUS_SUCCESS
+
+    def _not_claimed(self, uid: str, calling: str, claim: str):
+        if claim == HELD_ALREADY:
+            return STATUS_SUCCESS  # a resend of an image already held: one result only
+        if claim == BEING_RECEIVED:
+            return _status(STATUS_OUT_OF_RESOURCES, "the same image is arriving now; try later")
+        # First write wins: what was acknowledged for one patient is never replaced.
+        self.counts.add("refused")
+        log.warning("refused %s from %s: %s", uid, calling, UID_CONFLICT)
+        return _status(STATUS_CANNOT_UNDERSTAND, UID_CONFLICT)
 
     def _refuse(self, event, calling: str, reason: str):
         uid = str(event.request.AffectedSOPInstanceUID or "")
