@@ -118,32 +118,49 @@ class DicomNode:
         spool: Spool,
         destination: Destination,
         options: NodeOptions = NodeOptions(),
+        *,
+        loader: Callable[[], tuple[object, ModelInfo]] | None = None,
     ):
+        """``predictor`` and ``model`` ready, or None and a ``loader`` returning them that
+        :meth:`start` runs in the background once the port is open."""
         if options.patient_ids not in PATIENT_ID_MODES:
             raise CxrError(f"patient IDs: choose from {', '.join(PATIENT_ID_MODES)}")
-        self.predictor, self.model, self.store, self.spool = predictor, model, store, spool
-        self.options = options
+        if predictor is None and loader is None:
+            raise CxrError("a DICOM node needs a predictor or a loader for one")
+        self.store, self.spool, self.options = store, spool, options
+        self.predictor = self.model = self.batcher = self.reports = None
+        if predictor is not None:
+            self._use_model(predictor, model)
+        self._loader = loader
+        self.load_error: BaseException | None = None  # why the loader failed
         self.forwarder = Forwarder(destination, options.ae_title, options.timeout_s)
-        # The model is shared with `cxr serve`'s batched worker: the images the worker
-        # threads hold are run together.
-        self.batcher = BatchedPredictor(
-            predictor, max_batch=options.max_batch, max_wait_ms=options.max_wait_ms
-        )
-        self.reports = ReportMaker(model)
         self.counts = _Counts()
         self._slots = threading.BoundedSemaphore(options.queue_size)
         self._work: queue.Queue[str] = queue.Queue()
         self._outbox: queue.Queue[str] = queue.Queue()
         self._stop = threading.Event()
+        self._ready = threading.Event()  # the model runs: the workers may predict
+        self._listening = threading.Event()
         self._threads: list[threading.Thread] = []
         self._server = None
 
+    def _use_model(self, predictor, model: ModelInfo) -> None:
+        self.predictor, self.model = predictor, model
+        # The model is shared with `cxr serve`'s batched worker: the images the worker
+        # threads hold are run together.
+        self.batcher = BatchedPredictor(
+            predictor, max_batch=self.options.max_batch, max_wait_ms=self.options.max_wait_ms
+        )
+        self.reports = ReportMaker(model)
+
     # ------------------------------------------------------------------ life cycle
 
-    def start(self) -> DicomNode:
-        """Start the model, the workers and the sender, resume what the spool holds, then
-        listen. Returns once the port is open."""
-        self.batcher.start()
+    def start(self, on_listening: Callable[[tuple[str, int]], None] | None = None) -> DicomNode:
+        """Resume what the spool holds, then listen; the model loads and starts meanwhile
+        in a thread of its own, and images received before it runs wait in the spool
+        (C-ECHO and C-STORE are answered at once). ``on_listening`` is called with the
+        address once the port is open, before "model ready" is logged. Returns then."""
+        self._spawn(self._warm_up, "cxr-model")
         for n in range(self.options.workers):
             self._spawn(self._work_loop, f"cxr-worker-{n}")
         for n in range(self.options.senders):
@@ -156,7 +173,33 @@ class DicomNode:
             block=False,
             evt_handlers=[(evt.EVT_C_STORE, self._on_store), (evt.EVT_REJECTED, self._on_reject)],
         )
+        if on_listening is not None:
+            on_listening(self.address)
+        self._listening.set()
         return self
+
+    def _warm_up(self) -> None:
+        """Load the model (when only a loader was given) and start its batcher; "model
+        ready" is logged once the port is open too."""
+        try:
+            if self.batcher is None:
+                self._use_model(*self._loader())
+            if self._stop.is_set():
+                return
+            self.batcher.start()
+        except Exception as exc:  # the node keeps spooling; the CLI ends on load_error
+            self.load_error = exc
+            log.error("the model cannot be loaded: %s", exc)
+            return
+        self._ready.set()
+        while not self._listening.wait(0.1):
+            if self._stop.is_set():
+                return
+        log.info("model ready: received images are now predicted")
+
+    def queue_depths(self) -> dict[str, int]:
+        """Images waiting for the model, and reports waiting to be sent."""
+        return {"prediction": self._work.qsize(), "delivery": self._outbox.qsize()}
 
     @property
     def address(self) -> tuple[str, int]:
@@ -170,7 +213,8 @@ class DicomNode:
         if self._stop.is_set():
             return
         self._stop.set()
-        self.batcher.close(timeout=self.options.timeout_s)
+        if self._ready.is_set():
+            self.batcher.close(timeout=self.options.timeout_s)
         for thread in self._threads:
             thread.join(timeout=self.options.timeout_s)
 
@@ -318,6 +362,9 @@ class DicomNode:
     # ------------------------------------------------------------------ prediction
 
     def _work_loop(self) -> None:
+        while not self._ready.wait(0.2):
+            if self._stop.is_set():
+                return
         while not self._stop.is_set():
             try:
                 uid = self._work.get(timeout=0.2)
