@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import io
 import shutil
+import socket
 import subprocess
 import threading
+import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
 from dicom_support import nih_gray, referenced_image, report_findings, send
+from prometheus_client.parser import text_string_to_metric_families
 from pydicom.uid import (
     DigitalXRayImageStorageForPresentation,
     ExplicitVRLittleEndian,
@@ -31,6 +35,7 @@ from test_dicom_node import (  # noqa: F401
     store_rows,
 )
 
+from cxr.dicom.metrics import serve_metrics
 from cxr.testing import radiograph_dicom
 
 WAIT_S = 120  # a hang guard, never a timing assertion
@@ -186,3 +191,51 @@ def test_two_senders_racing_one_uid_first_write_wins(bundle, sink, make_node, tm
     uid, (_, dataset) = next(iter(winners.items()))
     assert send(node.address[1], [dataset]) == [(0x0000, "")]
     assert len(store_rows(tmp_path)) == rounds
+
+
+def scrape(port: int) -> dict[tuple[str, tuple], float]:
+    """(sample name, sorted labels) -> value, from the metrics endpoint's text."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=WAIT_S) as page:
+        text = page.read().decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def test_idle_connections_do_not_lock_senders_out(sink, make_node, tmp_path):
+    limit = 2
+    node = make_node(sink.port, max_associations=limit, first_pdu_timeout_s=5.0).start()
+    metrics = serve_metrics(node, 0)
+    image = image_file(tmp_path / "in")
+    idle: list[socket.socket] = []
+    try:
+        # Connections that never send an A-ASSOCIATE-RQ fill every association slot...
+        for _ in range(10):  # (until storescu has met them: a slow start may miss them)
+            idle += [socket.create_connection(node.address, timeout=WAIT_S) for _ in range(3)]
+            first = storescu(node.address[1], [image])
+            if first.returncode != 0:
+                break
+        assert "local limit exceeded" in first.stderr.lower(), first.stderr
+        # ...until ARTIM closes them: then a real sender gets through.
+        deadline = time.monotonic() + WAIT_S  # a hang guard
+        while (answer := storescu(node.address[1], [image])).returncode != 0:
+            assert time.monotonic() < deadline, answer.stderr
+            time.sleep(0.5)
+        for connection in idle:  # the node closed each of them
+            assert connection.recv(1) == b""
+    finally:
+        for connection in idle:
+            connection.close()
+    assert node.wait(lambda: node.counts.sent == 1, WAIT_S)
+    assert [(r["sop_instance_uid"], r["status"]) for r in store_rows(tmp_path)] == [
+        (uid_of(image), "sent")
+    ]
+    samples = scrape(metrics.server_address[1])
+    metrics.shutdown()
+    reason = (("reason", "too many associations (local limit exceeded)"),)
+    assert samples[("cxr_dicom_associations_rejected_total", reason)] >= 1
+    assert samples[("cxr_dicom_received_total", ())] == 1
+    assert samples[("cxr_dicom_sent_total", ())] == 1
+    assert samples[("cxr_dicom_queue_depth", (("stage", "prediction"),))] == 0
