@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import io
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -37,6 +39,7 @@ from test_dicom_node import (  # noqa: F401
 
 from cxr.dicom.metrics import serve_metrics
 from cxr.testing import radiograph_dicom
+from cxr.testing_services import free_port
 
 WAIT_S = 120  # a hang guard, never a timing assertion
 DX_FOR_PROCESSING = "1.2.840.10008.5.1.4.1.1.1.1.1"
@@ -239,3 +242,45 @@ def test_idle_connections_do_not_lock_senders_out(sink, make_node, tmp_path):
     assert samples[("cxr_dicom_received_total", ())] == 1
     assert samples[("cxr_dicom_sent_total", ())] == 1
     assert samples[("cxr_dicom_queue_depth", (("stage", "prediction"),))] == 0
+
+
+def wait_for(condition, what: str) -> None:
+    deadline = time.monotonic() + WAIT_S  # a hang guard
+    while not condition():
+        assert time.monotonic() < deadline, f"{what}: not within {WAIT_S} s"
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_the_listener_answers_while_its_model_loads(bundle, sink, tmp_path):
+    port = free_port()
+    command = [sys.executable, "-m", "cxr", "dicom", "listen", str(bundle), "--port", str(port)]
+    command += ["--forward", f"127.0.0.1:{sink.port}:SINK", "--allow-ae", "PACS"]
+    command += ["--spool", str(tmp_path / "spool"), "--db", str(tmp_path / "results.sqlite")]
+    log = tmp_path / "listener.log"
+    with log.open("w") as handle:  # a file, not a pipe: its logging can never block it
+        process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: "listening on" in log.read_text() or process.poll() is not None, "port")
+        assert process.poll() is None, log.read_text()
+        # Sent as soon as the port is open: acknowledged whether or not the model runs yet.
+        image = image_file(tmp_path / "in")
+        echo = subprocess.run(
+            [dcmtk("echoscu"), "-aet", "PACS", "-aec", "CXR", "127.0.0.1", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=WAIT_S,
+        )
+        assert echo.returncode == 0, echo.stderr
+        stored = storescu(port, [image])
+        assert stored.returncode == 0, stored.stderr
+        wait_for(lambda: len(sink.reports()) == 1, "the report")
+        assert referenced_image(sink.reports()[0])[1] == uid_of(image)
+        wait_for(lambda: "model ready" in log.read_text(), "model ready")
+        text = log.read_text()
+        assert text.index("listening on") < text.index("model ready"), text
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(WAIT_S)
+    assert process.returncode == 0, log.read_text()
+    assert [r["status"] for r in store_rows(tmp_path)] == ["sent"]

@@ -181,6 +181,7 @@ class DicomNode:
     def _warm_up(self) -> None:
         """Load the model (when only a loader was given) and start its batcher; "model
         ready" is logged once the port is open too."""
+        began = time.monotonic()
         try:
             if self.batcher is None:
                 self._use_model(*self._loader())
@@ -195,7 +196,10 @@ class DicomNode:
         while not self._listening.wait(0.1):
             if self._stop.is_set():
                 return
-        log.info("model ready: received images are now predicted")
+        log.info(
+            "model ready after %.1f s: received images are now predicted",
+            time.monotonic() - began,
+        )
 
     def queue_depths(self) -> dict[str, int]:
         """Images waiting for the model, and reports waiting to be sent."""
