@@ -6,7 +6,9 @@ never speak, and a listener that answers before its model is loaded."""
 
 from __future__ import annotations
 
+import errno
 import io
+import os
 import shutil
 import signal
 import socket
@@ -251,10 +253,44 @@ def wait_for(condition, what: str) -> None:
         time.sleep(0.2)
 
 
+def held_bundle(bundle: Path, folder: Path) -> Path:
+    """A copy of ``bundle`` whose model.json is a named pipe: the listener's model cannot load
+    until :func:`release_bundle` writes it (no hook in the library, no timing)."""
+    folder.mkdir()
+    for item in bundle.iterdir():
+        if item.is_file() and item.name != "model.json":
+            shutil.copy2(item, folder / item.name)
+    os.mkfifo(folder / "model.json")
+    return folder
+
+
+def release_bundle(bundle: Path, held: Path) -> None:
+    """Let the loader, waiting in its read of model.json, have the real description."""
+    pipe = held / "model.json"
+    opened: list[int] = []
+
+    def reader_waits() -> bool:  # non-blocking: ENXIO until the loader opens the pipe
+        try:
+            opened.append(os.open(pipe, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError as exc:
+            if exc.errno != errno.ENXIO:
+                raise
+        return bool(opened)
+
+    wait_for(reader_waits, "the loader reading model.json")
+    text = (bundle / "model.json").read_bytes()
+    (held / "model.json.real").write_bytes(text)
+    os.replace(held / "model.json.real", pipe)  # any later read gets a plain file
+    os.set_blocking(opened[0], True)
+    with os.fdopen(opened[0], "wb") as writer:
+        writer.write(text)
+
+
 @pytest.mark.slow
 def test_the_listener_answers_while_its_model_loads(bundle, sink, tmp_path):
     port = free_port()
-    command = [sys.executable, "-m", "cxr", "dicom", "listen", str(bundle), "--port", str(port)]
+    model = held_bundle(bundle, tmp_path / "model")
+    command = [sys.executable, "-m", "cxr", "dicom", "listen", str(model), "--port", str(port)]
     command += ["--forward", f"127.0.0.1:{sink.port}:SINK", "--allow-ae", "PACS"]
     command += ["--spool", str(tmp_path / "spool"), "--db", str(tmp_path / "results.sqlite")]
     log = tmp_path / "listener.log"
@@ -263,7 +299,8 @@ def test_the_listener_answers_while_its_model_loads(bundle, sink, tmp_path):
     try:
         wait_for(lambda: "listening on" in log.read_text() or process.poll() is not None, "port")
         assert process.poll() is None, log.read_text()
-        # Sent as soon as the port is open: acknowledged whether or not the model runs yet.
+        # The model cannot have loaded yet (its description is held back): C-ECHO and
+        # C-STORE are answered all the same, and the image waits in the spool.
         image = image_file(tmp_path / "in")
         echo = subprocess.run(
             [dcmtk("echoscu"), "-aet", "PACS", "-aec", "CXR", "127.0.0.1", str(port)],
@@ -274,6 +311,9 @@ def test_the_listener_answers_while_its_model_loads(bundle, sink, tmp_path):
         assert echo.returncode == 0, echo.stderr
         stored = storescu(port, [image])
         assert stored.returncode == 0, stored.stderr
+        assert "model ready" not in log.read_text()
+        assert [r["status"] for r in store_rows(tmp_path)] == ["received"]
+        release_bundle(bundle, model)
         wait_for(lambda: len(sink.reports()) == 1, "the report")
         assert referenced_image(sink.reports()[0])[1] == uid_of(image)
         wait_for(lambda: "model ready" in log.read_text(), "model ready")
