@@ -324,3 +324,21 @@ def test_the_listener_answers_while_its_model_loads(bundle, sink, tmp_path):
         process.wait(WAIT_S)
     assert process.returncode == 0, log.read_text()
     assert [r["status"] for r in store_rows(tmp_path)] == ["sent"]
+
+
+def test_a_silent_association_is_aborted_and_the_next_sender_gets_its_slot(
+    sink, make_node, tmp_path
+):
+    node = make_node(sink.port, max_associations=1, idle_timeout_s=1.0).start()
+    ae = AE(ae_title="PACS")
+    ae.add_requested_context(DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = WAIT_S  # the sender waits
+    silent = ae.associate("127.0.0.1", node.address[1], ae_title="CXR")
+    assert silent.is_established
+    wait_for(lambda: not silent.is_alive(), "the node ending the silent association")
+    assert silent.is_aborted  # A-ABORT from the node, not a release
+    image = image_file(tmp_path / "in")
+    answer = storescu(node.address[1], [image])  # the only slot is free again
+    assert answer.returncode == 0, answer.stderr
+    assert node.wait(lambda: node.counts.sent == 1, WAIT_S)
+    assert [r["status"] for r in store_rows(tmp_path)] == ["sent"]
