@@ -1,8 +1,10 @@
 """The DICOM node: a Storage SCP that takes radiographs, predicts them and sends a structured
 report per image to a destination, losing nothing across restarts.
 
-An instance is checked (:mod:`cxr.dicom.checks`), written to the spool (fsync + rename),
-recorded as ``received`` in the results store, and only then acknowledged. A bounded number
+The port opens first; the model loads meanwhile in a thread, and images wait in the spool
+until it runs. An instance is checked (:mod:`cxr.dicom.checks`), its SOP Instance UID
+claimed in the results store (first write wins), written to the spool (fsync + rename),
+recorded as ``received``, and only then acknowledged. A bounded number
 of admitted images wait for the model (``queue_size``: a sender past it waits, then gets
 "out of resources"). Worker threads decode each spooled file as ``cxr predict`` does, the
 model runs them in batches, the reports are written to the spool and the row becomes

@@ -1,7 +1,8 @@
 """The results store: one row per received DICOM instance, in SQLite (the default, a file in
 the run folder) or PostgreSQL (a database URL), through SQLAlchemy Core.
 
-A row goes ``received`` (spooled and acknowledged) -> ``predicted`` (probabilities stored,
+A row goes ``receiving`` (its SOP Instance UID claimed, the image being spooled) ->
+``received`` (spooled and acknowledged) -> ``predicted`` (probabilities stored,
 the structured report written to the spool) -> ``sent`` (the destination acknowledged it);
 or ends ``refused`` (the instance failed a check; nothing was spooled) or ``failed``
 (accepted, but it could not be decoded or its report could not be delivered). The row's
