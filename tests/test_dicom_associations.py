@@ -373,3 +373,26 @@ def test_a_model_that_cannot_load_stops_the_listener_with_an_error(bundle, tmp_p
     ended = subprocess.run(command, capture_output=True, text=True, timeout=WAIT_S)
     assert ended.returncode != 0
     assert "the model cannot be loaded" in ended.stderr and "model.json" in ended.stderr
+
+
+def test_a_query_is_not_served_and_the_node_goes_on(sink, make_node, tmp_path):
+    """The node is a Storage SCP only: dcmtk's findscu finds no presentation context."""
+    node = make_node(sink.port).start()
+    command = [dcmtk("findscu"), "-S", "-aet", "PACS", "-aec", "CXR"]
+    command += ["-k", "QueryRetrieveLevel=STUDY", "127.0.0.1", str(node.address[1])]
+    query = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        timeout=WAIT_S,
+    )
+    assert query.returncode != 0
+    assert "no acceptable presentation contexts" in query.stderr.lower(), query.stderr
+    echo = subprocess.run(
+        [dcmtk("echoscu"), "-aet", "PACS", "-aec", "CXR", "127.0.0.1", str(node.address[1])],
+        capture_output=True,
+        text=True,
+        timeout=WAIT_S,
+    )
+    assert echo.returncode == 0, echo.stderr
+    assert store_rows(tmp_path) == []

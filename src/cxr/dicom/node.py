@@ -324,10 +324,10 @@ class DicomNode:
         try:
             self.spool.put_incoming(uid, data)
             self.store.confirm(uid)
-        except (OSError, CxrError) as exc:
+        except Exception as exc:  # whatever it was, the claim must not outlive this call
             self._slots.release()
             self._record(partial(self.store.withdraw, uid))
-            log.error("cannot admit %s: %s", uid, exc)
+            log.error("cannot admit %s: %s", uid, exc, exc_info=not isinstance(exc, OSError))
             return _status(STATUS_OUT_OF_RESOURCES, "cannot spool or record the image")
         self.counts.add("received")
         self._work.put(uid)
