@@ -348,24 +348,6 @@ def test_a_silent_association_is_aborted_and_the_next_sender_gets_its_slot(
     assert [r["status"] for r in store_rows(tmp_path)] == ["sent"]
 
 
-def test_a_query_is_not_served_and_no_row_is_written(sink, make_node, tmp_path):
-    node = make_node(sink.port).start()
-    command = [dcmtk("findscu"), "-aet", "PACS", "-aec", "CXR", "-S", "-to", "30", "-ta", "30"]
-    command += ["-k", "QueryRetrieveLevel=STUDY", "-k", "PatientID=*"]
-    query = subprocess.run(
-        [*command, "127.0.0.1", str(node.address[1])],
-        capture_output=True,
-        text=True,
-        timeout=WAIT_S,
-    )
-    assert query.returncode != 0
-    assert "no acceptable presentation contexts" in query.stderr.lower(), query.stderr
-    assert store_rows(tmp_path) == []
-    image = image_file(tmp_path / "in")  # and the node goes on receiving
-    assert storescu(node.address[1], [image]).returncode == 0
-    assert node.wait(lambda: node.counts.sent == 1, WAIT_S)
-
-
 @pytest.mark.slow
 def test_a_model_that_cannot_load_stops_the_listener_with_an_error(bundle, tmp_path):
     broken = tmp_path / "broken"
