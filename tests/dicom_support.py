@@ -13,6 +13,7 @@ from PIL import Image
 from pydicom.uid import (
     CTImageStorage,
     DigitalXRayImageStorageForPresentation,
+    DigitalXRayImageStorageForProcessing,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     JPEGBaseline8Bit,
@@ -84,7 +85,11 @@ def send(port: int, datasets: list[pydicom.Dataset], ae_title: str = "PACS") -> 
     """C-STORE each dataset over one association; returns each response's (status,
     comment), or None when the association was refused."""
     ae = AE(ae_title=ae_title)
-    for sop_class in (DigitalXRayImageStorageForPresentation, CTImageStorage):
+    for sop_class in (
+        DigitalXRayImageStorageForPresentation,
+        DigitalXRayImageStorageForProcessing,
+        CTImageStorage,
+    ):
         ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
     ae.add_requested_context(SecondaryCaptureImageStorage, JPEGBaseline8Bit)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 60

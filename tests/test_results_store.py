@@ -225,3 +225,52 @@ def test_cxr_results_reads_a_run_folder(tmp_path):
     missing = runner.invoke(app, ["results", str(tmp_path / "nothing")])
     assert missing.exit_code == 2 and "no results store here" in missing.output
     assert not (tmp_path / "nothing").exists()
+
+
+def test_racing_claims_of_one_uid_first_wins(store_url):
+    """Stores opened separately (as two listeners would) claim one UID at the same moment,
+    round after round: the database's unique constraint lets exactly one win."""
+    from cxr.results.store import CLAIMED, HELD_ALREADY, OTHER_PATIENT
+
+    stores = [open_store(store_url) for _ in range(4)]
+
+    def claim(n: int, uid: str, barrier: threading.Barrier, answers: dict) -> None:
+        barrier.wait(timeout=120)
+        answers[n] = stores[n].claim(uid, patient_ref=f"patient-{n}")
+
+    try:
+        for round_ in range(10):
+            uid, answers = f"3.{round_}", {}
+            barrier = threading.Barrier(len(stores))
+            threads = [
+                threading.Thread(target=claim, args=(n, uid, barrier, answers))
+                for n in range(len(stores))
+            ]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(timeout=120)
+            winners = [n for n, answer in answers.items() if answer == CLAIMED]
+            assert len(winners) == 1 and len(answers) == len(stores), answers
+            assert sorted(answers.values()) == sorted([CLAIMED] + [OTHER_PATIENT] * 3)
+            (row,) = [r for r in raw_rows(store_url) if r["sop_instance_uid"] == uid]
+            assert row["patient_ref"] == f"patient-{winners[0]}"
+            assert row["status"] == "receiving"
+            stores[0].confirm(uid)
+            assert stores[1].claim(uid, patient_ref=f"patient-{winners[0]}") == HELD_ALREADY
+    finally:
+        for opened in stores:
+            opened.close()
+
+
+def test_a_withdrawn_or_refused_uid_can_be_claimed_again(store, store_url):
+    from cxr.results.store import BEING_RECEIVED, CLAIMED
+
+    assert store.claim("4.1", patient_ref="p") == CLAIMED
+    assert store.claim("4.1", patient_ref="p") == BEING_RECEIVED  # not yet spooled
+    store.withdraw("4.1")
+    assert raw_rows(store_url) == []
+    store.refuse("4.2", "view LL is not frontal")
+    assert store.claim("4.2", patient_ref="q") == CLAIMED  # corrected and sent again
+    assert store.drop_claims() == 1  # what an ended listener left
+    assert [r["sop_instance_uid"] for r in raw_rows(store_url)] == []

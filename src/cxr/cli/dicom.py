@@ -46,6 +46,20 @@ QueueOption = Annotated[int, typer.Option(help="Images admitted but not yet pred
 ForwardAssociationsOption = Annotated[
     int, typer.Option(help="Concurrent associations sending reports to --forward.")
 ]
+AnyCalledOption = Annotated[
+    bool, typer.Option(help="Accept any called AE title (default: only --ae-title).")
+]
+MaxAssociationsOption = Annotated[int, typer.Option(help="Concurrent incoming associations.")]
+FirstPduOption = Annotated[
+    float,
+    typer.Option(help="Seconds a new connection may take to request an association (ARTIM)."),
+]
+IdleOption = Annotated[
+    float, typer.Option(help="Seconds an association may stay silent before it is aborted.")
+]
+MetricsPortOption = Annotated[
+    int | None, typer.Option(help="Serve Prometheus /metrics on 127.0.0.1 at this port.")
+]
 
 
 @dicom_app.command("listen")
@@ -69,6 +83,11 @@ def listen(
     forward_associations: ForwardAssociationsOption = 4,
     max_megapixels: Annotated[float, typer.Option(help="Largest accepted image.")] = 40.0,
     patient_ids: Annotated[str, typer.Option(help=PATIENT_ID_HELP)] = "hash",
+    accept_any_called_ae: AnyCalledOption = False,
+    max_associations: MaxAssociationsOption = 32,
+    first_pdu_timeout: FirstPduOption = 10.0,
+    idle_timeout: IdleOption = 60.0,
+    metrics_port: MetricsPortOption = None,
 ):
     """A DICOM Storage SCP: each CR/DX frontal radiograph received is spooled, acknowledged,
     predicted, and answered with a structured report sent to --forward. Runs until stopped
@@ -78,7 +97,8 @@ def listen(
     from cxr.dicom.node import NodeOptions
 
     _check_listen_options(port, ae_title, allow_ae or [], host)
-    _check_counts(workers, max_batch, queue_size, forward_associations)
+    _check_counts(workers, max_batch, queue_size, forward_associations, max_associations)
+    _check_timeouts(first_pdu_timeout, idle_timeout, metrics_port)
     options = NodeOptions(
         ae_title=ae_title,
         host=host,
@@ -92,6 +112,10 @@ def listen(
         max_wait_ms=max_wait_ms,
         max_pixels=int(max_megapixels * 1_000_000),
         patient_ids=patient_ids,
+        accept_any_called_ae=accept_any_called_ae,
+        max_associations=max_associations,
+        first_pdu_timeout_s=first_pdu_timeout,
+        idle_timeout_s=idle_timeout,
     )
     node = build_node(
         model,
@@ -101,20 +125,27 @@ def listen(
         db=db,
         backend=backend,
         device=device,
+        load_in_background=True,
     )
     _log_to_stderr()
     stopped = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stopped.set())
-    node.start()
-    console.print(
-        f"listening on {shown(host)}:{node.address[1]} as {shown(ae_title)}, forwarding to "
-        f"{shown(forward)}; spool {shown(spool or default_spool(model))}, results "
-        f"{shown(node.store.url if db else default_store(model))}",
-        highlight=False,
-    )
-    sys.stdout.flush()
-    stopped.wait()
+
+    def announce(address):
+        console.print(
+            f"listening on {shown(host)}:{address[1]} as {shown(ae_title)}, forwarding to "
+            f"{shown(forward)}; spool {shown(spool or default_spool(model))}, results "
+            f"{shown(node.store.url if db else default_store(model))}; loading the model",
+            highlight=False,
+        )
+        sys.stdout.flush()
+
+    if metrics_port is not None:
+        _serve_metrics(node, metrics_port)
+    node.start(on_listening=announce)
+    while not stopped.wait(0.5) and node.load_error is None:
+        pass
     node.stop()
     node.store.close()
     counts = node.counts
@@ -122,6 +153,20 @@ def listen(
         f"stopped: {counts.received} received, {counts.refused} refused, {counts.sent} sent, "
         f"{counts.failed} failed",
         highlight=False,
+    )
+    if node.load_error is not None:
+        raise CxrError(f"the model cannot be loaded: {node.load_error}")
+
+
+def _serve_metrics(node, port: int) -> None:
+    from cxr.dicom.metrics import serve_metrics
+
+    try:
+        served = serve_metrics(node, port)
+    except OSError as exc:
+        raise CxrError(f"--metrics-port {port}: cannot listen on 127.0.0.1 ({exc})") from None
+    console.print(
+        f"metrics on http://127.0.0.1:{served.server_address[1]}/metrics", highlight=False
     )
 
 
@@ -139,15 +184,24 @@ def _log_to_stderr() -> None:
     mask_secrets_in_logs()
 
 
-def _check_counts(workers, max_batch, queue_size, forward_associations) -> None:
+def _check_counts(workers, max_batch, queue_size, forward_associations, associations) -> None:
     for option, value in [
         ("--workers", workers),
+        ("--max-associations", associations),
         ("--max-batch", max_batch),
         ("--queue-size", queue_size),
         ("--forward-associations", forward_associations),
     ]:
         if value < 1:
             raise CxrError(f"{option} {value}: expected 1 or more")
+
+
+def _check_timeouts(first_pdu, idle, metrics_port) -> None:
+    for option, value in [("--first-pdu-timeout", first_pdu), ("--idle-timeout", idle)]:
+        if not 0 < value <= 3600:
+            raise CxrError(f"{option} {value}: expected more than 0 and at most 3600 seconds")
+    if metrics_port is not None and not 0 <= metrics_port <= 65535:
+        raise CxrError(f"--metrics-port {metrics_port}: expected 0 to 65535")
 
 
 def _check_listen_options(port, ae_title, allowed, host) -> None:

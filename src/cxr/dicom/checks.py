@@ -11,6 +11,9 @@ from cxr.data.images import MAX_PIXELS, read_dicom
 from cxr.errors import CxrError, ImageError
 
 MODALITIES = ("CR", "DX")
+# Raw detector data, before the modality's processing: not what the model was trained on.
+DX_FOR_PROCESSING = "1.2.840.10008.5.1.4.1.1.1.1.1"  # Digital X-Ray Image Storage - For Processing
+FOR_PROCESSING_REASON = "FOR PROCESSING image: only FOR PRESENTATION radiographs are read"
 FRONTAL_VIEWS = ("PA", "AP")
 # View Code Sequence (SNOMED CT, CID 4010) for DX images that carry no View Position.
 _VIEW_CODES = {
@@ -66,9 +69,10 @@ def identify(dataset) -> Instance:
 
 def check_instance(data: bytes, *, max_pixels: int = MAX_PIXELS) -> Instance:
     """Check a received instance (a DICOM file's bytes): its identifiers, a CR or DX
-    modality, a frontal view, and pixels the decoder can read (grayscale, 8-16 bits, sizes
-    declared within ``max_pixels`` and matching the data, a supported transfer syntax).
-    Returns its identifiers or raises :class:`Refused` with the reason."""
+    modality, for presentation (not FOR PROCESSING), a frontal view, and pixels the decoder
+    can read (grayscale, 8-16 bits, sizes declared within ``max_pixels`` and matching the
+    data, a supported transfer syntax). Returns its identifiers or raises :class:`Refused`
+    with the reason."""
     try:
         dataset = read_dicom(data, name="instance", max_pixels=max_pixels)
     except ImageError as exc:
@@ -80,6 +84,7 @@ def check_instance(data: bytes, *, max_pixels: int = MAX_PIXELS) -> Instance:
             f"modality {modality or 'missing'!s:.16} is not a radiograph "
             f"({' or '.join(MODALITIES)} expected)"
         )
+    _check_presentation_intent(dataset, instance.sop_class_uid)
     view = frontal_view(dataset)
     if view not in FRONTAL_VIEWS:
         raise Refused(
@@ -105,6 +110,12 @@ def frontal_view(dataset) -> str | None:
         if code:
             return f"code {code}"
     return None
+
+
+def _check_presentation_intent(dataset, sop_class_uid: str) -> None:
+    intent = str(dataset.get("PresentationIntentType", "") or "").strip().upper()
+    if sop_class_uid == DX_FOR_PROCESSING or intent == "FOR PROCESSING":
+        raise Refused(FOR_PROCESSING_REASON)
 
 
 def _check_pixels(dataset) -> None:

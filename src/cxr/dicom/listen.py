@@ -10,6 +10,7 @@ from cxr.dicom.forward import Destination
 from cxr.dicom.node import DicomNode, NodeOptions
 from cxr.dicom.report import model_info
 from cxr.dicom.spool import Spool
+from cxr.errors import ModelError
 from cxr.model.bundle import resolve_bundle, weights_digest
 from cxr.results import DEFAULT_STORE_NAME, open_store
 
@@ -47,16 +48,29 @@ def build_node(
     db: str | None = None,
     backend: str = "auto",
     device: str = "auto",
+    load_in_background: bool = False,
 ) -> DicomNode:
     """A node ready to :meth:`~DicomNode.start`; its spool and store default to
-    ``dicom-spool/`` and ``results.sqlite`` in the model's folder."""
-    from cxr.engine.inference import load_predictor
+    ``dicom-spool/`` and ``results.sqlite`` in the model's folder. With
+    ``load_in_background`` the model is only found and its weights hashed here; it loads
+    (tens of seconds for a large one) after the port is open."""
+    if options.overlays and Path(model).suffix.lower() == ".onnx":
+        raise ModelError(
+            "Grad-CAM needs the model bundle (model.safetensors + model.json), "
+            "not only its ONNX export"
+        )
+    digest = model_digest(model)  # a missing or unreadable model fails before listening
 
-    predictor = load_predictor(model, backend=backend, device=device)
-    if options.overlays:
-        predictor.require_torch_model()  # Grad-CAM: refused before anything listens
-    info = model_info(predictor.meta, model_digest(model))
+    def load():
+        from cxr.engine.inference import load_predictor
+
+        predictor = load_predictor(model, backend=backend, device=device)
+        if options.overlays:
+            predictor.require_torch_model()  # Grad-CAM needs the PyTorch model
+        return predictor, model_info(predictor.meta, digest)
+
     store = open_store(str(db or default_store(model)))
-    return DicomNode(
-        predictor, info, store, Spool(spool or default_spool(model)), destination, options
-    )
+    place = Spool(spool or default_spool(model))
+    if load_in_background:
+        return DicomNode(None, None, store, place, destination, options, loader=load)
+    return DicomNode(*load(), store, place, destination, options)

@@ -1,8 +1,10 @@
 """The DICOM node: a Storage SCP that takes radiographs, predicts them and sends a structured
 report per image to a destination, losing nothing across restarts.
 
-An instance is checked (:mod:`cxr.dicom.checks`), written to the spool (fsync + rename),
-recorded as ``received`` in the results store, and only then acknowledged. A bounded number
+The port opens first; the model loads meanwhile in a thread, and images wait in the spool
+until it runs. An instance is checked (:mod:`cxr.dicom.checks`), its SOP Instance UID
+claimed in the results store (first write wins), written to the spool (fsync + rename),
+recorded as ``received``, and only then acknowledged. A bounded number
 of admitted images wait for the model (``queue_size``: a sender past it waits, then gets
 "out of resources"). Worker threads decode each spooled file as ``cxr predict`` does, the
 model runs them in batches, the reports are written to the spool and the row becomes
@@ -38,7 +40,13 @@ from cxr.dicom.report import ModelInfo, ReportMaker, overlay_capture
 from cxr.dicom.spool import Spool
 from cxr.errors import CxrError
 from cxr.explain.render import overlay_png
-from cxr.results.store import ResultsStore, StoreError
+from cxr.results.store import (
+    BEING_RECEIVED,
+    CLAIMED,
+    HELD_ALREADY,
+    ResultsStore,
+    StoreError,
+)
 from cxr.serve.batching import BatchedPredictor
 
 log = logging.getLogger(__name__)
@@ -56,6 +64,7 @@ STATUS_SUCCESS = 0x0000
 STATUS_CANNOT_UNDERSTAND = 0xC000  # a failure: the instance is refused
 STATUS_OUT_OF_RESOURCES = 0xA700  # a failure the sender may retry later
 PATIENT_ID_MODES = ("hash", "keep", "drop")
+UID_CONFLICT = "SOP Instance UID already received for another patient"
 
 
 @dataclass(frozen=True)
@@ -64,6 +73,11 @@ class NodeOptions:
     host: str = "127.0.0.1"
     port: int = 11112
     allowed_ae: tuple[str, ...] = ()  # empty: any calling AE title
+    accept_any_called_ae: bool = False  # else the called AE title must be ae_title
+    max_associations: int = 32
+    # A connection that sends no A-ASSOCIATE-RQ holds an association slot: ARTIM bounds it.
+    first_pdu_timeout_s: float = 10.0
+    idle_timeout_s: float = 60.0  # an association that sends nothing for this long is aborted
     overlays: bool = False
     workers: int = 4
     senders: int = 4  # concurrent associations to the destination
@@ -85,11 +99,16 @@ class _Counts:
     predicted: int = 0
     sent: int = 0
     failed: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)  # associations, by reason
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def add(self, name: str) -> None:
         with self.lock:
             setattr(self, name, getattr(self, name) + 1)
+
+    def reject(self, reason: str) -> None:
+        with self.lock:
+            self.rejected[reason] = self.rejected.get(reason, 0) + 1
 
 
 class DicomNode:
@@ -101,43 +120,92 @@ class DicomNode:
         spool: Spool,
         destination: Destination,
         options: NodeOptions = NodeOptions(),
+        *,
+        loader: Callable[[], tuple[object, ModelInfo]] | None = None,
     ):
+        """``predictor`` and ``model`` ready, or None and a ``loader`` returning them that
+        :meth:`start` runs in the background once the port is open."""
         if options.patient_ids not in PATIENT_ID_MODES:
             raise CxrError(f"patient IDs: choose from {', '.join(PATIENT_ID_MODES)}")
-        self.predictor, self.model, self.store, self.spool = predictor, model, store, spool
-        self.options = options
+        if predictor is None and loader is None:
+            raise CxrError("a DICOM node needs a predictor or a loader for one")
+        self.store, self.spool, self.options = store, spool, options
+        self.predictor = self.model = self.batcher = self.reports = None
+        if predictor is not None:
+            self._use_model(predictor, model)
+        self._loader = loader
+        self.load_error: BaseException | None = None  # why the loader failed
         self.forwarder = Forwarder(destination, options.ae_title, options.timeout_s)
-        # The model is shared with `cxr serve`'s batched worker: the images the worker
-        # threads hold are run together.
-        self.batcher = BatchedPredictor(
-            predictor, max_batch=options.max_batch, max_wait_ms=options.max_wait_ms
-        )
-        self.reports = ReportMaker(model)
         self.counts = _Counts()
         self._slots = threading.BoundedSemaphore(options.queue_size)
         self._work: queue.Queue[str] = queue.Queue()
         self._outbox: queue.Queue[str] = queue.Queue()
         self._stop = threading.Event()
+        self._ready = threading.Event()  # the model runs: the workers may predict
+        self._listening = threading.Event()
         self._threads: list[threading.Thread] = []
         self._server = None
 
+    def _use_model(self, predictor, model: ModelInfo) -> None:
+        self.predictor, self.model = predictor, model
+        # The model is shared with `cxr serve`'s batched worker: the images the worker
+        # threads hold are run together.
+        self.batcher = BatchedPredictor(
+            predictor, max_batch=self.options.max_batch, max_wait_ms=self.options.max_wait_ms
+        )
+        self.reports = ReportMaker(model)
+
     # ------------------------------------------------------------------ life cycle
 
-    def start(self) -> DicomNode:
-        """Start the model, the workers and the sender, resume what the spool holds, then
-        listen. Returns once the port is open."""
-        self.batcher.start()
+    def start(self, on_listening: Callable[[tuple[str, int]], None] | None = None) -> DicomNode:
+        """Resume what the spool holds, then listen; the model loads and starts meanwhile
+        in a thread of its own, and images received before it runs wait in the spool
+        (C-ECHO and C-STORE are answered at once). ``on_listening`` is called with the
+        address once the port is open, before "model ready" is logged. Returns then."""
+        self._spawn(self._warm_up, "cxr-model")
         for n in range(self.options.workers):
             self._spawn(self._work_loop, f"cxr-worker-{n}")
         for n in range(self.options.senders):
             self._spawn(self._send_loop, f"cxr-sender-{n}")
+        if dropped := self.store.drop_claims():
+            log.info("%d image(s) being received when the last run ended were dropped", dropped)
         self.recover()
         self._server = self._make_ae().start_server(
             (self.options.host, self.options.port),
             block=False,
             evt_handlers=[(evt.EVT_C_STORE, self._on_store), (evt.EVT_REJECTED, self._on_reject)],
         )
+        if on_listening is not None:
+            on_listening(self.address)
+        self._listening.set()
         return self
+
+    def _warm_up(self) -> None:
+        """Load the model (when only a loader was given) and start its batcher; "model
+        ready" is logged once the port is open too."""
+        began = time.monotonic()
+        try:
+            if self.batcher is None:
+                self._use_model(*self._loader())
+            if self._stop.is_set():
+                return
+            self.batcher.start()
+        except Exception as exc:  # the node keeps spooling; the CLI ends on load_error
+            self.load_error = exc
+            log.error("the model cannot be loaded: %s", exc)
+            return
+        self._ready.set()
+        while not self._listening.wait(0.1):
+            if self._stop.is_set():
+                return
+        log.info(
+            "model ready after %.1f s: received images are now predicted",
+            time.monotonic() - began,
+        )
+
+    def queue_depths(self) -> dict[str, int]:
+        """Images waiting for the model, and reports waiting to be sent."""
+        return {"prediction": self._work.qsize(), "delivery": self._outbox.qsize()}
 
     @property
     def address(self) -> tuple[str, int]:
@@ -151,7 +219,8 @@ class DicomNode:
         if self._stop.is_set():
             return
         self._stop.set()
-        self.batcher.close(timeout=self.options.timeout_s)
+        if self._ready.is_set():
+            self.batcher.close(timeout=self.options.timeout_s)
         for thread in self._threads:
             thread.join(timeout=self.options.timeout_s)
 
@@ -170,11 +239,16 @@ class DicomNode:
             ae.add_supported_context(context.abstract_syntax, TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification)
         ae.require_calling_aet = list(self.options.allowed_ae)
-        ae.maximum_associations = 32
+        ae.require_called_aet = not self.options.accept_any_called_ae
+        ae.maximum_associations = self.options.max_associations
         # Larger PDUs than pynetdicom's 16 KiB default: a 2 MB radiograph in 2 PDUs instead of
         # 128 (a fifth less time receiving), still a bounded read per PDU.
         ae.maximum_pdu_size = 2**20
-        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.options.timeout_s
+        # acse_timeout is the ARTIM timer: how long a connection may wait before its
+        # A-ASSOCIATE-RQ (and a release its reply); network_timeout is the idle limit.
+        ae.acse_timeout = self.options.first_pdu_timeout_s
+        ae.network_timeout = self.options.idle_timeout_s
+        ae.dimse_timeout = self.options.timeout_s
         return ae
 
     # ------------------------------------------------------------------ recovery
@@ -207,10 +281,14 @@ class DicomNode:
     # ------------------------------------------------------------------ reception
 
     def _on_reject(self, event) -> None:
-        calling = _ae_text(event.assoc.requestor.ae_title)
-        reason = f"association from calling AE title {calling!r} refused: not an allowed AE"
-        log.warning(reason)
-        self._record(lambda: self.store.refuse(None, reason, calling_ae=calling))
+        """A rejected association is logged and counted, never a results row: no instance
+        came, and a flood of them must not fill the table."""
+        reason = rejection_reason(event.assoc.acceptor.primitive)
+        requested = event.assoc.requestor.primitive
+        calling = _ae_text(getattr(requested, "calling_ae_title", ""))
+        called = _ae_text(getattr(requested, "called_ae_title", ""))
+        self.counts.reject(reason)
+        log.warning("association from %r to %r rejected: %s", calling, called, reason)
 
     def _on_store(self, event):
         calling = _ae_text(event.assoc.requestor.ae_title)
@@ -221,29 +299,49 @@ class DicomNode:
                 raise Refused("the SOP Instance UID differs from the one the request names")
         except Refused as exc:
             return self._refuse(event, calling, str(exc))
-        if self.store.status_of(instance.sop_instance_uid) in ("received", "predicted", "sent"):
-            return STATUS_SUCCESS  # a resend of an image already held: one result only
-        if not self._slots.acquire(timeout=self.options.admit_timeout_s):
-            return _status(STATUS_OUT_OF_RESOURCES, "listener busy, try again later")
+        return self._admit(instance, data, calling)
+
+    def _admit(self, instance, data: bytes, calling: str):
+        """Claim the SOP Instance UID in the store, then spool, then confirm: between two
+        senders racing one UID the store decides before either's bytes are written."""
+        uid = instance.sop_instance_uid
         try:
-            self.spool.put_incoming(instance.sop_instance_uid, data)
-            admitted = self.store.admit(
-                instance.sop_instance_uid,
+            claim = self.store.claim(
+                uid,
+                patient_ref=self._patient_ref(instance.patient_id),
                 study_instance_uid=instance.study_instance_uid,
                 sop_class_uid=instance.sop_class_uid,
-                patient_ref=self._patient_ref(instance.patient_id),
                 calling_ae=calling,
             )
-        except (OSError, CxrError) as exc:
+        except CxrError as exc:
+            log.error("cannot admit %s: %s", uid, exc)
+            return _status(STATUS_OUT_OF_RESOURCES, "cannot record the image")
+        if claim != CLAIMED:
+            return self._not_claimed(uid, calling, claim)
+        if not self._slots.acquire(timeout=self.options.admit_timeout_s):
+            self._record(partial(self.store.withdraw, uid))
+            return _status(STATUS_OUT_OF_RESOURCES, "listener busy, try again later")
+        try:
+            self.spool.put_incoming(uid, data)
+            self.store.confirm(uid)
+        except Exception as exc:  # whatever it was, the claim must not outlive this call
             self._slots.release()
-            log.error("cannot admit %s: %s", instance.sop_instance_uid, exc)
+            self._record(partial(self.store.withdraw, uid))
+            log.error("cannot admit %s: %s", uid, exc, exc_info=not isinstance(exc, OSError))
             return _status(STATUS_OUT_OF_RESOURCES, "cannot spool or record the image")
-        if admitted:
-            self.counts.add("received")
-            self._work.put(instance.sop_instance_uid)
-        else:
-            self._slots.release()
+        self.counts.add("received")
+        self._work.put(uid)
         return STATUS_SUCCESS
+
+    def _not_claimed(self, uid: str, calling: str, claim: str):
+        if claim == HELD_ALREADY:
+            return STATUS_SUCCESS  # a resend of an image already held: one result only
+        if claim == BEING_RECEIVED:
+            return _status(STATUS_OUT_OF_RESOURCES, "the same image is arriving now; try later")
+        # First write wins: what was acknowledged for one patient is never replaced.
+        self.counts.add("refused")
+        log.warning("refused %s from %s: %s", uid, calling, UID_CONFLICT)
+        return _status(STATUS_CANNOT_UNDERSTAND, UID_CONFLICT)
 
     def _refuse(self, event, calling: str, reason: str):
         uid = str(event.request.AffectedSOPInstanceUID or "")
@@ -270,6 +368,9 @@ class DicomNode:
     # ------------------------------------------------------------------ prediction
 
     def _work_loop(self) -> None:
+        while not self._ready.wait(0.2):
+            if self._stop.is_set():
+                return
         while not self._stop.is_set():
             try:
                 uid = self._work.get(timeout=0.2)
@@ -397,6 +498,22 @@ class DicomNode:
             write()
         except StoreError as exc:
             log.error("%s", exc)
+
+
+# (result source, diagnostic) of an A-ASSOCIATE-RJ (PS3.8 9.3.4) -> the reason logged.
+REJECTION_REASONS = {
+    (0x01, 0x02): "application context name not supported",
+    (0x01, 0x03): "calling AE title not recognised",
+    (0x01, 0x07): "called AE title not recognised",
+    (0x02, 0x02): "protocol version not supported",
+    (0x03, 0x01): "temporary congestion",
+    (0x03, 0x02): "too many associations (local limit exceeded)",
+}
+
+
+def rejection_reason(rejection) -> str:
+    key = (getattr(rejection, "result_source", None), getattr(rejection, "diagnostic", None))
+    return REJECTION_REASONS.get(key, "no reason given")
 
 
 def _status(code: int, comment: str) -> Dataset:

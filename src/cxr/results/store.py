@@ -1,7 +1,8 @@
 """The results store: one row per received DICOM instance, in SQLite (the default, a file in
 the run folder) or PostgreSQL (a database URL), through SQLAlchemy Core.
 
-A row goes ``received`` (spooled and acknowledged) -> ``predicted`` (probabilities stored,
+A row goes ``receiving`` (its SOP Instance UID claimed, the image being spooled) ->
+``received`` (spooled and acknowledged) -> ``predicted`` (probabilities stored,
 the structured report written to the spool) -> ``sent`` (the destination acknowledged it);
 or ends ``refused`` (the instance failed a check; nothing was spooled) or ``failed``
 (accepted, but it could not be decoded or its report could not be delivered). The row's
@@ -27,8 +28,14 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from cxr.errors import CxrError
 from cxr.safety import masked
 
-STATUSES = ("received", "predicted", "sent", "refused", "failed")
+STATUSES = ("receiving", "received", "predicted", "sent", "refused", "failed")
 PENDING = ("received", "predicted")
+HELD = ("receiving", *PENDING, "sent")  # an instance this store has (or is taking) in hand
+# What claim() says of a SOP Instance UID.
+CLAIMED = "claimed"  # this copy is the one: spool it, then confirm()
+HELD_ALREADY = "held"  # the same patient's image is already held: a resend
+BEING_RECEIVED = "busy"  # the same patient's image is being spooled on another association
+OTHER_PATIENT = "other patient"  # the UID is held for another patient: first write wins
 # A PostgreSQL URL without a driver means psycopg 3 here (SQLAlchemy's default is psycopg2,
 # which cxr does not depend on).
 _POSTGRES_PREFIXES = ("postgresql://", "postgres://")
@@ -107,7 +114,7 @@ class ResultsStore:
             existing = connection.execute(
                 sa.select(results.c.status).where(results.c.sop_instance_uid == sop_instance_uid)
             ).scalar_one_or_none()
-            if existing in (*PENDING, "sent"):
+            if existing in HELD:
                 return False
             if existing is not None:
                 connection.execute(
@@ -118,6 +125,76 @@ class ResultsStore:
             else:
                 connection.execute(results.insert().values(**row))
         return True
+
+    def claim(
+        self,
+        sop_instance_uid: str,
+        *,
+        patient_ref: str | None,
+        received_at: datetime | None = None,
+        **values,
+    ) -> str:
+        """Take ``sop_instance_uid`` for this copy before anything is spooled under its name:
+        the unique constraint decides between racing senders (threads or processes, SQLite
+        or PostgreSQL), so the first wins. Returns :data:`CLAIMED` (the row is now
+        ``receiving``), :data:`HELD_ALREADY` or :data:`BEING_RECEIVED` (the same
+        ``patient_ref`` holds it) or :data:`OTHER_PATIENT`. A refused or failed earlier
+        attempt is replaced."""
+        row = {
+            "sop_instance_uid": sop_instance_uid,
+            "status": "receiving",
+            "received_at": _naive_utc(received_at),
+            "patient_ref": patient_ref,
+            "reason": None,
+            "attempts": 0,
+            **values,
+        }
+        for _ in range(3):  # a row replaced or withdrawn between the two steps: look again
+            if self._insert_new(row):
+                return CLAIMED
+            with self._write() as connection:
+                existing = connection.execute(
+                    sa.select(results.c.status, results.c.patient_ref).where(
+                        results.c.sop_instance_uid == sop_instance_uid
+                    )
+                ).one_or_none()
+                if existing is None:
+                    continue
+                if existing.status not in HELD:
+                    replaced = connection.execute(
+                        results.update()
+                        .where(results.c.sop_instance_uid == sop_instance_uid)
+                        .where(results.c.status == existing.status)
+                        .values(**_cleared(row))
+                    )
+                    if replaced.rowcount == 1:
+                        return CLAIMED
+                    continue
+                if existing.patient_ref != patient_ref:
+                    return OTHER_PATIENT
+                return BEING_RECEIVED if existing.status == "receiving" else HELD_ALREADY
+        raise StoreError(f"{self.url}: {sop_instance_uid} keeps changing; cannot claim it")
+
+    def confirm(self, sop_instance_uid: str) -> None:
+        """The claimed instance is spooled: ``receiving`` becomes ``received``."""
+        self._update_if(sop_instance_uid, "receiving", status="received")
+
+    def withdraw(self, sop_instance_uid: str) -> None:
+        """Give up a claim whose spooling failed (nothing was acknowledged)."""
+        with self._write() as connection:
+            connection.execute(
+                results.delete()
+                .where(results.c.sop_instance_uid == sop_instance_uid)
+                .where(results.c.status == "receiving")
+            )
+
+    def drop_claims(self) -> int:
+        """Forget the claims an ended listener left (never acknowledged); returns how many.
+        Only for a store no other listener is writing to."""
+        with self._write() as connection:
+            return connection.execute(
+                results.delete().where(results.c.status == "receiving")
+            ).rowcount
 
     def refuse(
         self,
@@ -145,7 +222,7 @@ class ResultsStore:
             ).scalar_one_or_none()
             if existing is None:
                 connection.execute(results.insert().values(**row))
-            elif existing not in (*PENDING, "sent"):
+            elif existing not in HELD:
                 connection.execute(
                     results.update()
                     .where(results.c.sop_instance_uid == sop_instance_uid)
@@ -298,6 +375,28 @@ class ResultsStore:
             connection.execute(
                 results.update()
                 .where(results.c.sop_instance_uid == sop_instance_uid)
+                .values(**values)
+            )
+
+    def _insert_new(self, row: dict[str, Any]) -> bool:
+        """Insert ``row``; False when its SOP Instance UID is already there. A transaction of
+        its own: a failed INSERT ends a PostgreSQL transaction."""
+        with self._lock:
+            try:
+                with self.engine.begin() as connection:
+                    connection.execute(results.insert().values(**row))
+                return True
+            except IntegrityError:
+                return False
+            except SQLAlchemyError as exc:
+                raise StoreError(f"{self.url}: cannot write results ({_short(exc)})") from None
+
+    def _update_if(self, sop_instance_uid: str, current: str, **values) -> None:
+        with self._write() as connection:
+            connection.execute(
+                results.update()
+                .where(results.c.sop_instance_uid == sop_instance_uid)
+                .where(results.c.status == current)
                 .values(**values)
             )
 
