@@ -56,7 +56,7 @@ def build_node(
     if options.overlays:
         predictor.require_torch_model()  # Grad-CAM: refused before anything listens
     info = model_info(predictor.meta, model_digest(model))
-    store = open_store(str(db or default_store(model)))
+    store = open_store(str(db or default_store(model)), busy_timeout_s=options.store_busy_timeout_s)
     return DicomNode(
         predictor, info, store, Spool(spool or default_spool(model)), destination, options
     )

@@ -76,6 +76,8 @@ class NodeOptions:
     retry_max_s: float = 60.0
     max_send_attempts: int = 10
     timeout_s: float = 60.0
+    store_busy_timeout_s: float = 30.0  # an SQLite write waits this long for another process
+    max_dataset_mb: float = 64.0  # a larger incoming dataset is refused (0xA700)
 
 
 @dataclass
@@ -118,6 +120,8 @@ class DicomNode:
         self._work: queue.Queue[str] = queue.Queue()
         self._outbox: queue.Queue[str] = queue.Queue()
         self._stop = threading.Event()
+        self._retries: dict[str, int] = {}  # uid -> transient failures so far
+        self._sent_unrecorded: queue.Queue[str] = queue.Queue()
         self._threads: list[threading.Thread] = []
         self._server = None
 
@@ -183,24 +187,23 @@ class DicomNode:
         """Queue what an earlier run left: received images to predict, predicted reports to
         send. Spooled images never recorded were never acknowledged: their senders still
         have them, so they are deleted. Returns the number of instances resumed."""
+        # A store that cannot be read raises StoreError here: the node refuses to start
+        # rather than guess which spooled images were acknowledged.
         resumed = 0
         for row in self.store.pending():
             uid = row["sop_instance_uid"]
-            if row["status"] == "received":
-                if self.spool.incoming(uid).is_file():
-                    self._slots.acquire()
-                    self._work.put(uid)
-                    resumed += 1
-                else:
-                    self._fail(uid, "the spooled image was missing after a restart")
-            elif self.spool.outgoing(uid):
+            if row["status"] == "predicted" and self.spool.outgoing(uid):
                 self.spool.remove_incoming(uid)
                 self._outbox.put(uid)
                 resumed += 1
+            elif self.spool.incoming(uid).is_file():  # received, or its reports were lost
+                self._slots.acquire()
+                self._work.put(uid)
+                resumed += 1
             else:
-                self._fail(uid, "the spooled report was missing after a restart")
+                self._fail(uid, f"its spooled {_lost_file(row['status'])} was missing at start")
         for uid in self.spool.incoming_uids():
-            if self.store.status_of(uid) != "received":
+            if self.store.status_of(uid) in (None, "sent", "refused", "failed"):
                 self.spool.remove_incoming(uid)
         return resumed
 
@@ -221,22 +224,18 @@ class DicomNode:
                 raise Refused("the SOP Instance UID differs from the one the request names")
         except Refused as exc:
             return self._refuse(event, calling, str(exc))
-        if self.store.status_of(instance.sop_instance_uid) in ("received", "predicted", "sent"):
+        try:
+            held = self.store.status_of(instance.sop_instance_uid)
+        except StoreError as exc:
+            log.error("cannot admit %s: %s", instance.sop_instance_uid, exc)
+            return _status(STATUS_OUT_OF_RESOURCES, "cannot read the results store")
+        if held in ("received", "predicted", "sent"):
             return STATUS_SUCCESS  # a resend of an image already held: one result only
         if not self._slots.acquire(timeout=self.options.admit_timeout_s):
             return _status(STATUS_OUT_OF_RESOURCES, "listener busy, try again later")
-        try:
-            self.spool.put_incoming(instance.sop_instance_uid, data)
-            admitted = self.store.admit(
-                instance.sop_instance_uid,
-                study_instance_uid=instance.study_instance_uid,
-                sop_class_uid=instance.sop_class_uid,
-                patient_ref=self._patient_ref(instance.patient_id),
-                calling_ae=calling,
-            )
-        except (OSError, CxrError) as exc:
+        admitted = self._spool_and_admit(instance, data, calling)
+        if admitted is None:
             self._slots.release()
-            log.error("cannot admit %s: %s", instance.sop_instance_uid, exc)
             return _status(STATUS_OUT_OF_RESOURCES, "cannot spool or record the image")
         if admitted:
             self.counts.add("received")
@@ -244,6 +243,29 @@ class DicomNode:
         else:
             self._slots.release()
         return STATUS_SUCCESS
+
+    def _spool_and_admit(self, instance, data: bytes, calling: str) -> bool | None:
+        """Spool the image (fsynced), then record it as received: True when admitted, False
+        for a resend already held, None when it could not be kept (answer out of resources:
+        nothing of it is left to be mistaken for an acknowledged image)."""
+        uid = instance.sop_instance_uid
+        try:
+            self.spool.put_incoming(uid, data)
+        except (OSError, CxrError) as exc:
+            log.error("cannot spool %s: %s", uid, exc)
+            return None
+        try:
+            return self.store.admit(
+                uid,
+                study_instance_uid=instance.study_instance_uid,
+                sop_class_uid=instance.sop_class_uid,
+                patient_ref=self._patient_ref(instance.patient_id),
+                calling_ae=calling,
+            )
+        except CxrError as exc:
+            log.error("cannot record %s (its spooled copy is removed): %s", uid, exc)
+            self.spool.remove_incoming(uid)
+            return None
 
     def _refuse(self, event, calling: str, reason: str):
         uid = str(event.request.AffectedSOPInstanceUID or "")
@@ -277,19 +299,32 @@ class DicomNode:
                 continue
             try:
                 self._process(uid)
+            except (OSError, StoreError) as exc:
+                # A full disk or a locked store passes: the image stays spooled and keeps its
+                # admission slot until it is predicted and recorded.
+                self._retry_later(uid, exc)
+                continue
             except Exception as exc:  # one image's trouble must not stop the worker
                 log.exception("processing %s failed", uid)
                 self._fail(uid, f"internal error ({exc.__class__.__name__}: {exc})")
-            finally:
-                self._slots.release()
+            self._retries.pop(uid, None)
+            self._slots.release()
+
+    def _retry_later(self, uid: str, problem: Exception) -> None:
+        tries = self._retries[uid] = self._retries.get(uid, 0) + 1
+        delay = min(0.5 * 2 ** min(tries, 10), self.options.retry_max_s)
+        log.warning("%s: %s; trying again in %.1f s", uid, problem, delay)
+        timer = threading.Timer(delay, self._work.put, args=(uid,))
+        timer.daemon = True
+        timer.start()
 
     def _process(self, uid: str) -> None:
         path = self.spool.incoming(uid)
         try:
             gray = decode_gray(path, name=uid, max_pixels=self.options.max_pixels)
         except CxrError as exc:
-            self._fail(uid, str(exc).removeprefix(f"{uid}: "))
-            self.spool.remove_incoming(uid)
+            if self._fail(uid, str(exc).removeprefix(f"{uid}: ")):
+                self.spool.remove_incoming(uid)
             return
         probabilities = self.batcher.submit(gray).result(timeout=self.options.timeout_s * 10)
         source = pydicom.dcmread(path, stop_before_pixels=True)
@@ -335,6 +370,7 @@ class DicomNode:
     def _send_loop(self) -> None:
         delay = 1.0
         while not self._stop.is_set():
+            self._record_unrecorded_sends()
             batch = self._gather()
             while batch and not self._stop.is_set():
                 try:
@@ -344,6 +380,7 @@ class DicomNode:
                     log.warning("forwarding %d reports failed: %s", len(batch), exc)
                     for uid in batch:
                         self._record(partial(self.store.attempt_failed, uid, str(exc)))
+                self._record_unrecorded_sends()
                 if batch:
                     self._stop.wait(delay)
                     delay = min(delay * 2, self.options.retry_max_s)
@@ -373,30 +410,61 @@ class DicomNode:
         retry = []
         for uid in files:
             if uid not in problems:
-                self.store.sent(uid)
-                self.counts.add("sent")
-                self.spool.remove_outgoing(uid)
-            elif self.store.attempt_failed(uid, problems[uid]) >= self.options.max_send_attempts:
-                self._fail(uid, problems[uid])
-                self.spool.remove_outgoing(uid)
+                self._record_sent(uid)
+            elif self._attempts_after_failure(uid, problems[uid]) >= self.options.max_send_attempts:
+                if self._fail(uid, problems[uid]):
+                    self.spool.remove_outgoing(uid)
             else:
                 retry.append(uid)
         return retry
 
+    def _record_sent(self, uid: str) -> None:
+        """Mark a delivered report sent; while the store cannot be written its reports stay
+        spooled and the write is tried again (not the delivery)."""
+        try:
+            self.store.sent(uid)
+        except StoreError as exc:
+            log.warning("%s was delivered but cannot be recorded yet: %s", uid, exc)
+            self._sent_unrecorded.put(uid)
+            return
+        self.counts.add("sent")
+        self.spool.remove_outgoing(uid)
+
+    def _record_unrecorded_sends(self) -> None:
+        for _ in range(self._sent_unrecorded.qsize()):
+            self._record_sent(self._sent_unrecorded.get_nowait())
+
+    def _attempts_after_failure(self, uid: str, problem: str) -> int:
+        try:
+            return self.store.attempt_failed(uid, problem)
+        except StoreError as exc:
+            log.error("%s", exc)
+            return 0  # not counted: tried again
+
     # ------------------------------------------------------------------ helpers
 
-    def _fail(self, uid: str, reason: str) -> None:
-        self.counts.add("failed")
+    def _fail(self, uid: str, reason: str) -> bool:
+        """Record a permanent failure; False when the store could not be written (then the
+        spooled files stay, and a restart finds the row pending and tries again)."""
         log.warning("%s failed: %s", uid, reason)
-        self._record(lambda: self.store.failed(uid, reason))
+        if not self._record(lambda: self.store.failed(uid, reason)):
+            return False
+        self.counts.add("failed")
+        return True
 
     @staticmethod
-    def _record(write: Callable[[], object]) -> None:
+    def _record(write: Callable[[], object]) -> bool:
         """A store write whose failure is logged, not raised into pynetdicom's thread."""
         try:
             write()
         except StoreError as exc:
             log.error("%s", exc)
+            return False
+        return True
+
+
+def _lost_file(status: str) -> str:
+    return "image" if status == "received" else "report (and image)"
 
 
 def _status(code: int, comment: str) -> Dataset:
