@@ -42,6 +42,10 @@ MaxWaitOption = Annotated[
     float, typer.Option(help="How long a batch waits to fill (milliseconds).")
 ]
 QueueOption = Annotated[int, typer.Option(help="Images admitted but not yet predicted, at most.")]
+MaxDatasetOption = Annotated[
+    float,
+    typer.Option(help="Largest incoming dataset (MB); a larger one is refused (0xA700)."),
+]
 ForwardAssociationsOption = Annotated[
     int, typer.Option(help="Concurrent associations sending reports to --forward.")
 ]
@@ -68,6 +72,7 @@ def listen(
     forward_associations: ForwardAssociationsOption = 4,
     max_megapixels: Annotated[float, typer.Option(help="Largest accepted image.")] = 40.0,
     patient_ids: Annotated[str, typer.Option(help=PATIENT_ID_HELP)] = "hash",
+    max_dataset_mb: MaxDatasetOption = 64.0,
 ):
     """A DICOM Storage SCP: each CR/DX frontal radiograph received is spooled, acknowledged,
     predicted, and answered with a structured report sent to --forward. Runs until stopped
@@ -78,6 +83,8 @@ def listen(
 
     _check_listen_options(port, ae_title, allow_ae or [], host)
     _check_counts(workers, max_batch, queue_size, forward_associations)
+    if not max_dataset_mb > 0:
+        raise CxrError(f"--max-dataset-mb {max_dataset_mb}: expected more than 0")
     options = NodeOptions(
         ae_title=ae_title,
         host=host,
@@ -91,6 +98,7 @@ def listen(
         max_wait_ms=max_wait_ms,
         max_pixels=int(max_megapixels * 1_000_000),
         patient_ids=patient_ids,
+        max_dataset_mb=max_dataset_mb,
     )
     node = build_node(
         model,

@@ -29,11 +29,13 @@ import pydicom
 from PIL import Image
 from pydicom.dataset import Dataset
 from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.sop_class import Verification
 
 from cxr.data.images import MAX_PIXELS, decode_gray
 from cxr.dicom.checks import Refused, check_instance, valid_uid
 from cxr.dicom.forward import Destination, Forwarder, ForwardError
+from cxr.dicom.receive import DatasetReceiver, ReceivedDataset
 from cxr.dicom.report import ModelInfo, ReportMaker, overlay_capture
 from cxr.dicom.spool import Spool
 from cxr.errors import CxrError
@@ -115,6 +117,7 @@ class DicomNode:
             predictor, max_batch=options.max_batch, max_wait_ms=options.max_wait_ms
         )
         self.reports = ReportMaker(model)
+        self.receiver = DatasetReceiver(spool.incoming_dir, int(options.max_dataset_mb * 1e6))
         self.counts = _Counts()
         self._slots = threading.BoundedSemaphore(options.queue_size)
         self._work: queue.Queue[str] = queue.Queue()
@@ -139,7 +142,12 @@ class DicomNode:
         self._server = self._make_ae().start_server(
             (self.options.host, self.options.port),
             block=False,
-            evt_handlers=[(evt.EVT_C_STORE, self._on_store), (evt.EVT_REJECTED, self._on_reject)],
+            evt_handlers=[
+                (evt.EVT_C_STORE, self._on_store),
+                (evt.EVT_REJECTED, self._on_reject),
+                (evt.EVT_PDU_RECV, self.receiver.on_pdu),
+                (evt.EVT_CONN_CLOSE, self.receiver.on_close),
+            ],
         )
         return self
 
@@ -216,9 +224,23 @@ class DicomNode:
         self._record(lambda: self.store.refuse(None, reason, calling_ae=calling))
 
     def _on_store(self, event):
-        calling = _ae_text(event.assoc.requestor.ae_title)
+        received = self.receiver.take(event.assoc)
         try:
-            data = event.encoded_dataset()
+            return self._store_received(event, received)
+        finally:
+            if received is not None:
+                received.discard()
+
+    def _store_received(self, event, received: ReceivedDataset | None):
+        calling = _ae_text(event.assoc.requestor.ae_title)
+        if received is not None and received.path is None:
+            return self._unkept(event, calling, received)
+        try:
+            data = _file_bytes(event, received)
+        except OSError as exc:
+            log.error("cannot read the received dataset back: %s", exc)
+            return _status(STATUS_OUT_OF_RESOURCES, "cannot spool the image")
+        try:
             instance = check_instance(data, max_pixels=self.options.max_pixels)
             if instance.sop_instance_uid != event.request.AffectedSOPInstanceUID:
                 raise Refused("the SOP Instance UID differs from the one the request names")
@@ -243,6 +265,21 @@ class DicomNode:
         else:
             self._slots.release()
         return STATUS_SUCCESS
+
+    def _unkept(self, event, calling: str, received: ReceivedDataset):
+        """A dataset that was not kept as it arrived: too large, or the disk refused it."""
+        uid = str(event.request.AffectedSOPInstanceUID or "")[:64]
+        if not received.oversized:
+            log.error("cannot spool %s from %s: %s", uid, calling, received.error)
+            return _status(STATUS_OUT_OF_RESOURCES, "cannot spool the image")
+        limit = self.options.max_dataset_mb
+        reason = f"dataset of {received.size:,} bytes is over the {limit:g} MB limit"
+        log.warning("refused %s from %s: %s (--max-dataset-mb)", uid, calling, reason)
+        self.counts.add("refused")
+        self._record(
+            lambda: self.store.refuse(uid if valid_uid(uid) else None, reason, calling_ae=calling)
+        )
+        return _status(STATUS_OUT_OF_RESOURCES, reason)
 
     def _spool_and_admit(self, instance, data: bytes, calling: str) -> bool | None:
         """Spool the image (fsynced), then record it as received: True when admitted, False
@@ -461,6 +498,15 @@ class DicomNode:
             log.error("%s", exc)
             return False
         return True
+
+
+def _file_bytes(event, received: ReceivedDataset | None) -> bytes:
+    """The received instance as a DICOM file (pynetdicom's own file meta, the dataset as
+    it arrived)."""
+    if received is None:  # not streamed (no PDU handler bound): pynetdicom held it
+        return event.encoded_dataset()
+    meta = encode_file_meta(event.file_meta)
+    return b"".join((b"\x00" * 128, b"DICM", meta, received.read()))
 
 
 def _lost_file(status: str) -> str:

@@ -1,0 +1,157 @@
+"""Receiving a C-STORE's dataset without holding it in memory, and within a size limit.
+
+pynetdicom gathers a request's dataset in memory (or, with its process-wide
+``STORE_RECV_CHUNKED_DATASET``, in a file in the system temporary folder, whatever its size).
+Here an ``EVT_PDU_RECV`` handler, which pynetdicom calls on the association's reading thread
+for each P-DATA-TF PDU before the DIMSE layer sees it, moves each dataset fragment to a file in
+the spool's folder and leaves pynetdicom the fragment's one-byte header alone (so that it
+still sees where the message ends). Memory is therefore bounded by one PDU (the node's
+maximum PDU size) per association while a dataset arrives; the disk by the limit: past it the
+file is deleted and the rest of the fragments are counted and dropped, so that the sender
+still gets an answer (0xA700) rather than a broken association.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import threading
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+from pynetdicom.pdu import P_DATA_TF
+
+
+@dataclass
+class ReceivedDataset:
+    """One request's dataset as it arrived: the file holding it (None when it was too large
+    or could not be written), its size in bytes, and the write error if any."""
+
+    path: Path | None
+    size: int
+    oversized: bool = False
+    error: OSError | None = None
+
+    def read(self) -> bytes:
+        return self.path.read_bytes()
+
+    def discard(self) -> None:
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+
+
+class _Incoming:
+    """The dataset fragments of the request being received on one association."""
+
+    def __init__(self, folder: Path, limit: int):
+        self.folder, self.limit = folder, limit
+        self.size = 0
+        self.error: OSError | None = None
+        self.oversized = False
+        fd, name = tempfile.mkstemp(dir=folder, prefix=".rx-", suffix=".tmp")
+        self.path: Path | None = Path(name)
+        self.handle = os.fdopen(fd, "wb")
+
+    def add(self, fragment: bytes) -> None:
+        self.size += len(fragment)
+        if self.handle is None:
+            return
+        if self.size > self.limit:
+            self.oversized = True
+            self._drop()
+            return
+        try:
+            self.handle.write(fragment)
+        except OSError as exc:
+            self.error = exc
+            self._drop()
+
+    def finish(self) -> ReceivedDataset:
+        if self.handle is not None:
+            try:
+                self.handle.close()
+            except OSError as exc:
+                self.error = exc
+                self._drop()
+        return ReceivedDataset(self.path, self.size, self.oversized, self.error)
+
+    def _drop(self) -> None:
+        with contextlib.suppress(OSError):  # the file is deleted anyway
+            self.handle.close()
+        self.handle = None
+        self.path.unlink(missing_ok=True)
+        self.path = None
+
+
+class DatasetReceiver:
+    """Bind :meth:`on_pdu` to ``EVT_PDU_RECV`` and :meth:`on_close` to ``EVT_CONN_CLOSE``;
+    the ``EVT_C_STORE`` handler then :meth:`take`\\ s each request's dataset."""
+
+    def __init__(self, folder: str | os.PathLike, limit_bytes: int):
+        self.folder, self.limit = Path(folder), limit_bytes
+        self._lock = threading.Lock()
+        self._current: dict[int, _Incoming] = {}
+        # Finished datasets not yet taken, oldest first (pynetdicom handles requests in order).
+        self._finished: dict[int, deque[ReceivedDataset]] = {}
+
+    def on_pdu(self, event) -> None:
+        pdu = event.pdu
+        if not isinstance(pdu, P_DATA_TF):
+            return
+        key = id(event.assoc)
+        for item in pdu.presentation_data_value_items:
+            value = item.presentation_data_value
+            if not value or value[0] & 1:  # a command fragment: pynetdicom's to decode
+                continue
+            item.presentation_data_value = value[:1]
+            self._add(key, value[1:], last=bool(value[0] & 2))
+
+    def _add(self, key: int, fragment: bytes, last: bool) -> None:
+        with self._lock:
+            incoming = self._current.get(key)
+        if incoming is None:
+            try:
+                incoming = _Incoming(self.folder, self.limit)
+            except OSError as exc:
+                incoming = _Failed(exc, self.limit)
+            with self._lock:
+                self._current[key] = incoming
+        incoming.add(fragment)
+        if last:
+            received = incoming.finish()
+            with self._lock:
+                del self._current[key]
+                self._finished.setdefault(key, deque()).append(received)
+
+    def take(self, assoc) -> ReceivedDataset | None:
+        """The oldest dataset received on ``assoc`` and not yet taken (the caller deletes its
+        file with :meth:`ReceivedDataset.discard` once done)."""
+        with self._lock:
+            waiting = self._finished.get(id(assoc))
+            return waiting.popleft() if waiting else None
+
+    def on_close(self, event) -> None:
+        """An association's end: delete what it left (an interrupted or untaken dataset)."""
+        key = id(event.assoc)
+        with self._lock:
+            incoming = self._current.pop(key, None)
+            left = list(self._finished.pop(key, ()))
+        if incoming is not None:
+            left.append(incoming.finish())
+        for received in left:
+            received.discard()
+
+
+class _Failed:
+    """A dataset whose file could not even be made (a full disk): counted, not kept."""
+
+    def __init__(self, error: OSError, limit: int):
+        self.error, self.limit, self.size = error, limit, 0
+
+    def add(self, fragment: bytes) -> None:
+        self.size += len(fragment)
+
+    def finish(self) -> ReceivedDataset:
+        return ReceivedDataset(None, self.size, self.size > self.limit, self.error)
