@@ -278,7 +278,7 @@ def test_oversized_dataset_is_refused_without_holding_it(bundle, sink, tmp_path)
         wait_reported(sink, {str(images["first"][1].SOPInstanceUID): "first-patient"})
         before = peak_rss(listener.pid)
         output = storescu(port, tmp_path / "big.dcm")
-        assert "Out of Resources" in output, output
+        assert "Refused: OutOfResources" in output, output
         grown = peak_rss(listener.pid) - before
         assert "Success" in storescu(port, images["next"][0])
         wait_reported(

@@ -1,8 +1,12 @@
 """The DICOM node: a Storage SCP that takes radiographs, predicts them and sends a structured
 report per image to a destination, losing nothing across restarts.
 
-An instance is checked (:mod:`cxr.dicom.checks`), written to the spool (fsync + rename),
-recorded as ``received`` in the results store, and only then acknowledged. A bounded number
+An instance streams to the spool's folder as it arrives, within ``max_dataset_mb``
+(:mod:`cxr.dicom.receive`), is checked (:mod:`cxr.dicom.checks`), written to the spool (fsync
++ rename), recorded as ``received`` in the results store, and only then acknowledged; what
+cannot be kept is answered 0xA700. A transient fault after that (a full disk, a locked store)
+leaves the image spooled and retried: only an unreadable image, or a report the destination
+refused ``max_send_attempts`` times, ends ``failed``. A bounded number
 of admitted images wait for the model (``queue_size``: a sender past it waits, then gets
 "out of resources"). Worker threads decode each spooled file as ``cxr predict`` does, the
 model runs them in batches, the reports are written to the spool and the row becomes
