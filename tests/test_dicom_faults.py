@@ -27,6 +27,7 @@ from test_dicom_node import Sink
 from cxr.dicom.forward import Destination
 from cxr.dicom.listen import build_node
 from cxr.dicom.node import NodeOptions
+from cxr.results.store import StoreError
 from cxr.testing import radiograph_dicom, untrained_bundle
 from cxr.testing_services import free_port
 
@@ -68,7 +69,7 @@ def make_node(bundle, tmp_path):
         node = build_node(
             bundle,
             Destination("127.0.0.1", sink_port, "SINK"),
-            NodeOptions(port=0, allowed_ae=("PACS",), **{"workers": 2, **options}),
+            NodeOptions(port=0, allowed_ae=("PACS",), **{"workers": 2, "retry_max_s": 0.5, **options}),
             spool=spool,
             db=str(tmp_path / "results.sqlite"),
         )
@@ -138,6 +139,7 @@ def acknowledged_of(datasets, answers) -> dict[str, str]:
     }
 
 
+@pytest.mark.slow
 def test_full_spool_disk_loses_no_acknowledged_image(sink, small_disk, make_node, tmp_path, caplog):
     caplog.set_level(logging.WARNING, logger="cxr")
     spool = small_disk / "spool"
@@ -173,6 +175,41 @@ def test_full_spool_disk_loses_no_acknowledged_image(sink, small_disk, make_node
     wait_reported(sink, acknowledged)
     assert second.wait(lambda: second.counts.sent == len(acknowledged), WAIT_S)
     assert set(store_status(tmp_path).values()) == {"sent"}
+
+
+@pytest.mark.slow
+def test_unreadable_store_at_start_refuses_to_start_and_deletes_nothing(
+    bundle, sink, make_node, tmp_path
+):
+    spool = tmp_path / "spool"
+    images = [radiograph(f"kept-{n}", side=256) for n in range(2)]
+    first = make_node(sink.port, spool, workers=0)
+    assert [s for s, _ in send(first.address[1], images)] == [SUCCESS, SUCCESS]
+    first.stop()
+    first.store.close()
+    database = tmp_path / "results.sqlite"
+    intact = database.read_bytes()
+    second = build_node(
+        bundle,
+        Destination("127.0.0.1", sink.port, "SINK"),
+        NodeOptions(port=0, allowed_ae=("PACS",)),
+        spool=spool,
+        db=str(database),
+    )
+    second.store.engine.dispose()
+    database.write_bytes(b"not a database " * 100)  # what a damaged volume could show
+    try:
+        with pytest.raises(StoreError, match="cannot read results"):
+            second.start()
+    finally:
+        second.stop()
+        second.store.close()
+    kept = sorted(p.name for p in (spool / "incoming").iterdir())
+    assert kept == sorted(f"{d.SOPInstanceUID}.dcm" for d in images)
+
+    database.write_bytes(intact)
+    make_node(sink.port, spool)
+    wait_reported(sink, {str(d.SOPInstanceUID): str(d.PatientID) for d in images})
 
 
 LOCKER = """

@@ -137,12 +137,12 @@ class DicomNode:
     def start(self) -> DicomNode:
         """Start the model, the workers and the sender, resume what the spool holds, then
         listen. Returns once the port is open."""
+        self.recover()  # first: a store that cannot be read stops the start here
         self.batcher.start()
         for n in range(self.options.workers):
             self._spawn(self._work_loop, f"cxr-worker-{n}")
         for n in range(self.options.senders):
             self._spawn(self._send_loop, f"cxr-sender-{n}")
-        self.recover()
         self._server = self._make_ae().start_server(
             (self.options.host, self.options.port),
             block=False,
@@ -353,7 +353,7 @@ class DicomNode:
 
     def _retry_later(self, uid: str, problem: Exception) -> None:
         tries = self._retries[uid] = self._retries.get(uid, 0) + 1
-        delay = min(0.5 * 2 ** min(tries, 10), self.options.retry_max_s)
+        delay = min(0.5 * 2 ** min(tries - 1, 10), self.options.retry_max_s)
         log.warning("%s: %s; trying again in %.1f s", uid, problem, delay)
         timer = threading.Timer(delay, self._work.put, args=(uid,))
         timer.daemon = True
