@@ -33,6 +33,7 @@ from cxr.testing_services import free_port
 
 WAIT_S = 120  # a hang guard, never a timing assertion
 SUCCESS, OUT_OF_RESOURCES = 0x0000, 0xA700
+FAST_RETRIES = {"port": 0, "allowed_ae": ("PACS",), "workers": 2, "retry_max_s": 0.5}
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +70,7 @@ def make_node(bundle, tmp_path):
         node = build_node(
             bundle,
             Destination("127.0.0.1", sink_port, "SINK"),
-            NodeOptions(port=0, allowed_ae=("PACS",), **{"workers": 2, "retry_max_s": 0.5, **options}),
+            NodeOptions(**{**FAST_RETRIES, **options}),
             spool=spool,
             db=str(tmp_path / "results.sqlite"),
         )
