@@ -23,7 +23,9 @@ import pydicom
 import pytest
 from dicom_support import nih_gray, referenced_image, send
 from test_dicom_node import Sink
+from typer.testing import CliRunner
 
+from cxr.cli import app as cli
 from cxr.dicom.forward import Destination
 from cxr.dicom.listen import build_node
 from cxr.dicom.node import NodeOptions
@@ -223,6 +225,7 @@ connection.execute("COMMIT")
 """
 
 
+@pytest.mark.slow
 def test_locked_store_answers_out_of_resources_and_resumes(sink, make_node, tmp_path, caplog):
     caplog.set_level(logging.WARNING, logger="cxr")
     spool = tmp_path / "spool"
@@ -331,3 +334,13 @@ def test_oversized_dataset_is_refused_without_holding_it(bundle, sink, tmp_path)
     match = re.search(r"dataset of ([\d,]+) bytes is over the 64 MB limit", logged)
     assert match and int(match.group(1).replace(",", "")) > 120_000_000, logged
     assert not list((tmp_path / "spool" / "incoming").glob("*"))
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "nan", "inf"])
+def test_listen_refuses_a_bad_dataset_limit_before_loading_the_model(tmp_path, value):
+    missing = tmp_path / "no-such-bundle"  # were the model loaded first, this would be the error
+    arguments = ["dicom", "listen", str(missing), "--forward", "127.0.0.1:104:PACS"]
+    result = CliRunner().invoke(cli, [*arguments, "--max-dataset-mb", value])
+    assert result.exit_code != 0, result.output
+    assert "--max-dataset-mb" in result.output and "expected a positive number" in result.output
+    assert "Traceback" not in result.output

@@ -83,8 +83,8 @@ def listen(
 
     _check_listen_options(port, ae_title, allow_ae or [], host)
     _check_counts(workers, max_batch, queue_size, forward_associations)
-    if not max_dataset_mb > 0:
-        raise CxrError(f"--max-dataset-mb {max_dataset_mb}: expected more than 0")
+    if not 0 < max_dataset_mb < 2**40:  # also refuses nan and inf
+        raise CxrError(f"--max-dataset-mb {max_dataset_mb}: expected a positive number of MB")
     options = NodeOptions(
         ae_title=ae_title,
         host=host,

@@ -364,8 +364,9 @@ class DicomNode:
         try:
             gray = decode_gray(path, name=uid, max_pixels=self.options.max_pixels)
         except CxrError as exc:
-            if self._fail(uid, str(exc).removeprefix(f"{uid}: ")):
-                self.spool.remove_incoming(uid)
+            if not self._fail(uid, str(exc).removeprefix(f"{uid}: ")):
+                raise StoreError(f"{uid}: its failure cannot be recorded yet") from None
+            self.spool.remove_incoming(uid)
             return
         probabilities = self.batcher.submit(gray).result(timeout=self.options.timeout_s * 10)
         source = pydicom.dcmread(path, stop_before_pixels=True)
@@ -455,6 +456,8 @@ class DicomNode:
             elif self._attempts_after_failure(uid, problems[uid]) >= self.options.max_send_attempts:
                 if self._fail(uid, problems[uid]):
                     self.spool.remove_outgoing(uid)
+                else:
+                    retry.append(uid)  # kept until its end can be recorded
             else:
                 retry.append(uid)
         return retry
