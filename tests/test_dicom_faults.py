@@ -13,6 +13,7 @@ import re
 import shutil
 import socket
 import sqlite3
+import struct
 import subprocess
 import sys
 import time
@@ -344,3 +345,21 @@ def test_listen_refuses_a_bad_dataset_limit_before_loading_the_model(tmp_path, v
     assert result.exit_code != 0, result.output
     assert "--max-dataset-mb" in result.output and "expected a positive number" in result.output
     assert "Traceback" not in result.output
+
+
+def test_a_pdu_claiming_more_than_accepted_closes_the_connection_unread(
+    sink, make_node, tmp_path, caplog
+):
+    caplog.set_level(logging.WARNING, logger="cxr")
+    node = make_node(sink.port, tmp_path / "spool")
+    with socket.create_connection(node.address, timeout=WAIT_S) as peer:
+        peer.sendall(b"\x04\x00" + struct.pack(">L", 200_000_000) + b"\x00" * 4096)
+        try:
+            answer = peer.recv(1)  # were the 200 MB awaited, this would hang to WAIT_S
+        except ConnectionResetError:
+            answer = b""
+    assert answer == b""
+    wait_for_log(caplog, "a PDU of 200,000,000 bytes is over the")
+    image = radiograph("after-the-claim", side=256)
+    assert [s for s, _ in send(node.address[1], [image])] == [SUCCESS]
+    wait_reported(sink, {str(image.SOPInstanceUID): "after-the-claim"})

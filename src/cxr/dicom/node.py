@@ -62,6 +62,8 @@ STATUS_SUCCESS = 0x0000
 STATUS_CANNOT_UNDERSTAND = 0xC000  # a failure: the instance is refused
 STATUS_OUT_OF_RESOURCES = 0xA700  # a failure the sender may retry later
 PATIENT_ID_MODES = ("hash", "keep", "drop")
+MAX_PDU = 2**20  # the largest P-DATA PDU this node accepts (negotiated)
+ASSOCIATE_SLACK = 2**18  # an association request with many contexts and a user identity
 
 
 @dataclass(frozen=True)
@@ -121,7 +123,9 @@ class DicomNode:
             predictor, max_batch=options.max_batch, max_wait_ms=options.max_wait_ms
         )
         self.reports = ReportMaker(model)
-        self.receiver = DatasetReceiver(spool.incoming_dir, int(options.max_dataset_mb * 1e6))
+        self.receiver = DatasetReceiver(
+            spool.incoming_dir, int(options.max_dataset_mb * 1e6), MAX_PDU + ASSOCIATE_SLACK
+        )
         self.counts = _Counts()
         self._slots = threading.BoundedSemaphore(options.queue_size)
         self._work: queue.Queue[str] = queue.Queue()
@@ -149,6 +153,7 @@ class DicomNode:
             evt_handlers=[
                 (evt.EVT_C_STORE, self._on_store),
                 (evt.EVT_REJECTED, self._on_reject),
+                (evt.EVT_CONN_OPEN, self.receiver.on_open),
                 (evt.EVT_PDU_RECV, self.receiver.on_pdu),
                 (evt.EVT_CONN_CLOSE, self.receiver.on_close),
             ],
@@ -189,7 +194,7 @@ class DicomNode:
         ae.maximum_associations = 32
         # Larger PDUs than pynetdicom's 16 KiB default: a 2 MB radiograph in 2 PDUs instead of
         # 128 (a fifth less time receiving), still a bounded read per PDU.
-        ae.maximum_pdu_size = 2**20
+        ae.maximum_pdu_size = MAX_PDU
         ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = self.options.timeout_s
         return ae
 

@@ -8,12 +8,15 @@ the spool's folder and leaves pynetdicom the fragment's one-byte header alone (s
 still sees where the message ends). Memory is therefore bounded by one PDU (the node's
 maximum PDU size) per association while a dataset arrives; the disk by the limit: past it the
 file is deleted and the rest of the fragments are counted and dropped, so that the sender
-still gets an answer (0xA700) rather than a broken association.
+still gets an answer (0xA700) rather than a broken association. A PDU claiming more than the
+node accepts (the negotiated maximum and room for an association request) closes the
+connection before pynetdicom reads it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import tempfile
 import threading
@@ -22,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pynetdicom.pdu import P_DATA_TF
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -86,15 +91,36 @@ class _Incoming:
 
 
 class DatasetReceiver:
-    """Bind :meth:`on_pdu` to ``EVT_PDU_RECV`` and :meth:`on_close` to ``EVT_CONN_CLOSE``;
-    the ``EVT_C_STORE`` handler then :meth:`take`\\ s each request's dataset."""
+    """Bind :meth:`on_open` to ``EVT_CONN_OPEN``, :meth:`on_pdu` to ``EVT_PDU_RECV`` and
+    :meth:`on_close` to ``EVT_CONN_CLOSE``; the ``EVT_C_STORE`` handler then :meth:`take`\\ s
+    each request's dataset. ``largest_pdu``: the most bytes one PDU may claim."""
 
-    def __init__(self, folder: str | os.PathLike, limit_bytes: int):
-        self.folder, self.limit = Path(folder), limit_bytes
+    def __init__(self, folder: str | os.PathLike, limit_bytes: int, largest_pdu: int):
+        self.folder, self.limit, self.largest_pdu = Path(folder), limit_bytes, largest_pdu
         self._lock = threading.Lock()
         self._current: dict[int, _Incoming] = {}
         # Finished datasets not yet taken, oldest first (pynetdicom handles requests in order).
         self._finished: dict[int, deque[ReceivedDataset]] = {}
+
+    def on_open(self, event) -> None:
+        """pynetdicom reads a whole PDU, of whatever length its header claims, before any
+        handler sees it; a sender ignoring the negotiated maximum could make that 4 GiB.
+        Such a claim ends the connection before the PDU is read."""
+        sock, most = event.assoc.dul.socket, self.largest_pdu
+        read = sock.recv
+
+        def bounded(nr_bytes: int) -> bytearray:
+            if nr_bytes > most:
+                log.warning(
+                    "closing the connection from %s: a PDU of %s bytes is over the %s accepted",
+                    (getattr(event, "address", None) or ("?",))[0],
+                    f"{nr_bytes:,}",
+                    f"{most:,}",
+                )
+                raise OSError(f"a PDU of {nr_bytes:,} bytes is over the {most:,} accepted")
+            return read(nr_bytes)
+
+        sock.recv = bounded
 
     def on_pdu(self, event) -> None:
         pdu = event.pdu
