@@ -141,12 +141,16 @@ class DicomNode:
     def start(self) -> DicomNode:
         """Start the model, the workers and the sender, resume what the spool holds, then
         listen. Returns once the port is open."""
-        self.recover()  # first: a store that cannot be read stops the start here
         self.batcher.start()
         for n in range(self.options.workers):
             self._spawn(self._work_loop, f"cxr-worker-{n}")
         for n in range(self.options.senders):
             self._spawn(self._send_loop, f"cxr-sender-{n}")
+        try:
+            self.recover()  # the workers run: more pending images than slots wait for them
+        except BaseException:
+            self.stop()  # a store that cannot be read: nothing listens, nothing is deleted
+            raise
         self._server = self._make_ae().start_server(
             (self.options.host, self.options.port),
             block=False,
