@@ -99,7 +99,7 @@ class DatasetReceiver:
         self.folder, self.limit, self.largest_pdu = Path(folder), limit_bytes, largest_pdu
         self._lock = threading.Lock()
         self._current: dict[int, _Incoming] = {}
-        # Finished datasets not yet taken, oldest first (pynetdicom handles requests in order).
+        # Finished datasets not yet taken, oldest first.
         self._finished: dict[int, deque[ReceivedDataset]] = {}
 
     def on_open(self, event) -> None:
@@ -152,11 +152,18 @@ class DatasetReceiver:
                 self._finished.setdefault(key, deque()).append(received)
 
     def take(self, assoc) -> ReceivedDataset | None:
-        """The oldest dataset received on ``assoc`` and not yet taken (the caller deletes its
-        file with :meth:`ReceivedDataset.discard` once done)."""
+        """The dataset of the request being handled on ``assoc``: the latest received (the
+        caller deletes its file with :meth:`ReceivedDataset.discard` once done). One request
+        is handled at a time (pynetdicom negotiates one outstanding operation), so an older
+        one left is a request pynetdicom answered itself, without the handler: dropped."""
         with self._lock:
-            waiting = self._finished.get(id(assoc))
-            return waiting.popleft() if waiting else None
+            waiting = self._finished.pop(id(assoc), None)
+        if not waiting:
+            return None
+        latest = waiting.pop()
+        for stale in waiting:
+            stale.discard()
+        return latest
 
     def on_close(self, event) -> None:
         """An association's end: delete what it left (an interrupted or untaken dataset)."""
