@@ -363,3 +363,35 @@ def test_a_pdu_claiming_more_than_accepted_closes_the_connection_unread(
     image = radiograph("after-the-claim", side=256)
     assert [s for s, _ in send(node.address[1], [image])] == [SUCCESS]
     wait_reported(sink, {str(image.SOPInstanceUID): "after-the-claim"})
+
+
+@pytest.mark.slow
+def test_a_delivery_the_locked_store_cannot_record_is_recorded_later_not_resent(
+    make_node, tmp_path, caplog
+):
+    caplog.set_level(logging.WARNING, logger="cxr")
+    port = free_port()  # the destination is down at first: the reports wait in the spool
+    node = make_node(port, tmp_path / "spool", store_busy_timeout_s=0.3)
+    images = [radiograph(f"delivered-{n}", side=256) for n in range(2)]
+    assert [s for s, _ in send(node.address[1], images)] == [SUCCESS, SUCCESS]
+    assert node.wait(lambda: set(store_status(tmp_path).values()) == {"predicted"}, WAIT_S)
+    locker = subprocess.Popen(
+        [sys.executable, "-c", LOCKER, str(tmp_path / "results.sqlite")],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    destination = None
+    try:
+        assert locker.stdout.readline().strip() == "locked"
+        destination = Sink(port)
+        wait_for_log(caplog, "was delivered but cannot be recorded yet")
+        assert set(store_status(tmp_path).values()) == {"predicted"}
+        locker.communicate("\n", timeout=WAIT_S)
+        assert node.wait(lambda: set(store_status(tmp_path).values()) == {"sent"}, WAIT_S)
+        wait_reported(destination, {str(d.SOPInstanceUID): str(d.PatientID) for d in images})
+    finally:
+        if locker.poll() is None:
+            locker.communicate("\n", timeout=WAIT_S)
+        if destination is not None:
+            destination.stop()
