@@ -43,6 +43,10 @@ MaxWaitOption = Annotated[
     float, typer.Option(help="How long a batch waits to fill (milliseconds).")
 ]
 QueueOption = Annotated[int, typer.Option(help="Images admitted but not yet predicted, at most.")]
+MaxDatasetOption = Annotated[
+    float,
+    typer.Option(help="Largest incoming dataset (MB); a larger one is refused (0xA700)."),
+]
 ForwardAssociationsOption = Annotated[
     int, typer.Option(help="Concurrent associations sending reports to --forward.")
 ]
@@ -88,6 +92,7 @@ def listen(
     first_pdu_timeout: FirstPduOption = 10.0,
     idle_timeout: IdleOption = 60.0,
     metrics_port: MetricsPortOption = None,
+    max_dataset_mb: MaxDatasetOption = 64.0,
 ):
     """A DICOM Storage SCP: each CR/DX frontal radiograph received is spooled, acknowledged,
     predicted, and answered with a structured report sent to --forward. Runs until stopped
@@ -99,6 +104,8 @@ def listen(
     _check_listen_options(port, ae_title, allow_ae or [], host)
     _check_counts(workers, max_batch, queue_size, forward_associations, max_associations)
     _check_timeouts(first_pdu_timeout, idle_timeout, metrics_port)
+    if not 0 < max_dataset_mb < 2**40:  # also refuses nan and inf
+        raise CxrError(f"--max-dataset-mb {max_dataset_mb}: expected a positive number of MB")
     options = NodeOptions(
         ae_title=ae_title,
         host=host,
@@ -116,6 +123,7 @@ def listen(
         max_associations=max_associations,
         first_pdu_timeout_s=first_pdu_timeout,
         idle_timeout_s=idle_timeout,
+        max_dataset_mb=max_dataset_mb,
     )
     node = build_node(
         model,

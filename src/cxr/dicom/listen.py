@@ -69,7 +69,7 @@ def build_node(
             predictor.require_torch_model()  # Grad-CAM needs the PyTorch model
         return predictor, model_info(predictor.meta, digest)
 
-    store = open_store(str(db or default_store(model)))
+    store = open_store(str(db or default_store(model)), busy_timeout_s=options.store_busy_timeout_s)
     place = Spool(spool or default_spool(model))
     if load_in_background:
         return DicomNode(None, None, store, place, destination, options, loader=load)

@@ -2,9 +2,13 @@
 report per image to a destination, losing nothing across restarts.
 
 The port opens first; the model loads meanwhile in a thread, and images wait in the spool
-until it runs. An instance is checked (:mod:`cxr.dicom.checks`), its SOP Instance UID
-claimed in the results store (first write wins), written to the spool (fsync + rename),
-recorded as ``received``, and only then acknowledged. A bounded number
+until it runs. An instance streams to the spool's folder as it arrives, within
+``max_dataset_mb`` (:mod:`cxr.dicom.receive`), is checked (:mod:`cxr.dicom.checks`), its SOP
+Instance UID claimed in the results store (first write wins), written to the spool (fsync +
+rename), recorded as ``received``, and only then acknowledged; what cannot be kept is
+answered 0xA700. A transient fault after that (a full disk, a locked store) leaves the image
+spooled and retried: only an unreadable image, or a report the destination refused
+``max_send_attempts`` times, ends ``failed``. A bounded number
 of admitted images wait for the model (``queue_size``: a sender past it waits, then gets
 "out of resources"). Worker threads decode each spooled file as ``cxr predict`` does, the
 model runs them in batches, the reports are written to the spool and the row becomes
@@ -31,11 +35,13 @@ import pydicom
 from PIL import Image
 from pydicom.dataset import Dataset
 from pynetdicom import AE, AllStoragePresentationContexts, evt
+from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.sop_class import Verification
 
 from cxr.data.images import MAX_PIXELS, decode_gray
 from cxr.dicom.checks import Refused, check_instance, valid_uid
 from cxr.dicom.forward import Destination, Forwarder, ForwardError
+from cxr.dicom.receive import DatasetReceiver, ReceivedDataset
 from cxr.dicom.report import ModelInfo, ReportMaker, overlay_capture
 from cxr.dicom.spool import Spool
 from cxr.errors import CxrError
@@ -65,6 +71,8 @@ STATUS_CANNOT_UNDERSTAND = 0xC000  # a failure: the instance is refused
 STATUS_OUT_OF_RESOURCES = 0xA700  # a failure the sender may retry later
 PATIENT_ID_MODES = ("hash", "keep", "drop")
 UID_CONFLICT = "SOP Instance UID already received for another patient"
+MAX_PDU = 2**20  # the largest P-DATA PDU this node accepts (negotiated)
+ASSOCIATE_SLACK = 2**18  # an association request with many contexts and a user identity
 
 
 @dataclass(frozen=True)
@@ -90,6 +98,8 @@ class NodeOptions:
     retry_max_s: float = 60.0
     max_send_attempts: int = 10
     timeout_s: float = 60.0
+    store_busy_timeout_s: float = 30.0  # an SQLite write waits this long for another process
+    max_dataset_mb: float = 64.0  # a larger incoming dataset is refused (0xA700)
 
 
 @dataclass
@@ -136,6 +146,9 @@ class DicomNode:
         self._loader = loader
         self.load_error: BaseException | None = None  # why the loader failed
         self.forwarder = Forwarder(destination, options.ae_title, options.timeout_s)
+        self.receiver = DatasetReceiver(
+            spool.incoming_dir, int(options.max_dataset_mb * 1e6), MAX_PDU + ASSOCIATE_SLACK
+        )
         self.counts = _Counts()
         self._slots = threading.BoundedSemaphore(options.queue_size)
         self._work: queue.Queue[str] = queue.Queue()
@@ -143,6 +156,8 @@ class DicomNode:
         self._stop = threading.Event()
         self._ready = threading.Event()  # the model runs: the workers may predict
         self._listening = threading.Event()
+        self._retries: dict[str, int] = {}  # uid -> transient failures so far
+        self._sent_unrecorded: queue.Queue[str] = queue.Queue()
         self._threads: list[threading.Thread] = []
         self._server = None
 
@@ -167,13 +182,23 @@ class DicomNode:
             self._spawn(self._work_loop, f"cxr-worker-{n}")
         for n in range(self.options.senders):
             self._spawn(self._send_loop, f"cxr-sender-{n}")
-        if dropped := self.store.drop_claims():
-            log.info("%d image(s) being received when the last run ended were dropped", dropped)
-        self.recover()
+        try:
+            if dropped := self.store.drop_claims():
+                log.info("%d image(s) being received when the last run ended were dropped", dropped)
+            self.recover()  # the workers run: more pending images than slots wait for them
+        except BaseException:
+            self.stop()  # a store that cannot be read: nothing listens, nothing is deleted
+            raise
         self._server = self._make_ae().start_server(
             (self.options.host, self.options.port),
             block=False,
-            evt_handlers=[(evt.EVT_C_STORE, self._on_store), (evt.EVT_REJECTED, self._on_reject)],
+            evt_handlers=[
+                (evt.EVT_C_STORE, self._on_store),
+                (evt.EVT_REJECTED, self._on_reject),
+                (evt.EVT_CONN_OPEN, self.receiver.on_open),
+                (evt.EVT_PDU_RECV, self.receiver.on_pdu),
+                (evt.EVT_CONN_CLOSE, self.receiver.on_close),
+            ],
         )
         if on_listening is not None:
             on_listening(self.address)
@@ -243,7 +268,7 @@ class DicomNode:
         ae.maximum_associations = self.options.max_associations
         # Larger PDUs than pynetdicom's 16 KiB default: a 2 MB radiograph in 2 PDUs instead of
         # 128 (a fifth less time receiving), still a bounded read per PDU.
-        ae.maximum_pdu_size = 2**20
+        ae.maximum_pdu_size = MAX_PDU
         # acse_timeout is the ARTIM timer: how long a connection may wait before its
         # A-ASSOCIATE-RQ (and a release its reply); network_timeout is the idle limit.
         ae.acse_timeout = self.options.first_pdu_timeout_s
@@ -257,24 +282,23 @@ class DicomNode:
         """Queue what an earlier run left: received images to predict, predicted reports to
         send. Spooled images never recorded were never acknowledged: their senders still
         have them, so they are deleted. Returns the number of instances resumed."""
+        # A store that cannot be read raises StoreError here: the node refuses to start
+        # rather than guess which spooled images were acknowledged.
         resumed = 0
         for row in self.store.pending():
             uid = row["sop_instance_uid"]
-            if row["status"] == "received":
-                if self.spool.incoming(uid).is_file():
-                    self._slots.acquire()
-                    self._work.put(uid)
-                    resumed += 1
-                else:
-                    self._fail(uid, "the spooled image was missing after a restart")
-            elif self.spool.outgoing(uid):
+            if row["status"] == "predicted" and self.spool.outgoing(uid):
                 self.spool.remove_incoming(uid)
                 self._outbox.put(uid)
                 resumed += 1
+            elif self.spool.incoming(uid).is_file():  # received, or its reports were lost
+                self._slots.acquire()
+                self._work.put(uid)
+                resumed += 1
             else:
-                self._fail(uid, "the spooled report was missing after a restart")
+                self._fail(uid, f"its spooled {_lost_file(row['status'])} was missing at start")
         for uid in self.spool.incoming_uids():
-            if self.store.status_of(uid) != "received":
+            if self.store.status_of(uid) in (None, "sent", "refused", "failed"):
                 self.spool.remove_incoming(uid)
         return resumed
 
@@ -291,9 +315,23 @@ class DicomNode:
         log.warning("association from %r to %r rejected: %s", calling, called, reason)
 
     def _on_store(self, event):
-        calling = _ae_text(event.assoc.requestor.ae_title)
+        received = self.receiver.take(event.assoc)
         try:
-            data = event.encoded_dataset()
+            return self._store_received(event, received)
+        finally:
+            if received is not None:
+                received.discard()
+
+    def _store_received(self, event, received: ReceivedDataset | None):
+        calling = _ae_text(event.assoc.requestor.ae_title)
+        if received is not None and received.path is None:
+            return self._unkept(event, calling, received)
+        try:
+            data = _file_bytes(event, received)
+        except OSError as exc:
+            log.error("cannot read the received dataset back: %s", exc)
+            return _status(STATUS_OUT_OF_RESOURCES, "cannot spool the image")
+        try:
             instance = check_instance(data, max_pixels=self.options.max_pixels)
             if instance.sop_instance_uid != event.request.AffectedSOPInstanceUID:
                 raise Refused("the SOP Instance UID differs from the one the request names")
@@ -326,6 +364,7 @@ class DicomNode:
             self.store.confirm(uid)
         except Exception as exc:  # whatever it was, the claim must not outlive this call
             self._slots.release()
+            self.spool.remove_incoming(uid)  # nothing unacknowledged is left to resume
             self._record(partial(self.store.withdraw, uid))
             log.error("cannot admit %s: %s", uid, exc, exc_info=not isinstance(exc, OSError))
             return _status(STATUS_OUT_OF_RESOURCES, "cannot spool or record the image")
@@ -342,6 +381,21 @@ class DicomNode:
         self.counts.add("refused")
         log.warning("refused %s from %s: %s", uid, calling, UID_CONFLICT)
         return _status(STATUS_CANNOT_UNDERSTAND, UID_CONFLICT)
+
+    def _unkept(self, event, calling: str, received: ReceivedDataset):
+        """A dataset that was not kept as it arrived: too large, or the disk refused it."""
+        uid = str(event.request.AffectedSOPInstanceUID or "")[:64]
+        if not received.oversized:
+            log.error("cannot spool %s from %s: %s", uid, calling, received.error)
+            return _status(STATUS_OUT_OF_RESOURCES, "cannot spool the image")
+        limit = self.options.max_dataset_mb
+        reason = f"dataset of {received.size:,} bytes is over the {limit:g} MB limit"
+        log.warning("refused %s from %s: %s (--max-dataset-mb)", uid, calling, reason)
+        self.counts.add("refused")
+        self._record(
+            lambda: self.store.refuse(uid if valid_uid(uid) else None, reason, calling_ae=calling)
+        )
+        return _status(STATUS_OUT_OF_RESOURCES, reason)
 
     def _refuse(self, event, calling: str, reason: str):
         uid = str(event.request.AffectedSOPInstanceUID or "")
@@ -378,18 +432,32 @@ class DicomNode:
                 continue
             try:
                 self._process(uid)
+            except (OSError, StoreError) as exc:
+                # A full disk or a locked store passes: the image stays spooled and keeps its
+                # admission slot until it is predicted and recorded.
+                self._retry_later(uid, exc)
+                continue
             except Exception as exc:  # one image's trouble must not stop the worker
                 log.exception("processing %s failed", uid)
                 self._fail(uid, f"internal error ({exc.__class__.__name__}: {exc})")
-            finally:
-                self._slots.release()
+            self._retries.pop(uid, None)
+            self._slots.release()
+
+    def _retry_later(self, uid: str, problem: Exception) -> None:
+        tries = self._retries[uid] = self._retries.get(uid, 0) + 1
+        delay = min(0.5 * 2 ** min(tries - 1, 10), self.options.retry_max_s)
+        log.warning("%s: %s; trying again in %.1f s", uid, problem, delay)
+        timer = threading.Timer(delay, self._work.put, args=(uid,))
+        timer.daemon = True
+        timer.start()
 
     def _process(self, uid: str) -> None:
         path = self.spool.incoming(uid)
         try:
             gray = decode_gray(path, name=uid, max_pixels=self.options.max_pixels)
         except CxrError as exc:
-            self._fail(uid, str(exc).removeprefix(f"{uid}: "))
+            if not self._fail(uid, str(exc).removeprefix(f"{uid}: ")):
+                raise StoreError(f"{uid}: its failure cannot be recorded yet") from None
             self.spool.remove_incoming(uid)
             return
         probabilities = self.batcher.submit(gray).result(timeout=self.options.timeout_s * 10)
@@ -436,6 +504,7 @@ class DicomNode:
     def _send_loop(self) -> None:
         delay = 1.0
         while not self._stop.is_set():
+            self._record_unrecorded_sends()
             batch = self._gather()
             while batch and not self._stop.is_set():
                 try:
@@ -445,6 +514,7 @@ class DicomNode:
                     log.warning("forwarding %d reports failed: %s", len(batch), exc)
                     for uid in batch:
                         self._record(partial(self.store.attempt_failed, uid, str(exc)))
+                self._record_unrecorded_sends()
                 if batch:
                     self._stop.wait(delay)
                     delay = min(delay * 2, self.options.retry_max_s)
@@ -474,30 +544,72 @@ class DicomNode:
         retry = []
         for uid in files:
             if uid not in problems:
-                self.store.sent(uid)
-                self.counts.add("sent")
-                self.spool.remove_outgoing(uid)
-            elif self.store.attempt_failed(uid, problems[uid]) >= self.options.max_send_attempts:
-                self._fail(uid, problems[uid])
-                self.spool.remove_outgoing(uid)
+                self._record_sent(uid)
+            elif self._attempts_after_failure(uid, problems[uid]) >= self.options.max_send_attempts:
+                if self._fail(uid, problems[uid]):
+                    self.spool.remove_outgoing(uid)
+                else:
+                    retry.append(uid)  # kept until its end can be recorded
             else:
                 retry.append(uid)
         return retry
 
+    def _record_sent(self, uid: str) -> None:
+        """Mark a delivered report sent; while the store cannot be written its reports stay
+        spooled and the write is tried again (not the delivery)."""
+        try:
+            self.store.sent(uid)
+        except StoreError as exc:
+            log.warning("%s was delivered but cannot be recorded yet: %s", uid, exc)
+            self._sent_unrecorded.put(uid)
+            return
+        self.counts.add("sent")
+        self.spool.remove_outgoing(uid)
+
+    def _record_unrecorded_sends(self) -> None:
+        for _ in range(self._sent_unrecorded.qsize()):
+            self._record_sent(self._sent_unrecorded.get_nowait())
+
+    def _attempts_after_failure(self, uid: str, problem: str) -> int:
+        try:
+            return self.store.attempt_failed(uid, problem)
+        except StoreError as exc:
+            log.error("%s", exc)
+            return 0  # not counted: tried again
+
     # ------------------------------------------------------------------ helpers
 
-    def _fail(self, uid: str, reason: str) -> None:
-        self.counts.add("failed")
+    def _fail(self, uid: str, reason: str) -> bool:
+        """Record a permanent failure; False when the store could not be written (then the
+        spooled files stay, and a restart finds the row pending and tries again)."""
         log.warning("%s failed: %s", uid, reason)
-        self._record(lambda: self.store.failed(uid, reason))
+        if not self._record(lambda: self.store.failed(uid, reason)):
+            return False
+        self.counts.add("failed")
+        return True
 
     @staticmethod
-    def _record(write: Callable[[], object]) -> None:
+    def _record(write: Callable[[], object]) -> bool:
         """A store write whose failure is logged, not raised into pynetdicom's thread."""
         try:
             write()
         except StoreError as exc:
             log.error("%s", exc)
+            return False
+        return True
+
+
+def _file_bytes(event, received: ReceivedDataset | None) -> bytes:
+    """The received instance as a DICOM file (pynetdicom's own file meta, the dataset as
+    it arrived)."""
+    if received is None:  # not streamed (no PDU handler bound): pynetdicom held it
+        return event.encoded_dataset()
+    meta = encode_file_meta(event.file_meta)
+    return b"".join((b"\x00" * 128, b"DICM", meta, received.read()))
+
+
+def _lost_file(status: str) -> str:
+    return "image" if status == "received" else "report (and image)"
 
 
 # (result source, diagnostic) of an A-ASSOCIATE-RJ (PS3.8 9.3.4) -> the reason logged.

@@ -26,8 +26,15 @@ class Spool:
         return self.incoming_dir / f"{_checked(uid)}.dcm"
 
     def put_incoming(self, uid: str, data: bytes) -> Path:
+        """Write a received image durably (file and folder fsynced) or not at all: on any
+        error (a full disk, an I/O error) nothing of it is left, so that it is never
+        acknowledged half-written."""
         path = self.incoming(uid)
-        _durable_write(path, data)
+        try:
+            _durable_write(path, data)
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
         return path
 
     def outgoing(self, uid: str) -> list[Path]:
@@ -38,9 +45,15 @@ class Spool:
         """Write ``uid``'s reports (replacing any earlier set)."""
         self.remove_outgoing(uid)
         paths = [self.outgoing_dir / f"{_checked(uid)}.{n:02d}.dcm" for n in range(len(objects))]
-        for path, data in zip(paths, objects):
-            atomic_write_bytes(path, data)
-        _fsync_dir(self.outgoing_dir)
+        try:
+            for path, data in zip(paths, objects):
+                atomic_write_bytes(path, data)
+            _fsync_dir(self.outgoing_dir)
+        except BaseException:
+            # A part of a set must not be sent as if it were the whole: the image stays in
+            # incoming/ and its reports are made again.
+            self.remove_outgoing(uid)
+            raise
         return paths
 
     def remove_incoming(self, uid: str) -> None:

@@ -313,14 +313,22 @@ class ResultsStore:
             .where(results.c.status.in_(PENDING))
             .order_by(results.c.received_at, results.c.id)
         )
-        with self.engine.connect() as connection:
-            return [dict(row) for row in connection.execute(statement).mappings()]
+        try:
+            with self.engine.connect() as connection:
+                return [dict(row) for row in connection.execute(statement).mappings()]
+        except SQLAlchemyError as exc:
+            raise StoreError(f"{self.url}: cannot read results ({_short(exc)})") from None
 
     def status_of(self, sop_instance_uid: str) -> str | None:
-        with self.engine.connect() as connection:
-            return connection.execute(
-                sa.select(results.c.status).where(results.c.sop_instance_uid == sop_instance_uid)
-            ).scalar_one_or_none()
+        try:
+            with self.engine.connect() as connection:
+                return connection.execute(
+                    sa.select(results.c.status).where(
+                        results.c.sop_instance_uid == sop_instance_uid
+                    )
+                ).scalar_one_or_none()
+        except SQLAlchemyError as exc:
+            raise StoreError(f"{self.url}: cannot read results ({_short(exc)})") from None
 
     def close(self) -> None:
         """Fold the write-ahead log into the database file (SQLite), so that a plain copy of
@@ -442,10 +450,13 @@ class _Transaction:
         return False
 
 
-def open_store(url_or_path: str, *, create: bool = True) -> ResultsStore:
+def open_store(
+    url_or_path: str, *, create: bool = True, busy_timeout_s: float = 30.0
+) -> ResultsStore:
     """A store at a database URL (``sqlite:///...``, ``postgresql://user@host:port/db``) or
     at an SQLite file path (created with its folder if missing, unless ``create=False``: a
-    reader's store must already be there)."""
+    reader's store must already be there). ``busy_timeout_s``: how long an SQLite write
+    waits for another process's lock before it fails with StoreError."""
     text = str(url_or_path)
     if "://" not in text:
         path = Path(text)
@@ -458,7 +469,9 @@ def open_store(url_or_path: str, *, create: bool = True) -> ResultsStore:
     try:
         url = _with_password(sa.make_url(text))
         if url.get_backend_name() == "sqlite":
-            engine = sa.create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+            engine = sa.create_engine(
+                url, connect_args={"check_same_thread": False, "timeout": busy_timeout_s}
+            )
             sa.event.listen(engine, "connect", _sqlite_durable)
         else:
             engine = sa.create_engine(url, pool_pre_ping=True)
