@@ -141,3 +141,25 @@ def text_items(report: pydicom.Dataset) -> dict[str, str]:
         for item in report.ContentSequence
         if item.ValueType == "TEXT"
     }
+
+
+def dcmtk(tool: str) -> str:
+    """The path of dcmtk's ``tool`` (storescu, echoscu, findscu...). pynetdicom installs
+    look-alike scripts of the same names into the virtual environment's bin, which comes
+    first on PATH: those are pynetdicom, not a tool we did not write, so each candidate on
+    PATH must say it is dcmtk (OFFIS) in its --version."""
+    import os
+    import subprocess
+
+    import pytest
+
+    for folder in os.environ.get("PATH", "").split(os.pathsep):
+        candidate = Path(folder) / tool
+        if not candidate.is_file() or not os.access(candidate, os.X_OK):
+            continue
+        version = subprocess.run(
+            [str(candidate), "--version"], capture_output=True, text=True, timeout=30
+        )
+        if "dcmtk" in (version.stdout + version.stderr).lower():
+            return str(candidate)
+    pytest.fail(f"dcmtk's {tool} is not installed (apt-get install dcmtk)")

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from dicom_support import nih_gray, referenced_image, report_findings, send
+from dicom_support import dcmtk, nih_gray, referenced_image, report_findings, send
 from prometheus_client.parser import text_string_to_metric_families
 from pydicom.uid import (
     DigitalXRayImageStorageForPresentation,
@@ -46,13 +46,6 @@ from cxr.testing_services import free_port
 WAIT_S = 120  # a hang guard, never a timing assertion
 DX_FOR_PROCESSING = "1.2.840.10008.5.1.4.1.1.1.1.1"
 UID_CONFLICT = "SOP Instance UID already received for another patient"  # the status we chose
-
-
-def dcmtk(tool: str) -> str:
-    path = shutil.which(tool)
-    if path is None:
-        pytest.fail(f"dcmtk's {tool} is not installed (apt-get install dcmtk)")
-    return path
 
 
 def storescu(port: int, files: list[Path], *, called: str = "CXR", calling: str = "PACS"):

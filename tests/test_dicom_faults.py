@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from dicom_support import nih_gray, referenced_image, send
+from dicom_support import dcmtk, nih_gray, referenced_image, send
 from test_dicom_node import Sink
 from typer.testing import CliRunner
 
@@ -265,10 +265,8 @@ def test_locked_store_answers_out_of_resources_and_resumes(sink, make_node, tmp_
 
 
 def storescu(port: int, path: Path) -> str:
-    if shutil.which("storescu") is None:
-        pytest.fail("dcmtk's storescu is not installed")
     done = subprocess.run(
-        ["storescu", "-v", "-aet", "PACS", "-aec", "CXR", "127.0.0.1", str(port), str(path)],
+        [dcmtk("storescu"), "-v", "-aet", "PACS", "-aec", "CXR", "127.0.0.1", str(port), str(path)],
         capture_output=True,
         text=True,
         timeout=WAIT_S,

@@ -183,9 +183,8 @@ class DicomNode:
         for n in range(self.options.senders):
             self._spawn(self._send_loop, f"cxr-sender-{n}")
         try:
-            if dropped := self.store.drop_claims():
-                log.info("%d image(s) being received when the last run ended were dropped", dropped)
             self.recover()  # the workers run: more pending images than slots wait for them
+            self._drop_old_claims()
         except BaseException:
             self.stop()  # a store that cannot be read: nothing listens, nothing is deleted
             raise
@@ -204,6 +203,18 @@ class DicomNode:
             on_listening(self.address)
         self._listening.set()
         return self
+
+    def _drop_old_claims(self) -> None:
+        """Claims the last run left were never acknowledged: forget them. A store locked by
+        another process now leaves them until the next start (a resend of one of those
+        images is answered "try later" meanwhile), and does not stop this one."""
+        try:
+            dropped = self.store.drop_claims()
+        except StoreError as exc:
+            log.warning("claims of the last run kept for now: %s", exc)
+            return
+        if dropped:
+            log.info("%d image(s) being received when the last run ended were dropped", dropped)
 
     def _warm_up(self) -> None:
         """Load the model (when only a loader was given) and start its batcher; "model
@@ -298,7 +309,8 @@ class DicomNode:
             else:
                 self._fail(uid, f"its spooled {_lost_file(row['status'])} was missing at start")
         for uid in self.spool.incoming_uids():
-            if self.store.status_of(uid) in (None, "sent", "refused", "failed"):
+            # "receiving": a claim the last run left, never acknowledged (dropped next).
+            if self.store.status_of(uid) in (None, "receiving", "sent", "refused", "failed"):
                 self.spool.remove_incoming(uid)
         return resumed
 
