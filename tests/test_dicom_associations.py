@@ -375,3 +375,17 @@ def test_a_query_is_not_served_and_the_node_goes_on(sink, make_node, tmp_path):
     )
     assert echo.returncode == 0, echo.stderr
     assert store_rows(tmp_path) == []
+
+
+def test_the_listener_opens_its_port_without_importing_pytorch():
+    """PyTorch's import takes seconds: the listener's modules leave it to the model loader,
+    which runs once the port is open (a fresh interpreter, so no other test's import counts)."""
+    imported = subprocess.run(
+        [sys.executable, "-c", "import sys, cxr.cli.dicom, cxr.dicom.listen, cxr.dicom.metrics; "
+         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision')))"],
+        capture_output=True,
+        text=True,
+        timeout=WAIT_S,
+    )  # fmt: skip
+    assert imported.returncode == 0, imported.stderr
+    assert imported.stdout.strip() == "[]"

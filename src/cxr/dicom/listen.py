@@ -11,7 +11,6 @@ from cxr.dicom.node import DicomNode, NodeOptions
 from cxr.dicom.report import model_info
 from cxr.dicom.spool import Spool
 from cxr.errors import ModelError
-from cxr.model.bundle import resolve_bundle, weights_digest
 from cxr.results import DEFAULT_STORE_NAME, open_store
 
 SPOOL_NAME = "dicom-spool"
@@ -33,6 +32,8 @@ def default_store(model: str | os.PathLike) -> Path:
 
 def model_digest(model: str | os.PathLike) -> str:
     """SHA-256 of the weights: ``model.safetensors``, or the ``.onnx`` file itself."""
+    from cxr.model.bundle import resolve_bundle, weights_digest  # (imports torch)
+
     path = Path(model)
     if path.suffix.lower() == ".onnx":
         return weights_digest(path)
@@ -52,18 +53,21 @@ def build_node(
 ) -> DicomNode:
     """A node ready to :meth:`~DicomNode.start`; its spool and store default to
     ``dicom-spool/`` and ``results.sqlite`` in the model's folder. With
-    ``load_in_background`` the model is only found and its weights hashed here; it loads
-    (tens of seconds for a large one) after the port is open."""
+    ``load_in_background`` the model is only found here; it is hashed and loaded (tens of
+    seconds, importing PyTorch included) after the port is open, so that nothing this module
+    imports pulls in PyTorch."""
     if options.overlays and Path(model).suffix.lower() == ".onnx":
         raise ModelError(
             "Grad-CAM needs the model bundle (model.safetensors + model.json), "
             "not only its ONNX export"
         )
-    digest = model_digest(model)  # a missing or unreadable model fails before listening
+    if not Path(model).exists():  # before listening; an unreadable one ends the listener
+        raise ModelError(f"{model}: no such model (expected a run folder, a bundle or .onnx)")
 
     def load():
         from cxr.engine.inference import load_predictor
 
+        digest = model_digest(model)
         predictor = load_predictor(model, backend=backend, device=device)
         if options.overlays:
             predictor.require_torch_model()  # Grad-CAM needs the PyTorch model

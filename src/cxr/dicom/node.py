@@ -53,7 +53,6 @@ from cxr.results.store import (
     ResultsStore,
     StoreError,
 )
-from cxr.serve.batching import BatchedPredictor
 
 log = logging.getLogger(__name__)
 
@@ -162,6 +161,8 @@ class DicomNode:
         self._server = None
 
     def _use_model(self, predictor, model: ModelInfo) -> None:
+        from cxr.serve.batching import BatchedPredictor  # (imports torch: not before listening)
+
         self.predictor, self.model = predictor, model
         # The model is shared with `cxr serve`'s batched worker: the images the worker
         # threads hold are run together.

@@ -26,7 +26,6 @@ from pydicom.uid import generate_uid
 from pydicom.valuerep import DA, DS, DT, TM
 
 import cxr
-from cxr.model.bundle import meta_digest
 
 # Findings and the threshold concept have no standard code: a private coding scheme (PS3.16
 # 8.2: designators beginning with 99 are local).
@@ -276,6 +275,8 @@ def overlay_capture(
 
 def model_info(meta, digest: str) -> ModelInfo:
     """From a bundle's description (:class:`cxr.model.bundle.BundleMeta`) and its digest."""
+    from cxr.model.bundle import meta_digest  # (imports torch: not before the port opens)
+
     return ModelInfo(
         name=f"cxr {meta.architecture} ({len(meta.labels)} findings)",
         version=f"cxr {cxr.__version__}, {meta.format}",
