@@ -334,3 +334,21 @@ def test_the_fast_report_is_the_one_highdicom_builds(bundle):
         for keyword in sorted(keywords - timing):
             assert fast.get(keyword) == reference.get(keyword), keyword
         assert fast.file_meta.MediaStorageSOPInstanceUID == reference.SOPInstanceUID
+
+
+def test_a_report_leaves_its_source_header_as_it_was(bundle):
+    """The template is filled for the next image while the previous image's overlays are
+    still being made from its header: nothing of the next image may reach that header."""
+    from cxr.dicom.listen import model_digest
+    from cxr.dicom.report import ReportMaker, model_info
+
+    maker = ReportMaker(model_info(load_predictor(bundle).meta, model_digest(bundle)))
+    first, second = (
+        pydicom.dcmread(io.BytesIO(radiograph_dicom(nih_gray(i), PatientID=f"P{i}")))
+        for i in (0, 1)
+    )
+    before = {e.keyword: e.value for e in first if e.keyword != "PixelData"}
+    probabilities = np.full(len(maker.model.labels), 0.5)
+    maker.report(first, probabilities)
+    maker.report(second, probabilities)
+    assert {e.keyword: e.value for e in first if e.keyword != "PixelData"} == before

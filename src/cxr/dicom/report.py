@@ -10,6 +10,7 @@ keeps one copy: this is what makes delivery exactly-once when a send is repeated
 
 from __future__ import annotations
 
+import copy
 import datetime
 import io
 import threading
@@ -126,8 +127,11 @@ class ReportMaker:
         for keyword in _COPIED:
             setattr(report, keyword, source.get(keyword, ""))
         # The Patient, General Study, Patient Study and Clinical Trial modules, as
-        # highdicom's own SR construction copies them.
-        report.copy_patient_and_study_information(source)
+        # highdicom's own SR construction copies them. highdicom adds the source's element
+        # objects themselves: filled in place for the next image, they would rewrite this
+        # source's patient and study (its overlays were filed under the next patient), so
+        # the template takes copies.
+        report.copy_patient_and_study_information(copy.deepcopy(source))
         if "SpecificCharacterSet" in source:
             report.SpecificCharacterSet = source.SpecificCharacterSet
         elif "SpecificCharacterSet" in report:
