@@ -21,7 +21,13 @@ from dicom_support import (
     report_findings,
 )
 
-from cxr.dicom.report import ModelInfo, ReportMaker, overlay_capture, overlay_pixels
+from cxr.dicom.report import (
+    ModelInfo,
+    ReportMaker,
+    overlay_capture,
+    overlay_pixels,
+    read_findings,
+)
 from cxr.labels import PATHOLOGIES
 
 TEMPLATE_1500 = "1500"
@@ -84,6 +90,7 @@ def test_the_sr_adds_no_error_and_declares_its_private_codes(model, sources, tmp
         assert referenced_image(report) == (str(source.SOPClassUID), str(source.SOPInstanceUID))
         findings = report_findings(report)
         assert list(findings) == list(model.labels)  # every label exactly, in order
+        assert read_findings(report) == findings  # cxr's own reader agrees
         for label, p, threshold in zip(model.labels, probabilities, model.thresholds):
             assert findings[label] == {
                 "probability": pytest.approx(p),
@@ -145,3 +152,11 @@ def source_bytes(source: pydicom.Dataset) -> bytes:
     buffer = io.BytesIO()
     source.save_as(buffer, enforce_file_format=True)
     return buffer.getvalue()
+
+
+@pytest.mark.parametrize("labels", [("Mass", "Mass"), ("Mass", "   "), ("bad\udc80",)])
+def test_labels_a_report_cannot_carry_are_refused_when_the_node_is_made(labels):
+    from cxr.errors import CxrError
+
+    with pytest.raises(CxrError, match="label"):
+        ReportMaker(ModelInfo("m", "1", "ab" * 32, labels, (0.5,) * len(labels)))
