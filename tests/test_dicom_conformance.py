@@ -32,7 +32,14 @@ from cxr.labels import PATHOLOGIES
 
 TEMPLATE_1500 = "1500"
 DEVICE, OBSERVER_TYPE = "121007", "121005"  # DCM: Device, Observer Type
-HOSTILE = ("x" * 70, "back\\slash|=cmd", "Épanchement pleural", "  spaced  ", "<b>%41</b>")
+HOSTILE = (
+    "x" * 70,
+    "é" * 40 + "x" * 30,
+    "back\\slash|=cmd",
+    "Épanchement pleural",
+    "  spaced  ",
+    "<b>%41</b>",
+)
 
 
 def dciodvfy(data: bytes, folder: Path, name: str) -> list[str]:

@@ -24,7 +24,10 @@ import numpy as np
 import pydicom
 from PIL import Image, ImageDraw, ImageFont
 from pydicom import config
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_sequence
 from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
@@ -116,8 +119,15 @@ def finding_code(label: str) -> hd.sr.CodedConcept:
         value = value.rstrip(" ") + "%20" * (len(value) - len(value.rstrip(" ")))
     if value.startswith(" "):
         value = "%20" + value[1:]
-    meaning = " ".join(label.replace("_", " ").replace("\\", "/").split())[:64] or "finding"
+    meaning = _long_string(" ".join(label.replace("_", " ").replace("\\", "/").split()))
+    meaning = meaning or "finding"
     return hd.sr.CodedConcept(value, CODING_SCHEME, meaning)
+
+
+def _long_string(text: str) -> str:
+    """``text`` cut to what an LO holds: 64 bytes in UTF-8 (dciodvfy counts bytes, so a
+    64-character meaning with an accent would be an error), never inside a character."""
+    return text.encode("utf-8")[:64].decode("utf-8", "ignore")
 
 
 def private_label(code: Dataset) -> str | None:
@@ -196,9 +206,9 @@ def _codes_of(model: ModelInfo) -> list[hd.sr.CodedConcept]:
 def _observation_context(model: ModelInfo) -> hd.sr.ObservationContext:
     device = hd.sr.DeviceObserverIdentifyingAttributes(
         uid=derived_uid(model.key, "device"),
-        name=model.name[:64],
+        name=_long_string(model.name),
         manufacturer_name=MANUFACTURER,
-        model_name=model.version[:64],
+        model_name=_long_string(model.version),
     )
     return hd.sr.ObservationContext(
         observer_device_context=hd.sr.ObserverContext(
@@ -264,6 +274,14 @@ class ReportMaker:
         self._library = _index_of(root, codes.DCM.ImageLibrary)
         measurements = root[_index_of(root, codes.DCM.ImagingMeasurements)]
         self._groups = [_GroupSlots(group) for group in measurements.ContentSequence]
+        # Writing is most of a report's cost (hundreds of nested items): the parts that are
+        # the same for every image are encoded once and written as they are.
+        slots = {id(d) for g in self._groups for d in g.datasets()}
+        for n, item in enumerate(root):
+            if n != self._library:
+                _freeze(item, slots)
+        self._report.SpecificCharacterSet = "ISO_IR 192"
+        _mark_encoded(self._report)
 
     def report(self, source: pydicom.Dataset, probabilities: Sequence[float]) -> bytes:
         """The report for ``source`` (its header is enough), as a DICOM file's bytes."""
@@ -322,6 +340,9 @@ class _GroupSlots:
         self.presence = items[codes.DCM.PresenceOfProperty.value]
         self.image = items[_SOURCE_CODE].ReferencedSOPSequence[0]
 
+    def datasets(self) -> list[Dataset]:
+        return [self.tracking_uid, self.probability, self.presence, self.image]
+
     def fill(self, source, tracking_uid: str, probability: float, threshold: float) -> None:
         self.tracking_uid.UID = tracking_uid
         self.probability.NumericValue = DS(probability, auto_format=True)
@@ -332,6 +353,36 @@ class _GroupSlots:
 
 
 _SOURCE_CODE = codes.DCM.SourceOfMeasurement.value  # the image a group was measured on
+
+
+def _freeze(dataset: Dataset, slots: set[int]) -> bool:
+    """Replace each sequence under ``dataset`` that holds none of the ``slots`` (the items
+    filled per image) by its encoded bytes; returns whether ``dataset`` holds a slot."""
+    holds = id(dataset) in slots
+    for element in list(dataset):
+        if element.VR != "SQ":
+            continue
+        inner = [_freeze(item, slots) for item in element.value]
+        if any(inner):
+            holds = True
+            continue
+        buffer = DicomBytesIO()
+        buffer.is_little_endian, buffer.is_implicit_VR = True, False  # the SR's syntax
+        write_sequence(buffer, element, ["utf_8"])  # ISO_IR 192, as the report declares
+        value = buffer.getvalue()
+        dataset[element.tag] = RawDataElement(element.tag, "SQ", len(value), value, 0, False, True)
+    return holds
+
+
+def _mark_encoded(dataset: Dataset) -> None:
+    """Say that ``dataset`` and its items are already in the SR's encoding: else pydicom
+    decodes every frozen sequence again before writing it."""
+    dataset.set_original_encoding(False, True, dataset._character_set)
+    for tag in dataset.keys():  # noqa: SIM118 (iterating a Dataset decodes raw elements)
+        element = dataset.get_item(tag)
+        if not element.is_raw and element.VR == "SQ":
+            for item in element.value:
+                _mark_encoded(item)
 
 
 def _refer(reference: Dataset, source: pydicom.Dataset) -> None:
