@@ -37,6 +37,7 @@ HOSTILE = (
     "é" * 40 + "x" * 30,
     "back\\slash|=cmd",
     "Épanchement pleural",
+    "Épanché",  # under 16 characters, over 16 bytes: a code value, not a long one
     "  spaced  ",
     "<b>%41</b>",
 )

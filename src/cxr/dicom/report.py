@@ -90,7 +90,7 @@ STANDARD_CODES: dict[str, Code] = {
 }
 CODING_SCHEME_NAME = "cxr findings"
 UNITLESS = hd.sr.CodedConcept("1", "UCUM", "no units")
-_ESCAPED = "%\\"  # percent-encoded in a private code value (UC forbids the backslash)
+_SAFE = "".join(chr(c) for c in range(32, 127) if chr(c) not in "%\\")  # UC has no "\\"
 
 
 def check_labels(labels: Sequence[str]) -> None:
@@ -112,9 +112,9 @@ def finding_code(label: str) -> hd.sr.CodedConcept:
     standard = STANDARD_CODES.get(label)
     if standard is not None:  # the label itself is the group's tracking identifier
         return hd.sr.CodedConcept.from_code(standard)
-    value = "".join(
-        f"%{ord(c):02X}" if c in _ESCAPED or ord(c) < 32 or ord(c) == 127 else c for c in label
-    )
+    # ASCII only (a code value's length limit counts bytes in some readers): non-ASCII,
+    # control characters, "%" and the backslash are percent-encoded (UTF-8).
+    value = urllib.parse.quote(label, safe=_SAFE)
     if value.endswith(" "):  # trailing spaces are padding in DICOM text
         value = value.rstrip(" ") + "%20" * (len(value) - len(value.rstrip(" ")))
     if value.startswith(" "):
