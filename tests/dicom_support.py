@@ -5,6 +5,7 @@ walks the SR's content tree by the DICOM codes themselves (not through cxr's own
 from __future__ import annotations
 
 import io
+import urllib.parse
 from pathlib import Path
 
 import numpy as np
@@ -26,8 +27,13 @@ from cxr.testing import radiograph_dicom
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 REAL_DICOM = SHARED / "misc" / "1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"
 NIH_PNGS = [SHARED / "misc" / "00000001_000.png", SHARED / "misc" / "00027426_000.png"]
-PROBABILITY, THRESHOLD = "122157", "122411"  # DCM codes: Probability, Threshold Value
+# DCM codes: Probability, Threshold Value, Presence of property, Finding, Tracking
+# Identifier, Imaging Measurements, Measurement Group, Image Library, Source of Measurement
+PROBABILITY, THRESHOLD, PRESENCE, FINDING = "122157", "122411", "121052", "121071"
+TRACKING_IDENTIFIER, IMAGING_MEASUREMENTS, MEASUREMENT_GROUP = "112039", "126010", "125007"
+IMAGE_LIBRARY, SOURCE_OF_MEASUREMENT = "111028", "121112"
 PRESENT = "52101004"  # SNOMED CT: Present
+PRIVATE_SCHEME = "99CXR"
 BAD_NAMES = ("lateral", "no-view", "ct-slice", "truncated", "30000x30000")
 
 
@@ -106,41 +112,71 @@ def send(port: int, datasets: list[pydicom.Dataset], ae_title: str = "PACS") -> 
         assoc.release()
 
 
+def _concept(item: pydicom.Dataset) -> str:
+    return str(item.ConceptNameCodeSequence[0].CodeValue)
+
+
+def finding_groups(report: pydicom.Dataset) -> list[pydicom.Dataset]:
+    """TID 1500's measurement groups: Imaging Measurements > Measurement Group."""
+    (measurements,) = [i for i in report.ContentSequence if _concept(i) == IMAGING_MEASUREMENTS]
+    groups = list(measurements.ContentSequence)
+    assert all(_concept(g) == MEASUREMENT_GROUP for g in groups)
+    return groups
+
+
 def report_findings(report: pydicom.Dataset) -> dict[str, dict]:
-    """label -> {probability, threshold, positive}, walking the SR by its codes."""
+    """label -> {probability, threshold, positive}, walking the SR by its codes. A label is
+    its private code's value (percent-decoded) or, for a standard code, the group's
+    Tracking Identifier."""
     findings = {}
-    for item in report.ContentSequence:
-        if item.ValueType != "CONTAINER":
-            continue
-        values = {}
-        for child in item.ContentSequence:
-            concept = child.ConceptNameCodeSequence[0].CodeValue
+    for group in finding_groups(report):
+        values, label = {}, None
+        for child in group.ContentSequence:
+            concept = _concept(child)
             if child.ValueType == "NUM":
                 key = {PROBABILITY: "probability", THRESHOLD: "threshold"}[concept]
                 values[key] = float(child.MeasuredValueSequence[0].FloatingPointValue)
-            elif child.ValueType == "CODE" and concept == "121071":  # Finding
-                code = child.ConceptCodeSequence[0]
-                values["label"] = code.get("CodeValue") or code.get("LongCodeValue")
-            elif child.ValueType == "CODE":
+            elif concept == PRESENCE:
                 values["positive"] = child.ConceptCodeSequence[0].CodeValue == PRESENT
-        findings[values.pop("label")] = values
+            elif concept == TRACKING_IDENTIFIER:
+                label = label or str(child.TextValue)
+            elif concept == FINDING:
+                code = child.ConceptCodeSequence[0]
+                if code.CodingSchemeDesignator == PRIVATE_SCHEME:
+                    label = urllib.parse.unquote(code.get("CodeValue") or code.LongCodeValue)
+        findings[label] = values
     return findings
 
 
 def referenced_image(report: pydicom.Dataset) -> tuple[str, str]:
-    """(SOP class, SOP instance) of the report's IMAGE content item."""
-    (image,) = [item for item in report.ContentSequence if item.ValueType == "IMAGE"]
-    reference = image.ReferencedSOPSequence[0]
+    """(SOP class, SOP instance) of the image library's one image, which every finding's
+    Source of Measurement names too."""
+    (library,) = [i for i in report.ContentSequence if _concept(i) == IMAGE_LIBRARY]
+    (group,) = library.ContentSequence
+    (image,) = [item for item in group.ContentSequence if item.ValueType == "IMAGE"]
+    found = {_sop_reference(image)}
+    for finding in finding_groups(report):
+        (source,) = [i for i in finding.ContentSequence if _concept(i) == SOURCE_OF_MEASUREMENT]
+        found.add(_sop_reference(source))
+    (reference,) = found
+    return reference
+
+
+def _sop_reference(item: pydicom.Dataset) -> tuple[str, str]:
+    reference = item.ReferencedSOPSequence[0]
     return str(reference.ReferencedSOPClassUID), str(reference.ReferencedSOPInstanceUID)
 
 
 def text_items(report: pydicom.Dataset) -> dict[str, str]:
-    """Concept meaning -> text of the report's TEXT items (the algorithm's identification)."""
-    return {
-        str(item.ConceptNameCodeSequence[0].CodeMeaning): str(item.TextValue)
-        for item in report.ContentSequence
-        if item.ValueType == "TEXT"
-    }
+    """Concept meaning -> text of the first finding's TEXT items (the algorithm's
+    identification, TID 4019, and the tracking identifier)."""
+    first = finding_groups(report)[0]
+    items = {}
+    for item in first.ContentSequence:
+        for child in [item, *item.get("ContentSequence", [])]:
+            if child.ValueType == "TEXT":
+                items[str(child.ConceptNameCodeSequence[0].CodeMeaning)] = str(child.TextValue)
+    return items
 
 
 def dcmtk(tool: str) -> str:

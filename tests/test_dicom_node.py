@@ -25,6 +25,7 @@ from dicom_support import (
     send,
     text_items,
 )
+from PIL import Image
 from pydicom.uid import ComprehensiveSRStorage, SecondaryCaptureImageStorage
 from pynetdicom import AE, evt
 
@@ -284,6 +285,7 @@ def test_overlays_are_secondary_captures_not_for_primary_diagnosis(bundle, tmp_p
     assert capture.BurnedInAnnotation == "YES" and "DERIVED" in capture.ImageType
     assert labels[0] in capture.ImageComments
     assert capture.StudyInstanceUID == image.StudyInstanceUID
+    assert capture.SourceImageSequence[0].ReferencedSOPInstanceUID == image.SOPInstanceUID
     pixels = capture.pixel_array
     assert pixels.ndim == 3 and pixels.shape[2] == 3 and pixels.std() > 0
 
@@ -318,7 +320,7 @@ def test_the_fast_report_is_the_one_highdicom_builds(bundle):
         pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True)
         for data in good_inputs().values()
     ]
-    for source in sources * 2:  # the template is reused: nothing of one image stays
+    for source in [*sources, sources[0]]:  # the template is reused: nothing of one stays
         probabilities = rng.random(len(model.labels))
         fast = pydicom.dcmread(io.BytesIO(maker.report(source, probabilities)))
         built = io.BytesIO()
@@ -332,3 +334,84 @@ def test_the_fast_report_is_the_one_highdicom_builds(bundle):
         for keyword in sorted(keywords - timing):
             assert fast.get(keyword) == reference.get(keyword), keyword
         assert fast.file_meta.MediaStorageSOPInstanceUID == reference.SOPInstanceUID
+
+
+def test_a_report_leaves_its_source_header_as_it_was(bundle):
+    """The template is filled for the next image while the previous image's overlays are
+    still being made from its header: nothing of the next image may reach that header."""
+    from cxr.dicom.listen import model_digest
+    from cxr.dicom.report import ReportMaker, model_info
+
+    maker = ReportMaker(model_info(load_predictor(bundle).meta, model_digest(bundle)))
+    first, second = (
+        pydicom.dcmread(io.BytesIO(radiograph_dicom(nih_gray(i), PatientID=f"P{i}")))
+        for i in (0, 1)
+    )
+    before = {e.keyword: e.value for e in first if e.keyword != "PixelData"}
+    probabilities = np.full(len(maker.model.labels), 0.5)
+    maker.report(first, probabilities)
+    maker.report(second, probabilities)
+    assert {e.keyword: e.value for e in first if e.keyword != "PixelData"} == before
+
+
+@pytest.mark.slow
+def test_overlays_of_many_patients_in_one_association_are_each_filed_under_their_own(
+    tmp_path, sink
+):
+    """Six patients, each a study of one image, over one association to two workers, three
+    findings positive in each: every overlay carries its own source's patient, study and
+    reference, and its pixels are its own source's (they correlate with its crop best)."""
+    from cxr.model.bundle import update_bundle_meta
+
+    folder = untrained_bundle(tmp_path / "bundle", 64, seed=3)
+    labels = load_predictor(folder).labels
+    update_bundle_meta(folder, thresholds=[0.0] * 3 + [1.0] * (len(labels) - 3))
+    grays = [v for g in (nih_gray(0), nih_gray(1)) for v in (g, g[:, ::-1], g[::-1, :])]
+    sources = [
+        pydicom.dcmread(io.BytesIO(radiograph_dicom(np.ascontiguousarray(gray), PatientID=f"P{n}")))
+        for n, gray in enumerate(grays)
+    ]
+    node = build_node(
+        folder,
+        Destination("127.0.0.1", sink.port, "SINK"),
+        NodeOptions(port=0, overlays=True, workers=2),
+        spool=tmp_path / "spool",
+        db=str(tmp_path / "results.sqlite"),
+    ).start()
+    try:
+        assert send(node.address[1], sources) == [(0x0000, "")] * len(sources)
+        assert node.wait(lambda: len(sink.received) == len(sources) * 4, WAIT_S)
+    finally:
+        node.stop()
+        node.store.close()
+    by_uid = {str(s.SOPInstanceUID): s for s in sources}
+    crops = {
+        uid: load_predictor(folder).preprocess.crop_resized(s.pixel_array).astype(float)
+        for uid, s in by_uid.items()
+    }
+    captures = [d for d in sink.received if d.SOPClassUID == SecondaryCaptureImageStorage]
+    assert len(captures) == len(sources) * 3
+    for capture in captures:
+        (reference,) = capture.SourceImageSequence
+        source = by_uid[str(reference.ReferencedSOPInstanceUID)]
+        assert capture.ReferencedImageSequence[0].ReferencedSOPInstanceUID == source.SOPInstanceUID
+        assert capture.PatientID == source.PatientID
+        assert capture.StudyInstanceUID == source.StudyInstanceUID
+        pixels = capture.pixel_array.astype(float)
+        square = pixels[-pixels.shape[1] :].mean(axis=2)  # the overlay below the text
+        size = crops[str(source.SOPInstanceUID)].shape[0]
+        small = np.asarray(
+            Image.fromarray(square.astype(np.uint8)).resize((size, size), Image.BILINEAR), float
+        )
+        correlation = {
+            uid: np.corrcoef(small.ravel(), crop.ravel())[0, 1] for uid, crop in crops.items()
+        }
+        assert max(correlation, key=correlation.get) == str(source.SOPInstanceUID)
+    numbers = [(c.SeriesInstanceUID, c.InstanceNumber) for c in captures]
+    assert len(set(numbers)) == len(numbers)  # unique in their series
+    for report in sink.reports():
+        source = by_uid[referenced_image(report)[1]]
+        assert (report.PatientID, report.StudyInstanceUID) == (
+            source.PatientID,
+            source.StudyInstanceUID,
+        )

@@ -21,7 +21,6 @@ a repeated one.
 
 from __future__ import annotations
 
-import io
 import logging
 import queue
 import threading
@@ -32,7 +31,6 @@ from functools import partial
 
 import numpy as np
 import pydicom
-from PIL import Image
 from pydicom.dataset import Dataset
 from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.dsutils import encode_file_meta
@@ -42,10 +40,15 @@ from cxr.data.images import MAX_PIXELS, decode_gray
 from cxr.dicom.checks import Refused, check_instance, valid_uid
 from cxr.dicom.forward import Destination, Forwarder, ForwardError
 from cxr.dicom.receive import DatasetReceiver, ReceivedDataset
-from cxr.dicom.report import ModelInfo, ReportMaker, overlay_capture
+from cxr.dicom.report import (
+    NOT_FOR_DIAGNOSIS,
+    ModelInfo,
+    ReportMaker,
+    overlay_capture,
+    overlay_pixels,
+)
 from cxr.dicom.spool import Spool
 from cxr.errors import CxrError
-from cxr.explain.render import overlay_png
 from cxr.results.store import (
     BEING_RECEIVED,
     CLAIMED,
@@ -492,7 +495,8 @@ class DicomNode:
         self._outbox.put(uid)
 
     def _overlays(self, source: Dataset, gray: np.ndarray, probabilities) -> list[bytes]:
-        """A Secondary Capture per positive finding: the Grad-CAM overlay, titled."""
+        """A Secondary Capture per positive finding: the Grad-CAM overlay, titled. Every
+        one is made from ``source`` alone (its patient, study and reference)."""
         positive = [c for c, p in enumerate(probabilities) if p >= self.model.thresholds[c]]
         if not positive:
             return []
@@ -500,16 +504,15 @@ class DicomNode:
         crop = preprocess.crop_resized(gray)
         maps = self.predictor.gradcam(preprocess.to_tensor(crop)[None], positive)[0]
         captures = []
-        for number, (c, heatmap) in enumerate(zip(positive, maps), start=1):
+        for c, heatmap in zip(positive, maps):
             label = self.model.labels[c]
-            title = (
-                f"{label}: p={probabilities[c]:.2f} (threshold {self.model.thresholds[c]:.2f})"
-                "\nNOT FOR PRIMARY DIAGNOSIS"
-            )
-            png = overlay_png(crop, heatmap, title)
-            with Image.open(io.BytesIO(png)) as image:
-                rgb = np.asarray(image.convert("RGB"))
-            captures.append(overlay_capture(source, self.model, label, rgb, number))
+            lines = [
+                label,
+                f"p={probabilities[c]:.2f} (threshold {self.model.thresholds[c]:.2f})",
+                NOT_FOR_DIAGNOSIS,
+            ]
+            rgb = overlay_pixels(crop, heatmap, lines)
+            captures.append(overlay_capture(source, self.model, label, rgb))
         return captures
 
     # ------------------------------------------------------------------ delivery
