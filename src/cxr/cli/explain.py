@@ -162,11 +162,7 @@ def localize(
     """Pointing game and IoU of Grad-CAM against boxes, per pathology and overall."""
     from cxr.outputs import output_file
 
-    out = (
-        out
-        if out is None
-        else output_file(out, default_name="localization.json", suffixes=(".json",))
-    )
+    out = out if out is None else output_file(out, default_name="localization.json")
     from cxr.workflows.localize import localize_run
 
     thresholds = _thresholds(threshold)

@@ -172,7 +172,7 @@ def export(
     """Export the model to ONNX (input `image` [N,3,S,S] -> `logits` [N,14])."""
     from cxr.outputs import output_file
 
-    onnx = output_file(onnx, default_name="model.onnx", suffixes=(".onnx",), option="--onnx")
+    onnx = output_file(onnx, default_name="model.onnx", option="--onnx")
     from cxr.model.onnx import export_onnx
 
     result = export_onnx(model, onnx, check=check)
