@@ -174,6 +174,11 @@ def test_a_20000_character_subgroup_value_keeps_the_figure_its_size():
     with Image.open(io.BytesIO(png)) as image:
         assert image.width <= 1400 and image.height <= 400, image.size
     assert len(figure_text("x" * 20_000)) == 40 and figure_text("x" * 20_000).endswith("…")
+    # and a figure whose content is large by itself (300 subgroups) is drawn smaller
+    many = {**subgroups, "groupings": [{"title": "site", "groups": [group(str(n)) for n in
+                                                                 range(300)]}]}  # fmt: skip
+    with Image.open(io.BytesIO(subgroup_figure(many))) as image:
+        assert max(image.size) <= 4000, image.size
 
 
 SECRET = "S3CRET-pw"

@@ -17,6 +17,7 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
+from PIL import Image
 from sklearn.metrics import precision_recall_curve, roc_curve
 
 from cxr.data.images import decode_gray
@@ -39,9 +40,20 @@ def _figure(width: float, height: float):
     return figure
 
 
+MAX_FIGURE_PX = 4000  # a side of any report figure, whatever the data holds
+
+
 def _png(figure) -> bytes:
+    """The figure as PNG, at most :data:`MAX_FIGURE_PX` a side: drawn again at a lower
+    resolution when its content (many labels, long names) would make it larger."""
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", bbox_inches="tight")
+    with Image.open(io.BytesIO(buffer.getvalue())) as image:
+        largest = max(image.size)
+    if largest > MAX_FIGURE_PX:
+        buffer = io.BytesIO()
+        dpi = figure.dpi * MAX_FIGURE_PX / largest * 0.98
+        figure.savefig(buffer, format="png", bbox_inches="tight", dpi=dpi)
     return buffer.getvalue()
 
 
