@@ -76,7 +76,8 @@ def start_listener(
     with log_path.open("ab") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
     deadline = time.monotonic() + WAIT_S
-    while b"listening on" not in log_path.read_bytes()[start:]:
+    # The port opens before the model loads: time from "model ready", not from the port.
+    while b"model ready" not in log_path.read_bytes()[start:]:
         if process.poll() is not None or time.monotonic() > deadline:
             raise RuntimeError(log_path.read_text())
         time.sleep(0.1)
@@ -143,8 +144,9 @@ def orthanc_sources(orthanc) -> Counter:
     sources: Counter = Counter()
     for found in orthanc.instances(modality="SR"):
         report = pydicom.dcmread(io.BytesIO(orthanc.get(f"/instances/{found['ID']}/file")))
-        (image,) = [i for i in report.ContentSequence if i.ValueType == "IMAGE"]
-        sources[str(image.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)] += 1
+        (evidence,) = report.CurrentRequestedProcedureEvidenceSequence
+        (series,) = evidence.ReferencedSeriesSequence
+        sources[str(series.ReferencedSOPSequence[0].ReferencedSOPInstanceUID)] += 1
     return sources
 
 
