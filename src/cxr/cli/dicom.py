@@ -136,9 +136,6 @@ def listen(
         load_in_background=True,
     )
     _log_to_stderr()
-    stopped = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stopped.set())
 
     def announce(address):
         console.print(
@@ -151,6 +148,15 @@ def listen(
 
     if metrics_port is not None:
         _serve_metrics(node, metrics_port)
+    _run_until_stopped(node, announce)
+
+
+def _run_until_stopped(node, announce) -> None:
+    """Start ``node``, run until SIGTERM or Ctrl+C (or a model that cannot load), stop it
+    and say what it did."""
+    stopped = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stopped.set())
     node.start(on_listening=announce)
     while not stopped.wait(0.5) and node.load_error is None:
         pass
