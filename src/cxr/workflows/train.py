@@ -25,6 +25,8 @@ from cxr.data.split import (
     DEFAULT_TEST_FRACTION,
     DEFAULT_VAL_FRACTION,
     NIH_INFO,
+    Split,
+    check_split,
     read_split,
     read_split_info,
     split_by_patients,
@@ -343,11 +345,16 @@ def create_run(
     split_dir: str | Path | None = None,
     on_image_check=None,
     dataset: DatasetSpec | None = None,
+    found: LabeledData | None = None,
+    split: Split | None = None,
 ) -> list[str]:
     """Everything before the first step: resolve the images of ``data`` (any layout
     :func:`cxr.data.datasets.read_dataset` reads, as ``dataset`` says), make the
     patient-level split (or read ``split_dir``), decode every image once, check the cache,
-    and create the run folder. Returns warnings for the caller to show (dropped images)."""
+    and create the run folder. Returns warnings for the caller to show (dropped images).
+
+    ``found`` is ``data`` already read (the Python API's :class:`cxr.Dataset`, perhaps a
+    subset), used instead of reading it again; ``split`` a split of it already made."""
     out, data = Path(out), Path(data)
     if RunFolder(out).config.exists():
         raise DataError(
@@ -356,11 +363,16 @@ def create_run(
         )
     dataset = dataset or DatasetSpec()
     notes: list[str] = []
-    if split_dir is not None:
+    if split is not None:
+        frames = {name: require_paths(frame, name) for name, frame in split.frames().items()}
+        check_split(frames)
+        info = {"layout": split.layout, "labels": list(split.labels)}
+        split_note = {"method": split.method, "seed": split.seed, "made": "in Python"}
+    elif split_dir is not None:
         frames, info = _given_split(data, Path(split_dir), config.drop_missing, notes, dataset)
         split_note = {"method": "given", "from": os.path.abspath(split_dir)}
     else:
-        frames, info, split_note = _default_split(data, dataset, config, notes)
+        frames, info, split_note = _default_split(data, dataset, config, notes, found)
     if config.cache:
         # A cache that is stale, incomplete or lacks a training image fails before the run
         # folder exists, not after. Its build decoded every image, so no second check.
@@ -385,10 +397,15 @@ def create_run(
 
 
 def _default_split(
-    data: Path, dataset: DatasetSpec, config: TrainConfig, notes: list[str]
+    data: Path,
+    dataset: DatasetSpec,
+    config: TrainConfig,
+    notes: list[str],
+    found: LabeledData | None = None,
 ) -> tuple[dict[str, pd.DataFrame], dict[str, Any], dict[str, Any]]:
     """No --split: the dataset split by patient with the default fractions."""
-    found = read_dataset(data, dataset, drop_missing=config.drop_missing)
+    if found is None:
+        found = read_dataset(data, dataset, drop_missing=config.drop_missing)
     notes.extend(found.notes)
     split = split_by_patients(
         found.table, seed=config.seed, labels=found.labels, layout=found.layout
