@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -15,6 +15,7 @@ import pandas as pd
 from cxr.errors import CxrError, ImageError
 
 if TYPE_CHECKING:
+    from cxr.data.files import FileError, FoundImages
     from cxr.engine.inference import Predictions, Predictor
     from cxr.model.card import ModelCard
 
@@ -68,6 +69,11 @@ class Model:
         return self._predictor.about()
 
     @property
+    def predictor(self) -> Predictor:
+        """The :class:`cxr.engine.inference.Predictor` behind it (batches of tensors in)."""
+        return self._predictor
+
+    @property
     def torch_module(self):
         """The underlying ``torch.nn.Module`` (logits out; ``None`` for an ONNX file)."""
         return self._predictor.torch_model
@@ -102,24 +108,37 @@ class Model:
         workers: int | None = 0,
         on_error: str = "raise",
         explain_dir: str | os.PathLike | None = None,
+        on_found: Callable[[FoundImages], None] | None = None,
+        on_progress: Callable[[int], None] | None = None,
+        on_file_error: Callable[[FileError], None] | None = None,
     ) -> Predictions:
         """:meth:`predict` as a :class:`cxr.engine.inference.Predictions` (probabilities as
-        an array, the failed and skipped files, the overlays written to ``explain_dir``)."""
+        an array, the failed and skipped files, the overlays written to ``explain_dir``).
+
+        ``on_error="keep"`` returns the failures in ``.errors`` without raising (what
+        ``cxr predict`` does, exiting 1). ``on_found`` sees what the search for images found
+        before any prediction, ``on_progress`` each batch's count, ``on_file_error`` each
+        file that fails while predicting."""
         from cxr.data.files import find_images
         from cxr.engine.inference import predict_files
 
-        if on_error not in ("raise", "skip"):
-            raise CxrError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
+        if on_error not in ("raise", "skip", "keep"):
+            raise CxrError(f"on_error must be 'raise', 'skip' or 'keep', not {on_error!r}")
         found = find_images(_as_list(images))
+        if on_found is not None:
+            on_found(found)
+        if not found.files:
+            raise ImageError("no PNG, JPEG or DICOM files to predict")
         result = predict_files(
             self._predictor, found.files, batch_size=batch_size, workers=workers,
-            explain_dir=explain_dir,
+            explain_dir=explain_dir, on_progress=on_progress, on_error=on_file_error,
         )  # fmt: skip
         result.errors = list(found.errors) + result.errors
         result.skipped = list(found.skipped)
-        for entry in result.skipped:
-            log.warning("skipped %s: %s", entry.file, entry.reason)
-        if result.errors:
+        if on_found is None:
+            for entry in result.skipped:
+                log.warning("skipped %s: %s", entry.file, entry.reason)
+        if result.errors and on_error != "keep":
             if on_error == "raise":
                 shown = "; ".join(f"{e.file}: {e.reason}" for e in result.errors[:5])
                 more = f" (and {len(result.errors) - 5} more)" if len(result.errors) > 5 else ""

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -200,6 +200,7 @@ class Run:
         batch_size: int = 32,
         workers: int = 2,
         subgroups: Sequence[str] | None = (),
+        on_batch: Callable[[int], None] | None = None,
     ) -> Evaluation:
         """Predict every image of ``split`` (``test``, ``val`` or a table of the run's
         layout) with the best model and store predictions and metrics, as ``cxr evaluate``
@@ -208,7 +209,7 @@ class Run:
 
         entry = evaluate_run(
             self.path, split, device=device, batch_size=batch_size, workers=workers,
-            subgroups=subgroups,
+            subgroups=subgroups, on_batch=on_batch,
         )  # fmt: skip
         return Evaluation.from_metrics(self.path, self._folder.read_metrics()[entry["split"]])
 

@@ -20,7 +20,6 @@ from cxr.cli.common import (
     warn,
 )
 from cxr.cli.options import BatchSizeOption, DeviceOption
-from cxr.data.files import find_images
 from cxr.errors import ConfigError, CxrError
 
 # The library modules behind these commands import torch (and captum, onnxruntime, FastAPI,
@@ -65,35 +64,33 @@ def predict(
     from cxr.outputs import output_file
 
     out = out if out is None else output_file(out, suffixes=(".csv", ".json"))
-    from cxr.engine.inference import load_predictor, predict_files
+    from cxr.api.models import load_model
     from cxr.model.bundle import resolve_bundle
 
-    files, errors, skipped = find_images(paths)
-    for error in errors:
-        _report(error)
-    _warn_skipped(skipped)
-    if not files:
-        raise CxrError("no PNG, JPEG or DICOM files to predict")
-    predictor = load_predictor(model, backend=backend, device=device)
-    _print_about(predictor.about())
+    loaded = load_model(model, backend=backend, device=device)
+    predictor = loaded.predictor
+    _print_about(loaded.about)
     if predictor.ood is None and Path(model).suffix.lower() != ".onnx":
         from cxr.engine.inference import missing_ood_note
 
         note = missing_ood_note(resolve_bundle(model)[0].parent, predictor.meta)
         if note:
             warn(note)
-    with progress_task("predicting", total=len(files), status=predictor.backend) as task:
-        result = predict_files(
-            predictor,
-            files,
-            batch_size=batch_size,
-            workers=workers,
-            explain_dir=explain,
-            on_progress=task.advance,
-            on_error=lambda error: _report(error, task.console),
-        )
-    result.errors = errors + result.errors
-    result.skipped = skipped
+    with progress_task("predicting", status=predictor.backend) as task:
+
+        def found(images) -> None:
+            for error in images.errors:
+                _report(error, task.console)
+            _warn_skipped(images.skipped)
+            if not images.files:
+                raise CxrError("no PNG, JPEG or DICOM files to predict")
+            task.update(0, len(images.files))
+
+        result = loaded.predictions(
+            paths, batch_size=batch_size, workers=workers, explain_dir=explain,
+            on_error="keep", on_found=found, on_progress=task.advance,
+            on_file_error=lambda error: _report(error, task.console),
+        )  # fmt: skip
     if out is not None:
         result.write(out)
         console.print(f"wrote {len(result.files):,} prediction(s) to {shown(out)}", highlight=False)

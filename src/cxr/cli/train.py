@@ -397,13 +397,14 @@ def evaluate(
         options = dict(label_map=label_map, labels_file=labels_file, name=name)
         _evaluate_external(run, data, split, drop_missing, dataset, options, runtime)
         return
-    from cxr.workflows.evaluate import evaluate_run
+    from cxr.api.runs import Run
 
     with progress_task(f"evaluating {shown(split)}") as task:
-        result = evaluate_run(
-            run, split, device=device, batch_size=batch_size, workers=workers,
+        evaluation = Run(run).evaluate(
+            split, device=device, batch_size=batch_size, workers=workers,
             on_batch=task.advance, subgroups=(subgroup or []) if subgroups else None,
         )  # fmt: skip
+    result = {**evaluation.raw, "path": evaluation.run / "metrics.json"}
     title = f"{shown(result['split'])}: {result['images']:,} images"
     console.print(auroc_table(result, title, list(result["per_class"])))
     if "subgroups" in result:
