@@ -139,7 +139,9 @@ def test_evaluation_equals_metrics_json_and_scikit_learn(api_run: cxr.Run):
     frame = ev.to_frame()
     assert list(frame.index) == list(ev.labels)
     defined = frame.dropna(subset=["auroc"])
-    assert ((defined["ci_low"] <= defined["auroc"]) & (defined["auroc"] <= defined["ci_high"])).all()
+    assert (
+        (defined["ci_low"] <= defined["auroc"]) & (defined["auroc"] <= defined["ci_high"])
+    ).all()
     assert api_run.config.image_size == 32 and len(api_run.history) == 2
 
 
@@ -215,6 +217,42 @@ def test_model_explain_equals_cxr_explain(api_run: cxr.Run, tmp_path, shared_dat
         model.explain(image, labels=["Effusion", "Not a finding"])
 
 
+def test_external_evaluation_equals_the_cli_and_scikit_learn(api_run: cxr.Run, tmp_path):
+    from cxr.data.synthetic import write_synthetic_dataset
+
+    other = tmp_path / "chexpert"
+    write_synthetic_dataset(other, patients=12, image_size=64, seed=5, layout="chexpert")
+    ev = api_run.evaluate_external(other, split="all", name="api", device="cpu", workers=0)
+    args = ["evaluate", str(api_run.path), "--data", str(other), "--split", "all"]
+    result = CliRunner().invoke(app, [*args, "--name", "cli", "--workers", "0"])
+    assert result.exit_code == 0, result.output
+    cli = json.loads((api_run.path / "metrics.json").read_text())["external"]["cli"]
+    assert isinstance(ev, cxr.ExternalEvaluation) and ev.layout == "chexpert"
+    assert ev.mean_auroc == cli["auroc_mean"] and ev.images == cli["images"]
+    assert ev.auroc == {n: v["auroc"] for n, v in cli["per_class"].items()}
+    predictions = pd.read_csv(ev.predictions_file)
+    scored = [n for n, v in ev.auroc.items() if v is not None]
+    assert scored
+    for name in scored:
+        truth = predictions[f"true_{name}"]
+        known = truth.notna()
+        expected = roc_auc_score(truth[known], predictions[f"prob_{name}"][known])
+        assert ev.auroc[name] == pytest.approx(expected, abs=1e-12)
+    assert set(ev.to_frame().index) == set(ev.auroc)
+
+
+def test_calibrate_from_python_is_stored_in_the_bundle(api_run: cxr.Run, tmp_path):
+    import shutil
+
+    run = cxr.Run(shutil.copytree(api_run.path, tmp_path / "copy"))
+    calibration = run.calibrate(device="cpu")
+    stored = json.loads((run.path / "model.json").read_text())
+    assert isinstance(calibration, cxr.Calibration)
+    assert calibration.temperature == pytest.approx(stored["temperature"])
+    assert calibration.val_images == len(run.split("val"))
+    assert calibration.thresholds == cxr.load_model(run.path, backend="torch").thresholds
+
+
 def test_run_opens_only_run_folders(tmp_path):
     with pytest.raises(cxr.errors.DataError, match="no such run folder"):
         cxr.Run(tmp_path / "nothing")
@@ -236,7 +274,9 @@ def test_train_through_the_api_equals_cxr_train(synth_data, tmp_path):
                    max_epochs=2, seed=3)  # fmt: skip
     api = cxr.train(cxr.open_dataset(synth_data), tmp_path / "api", **options)
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in options.items()]
-    result = CliRunner().invoke(app, ["train", str(synth_data), "--out", str(tmp_path / "cli"), *flags])
+    result = CliRunner().invoke(
+        app, ["train", str(synth_data), "--out", str(tmp_path / "cli"), *flags]
+    )
     assert result.exit_code == 0, result.output
     for name in ("train", "val", "test"):
         pd.testing.assert_frame_equal(

@@ -29,6 +29,8 @@ _EXPORTS = {
     "Run": "cxr.api.runs",
     "Evaluation": "cxr.api.runs",
     "ClassResult": "cxr.api.runs",
+    "ExternalEvaluation": "cxr.api.runs",
+    "Calibration": "cxr.api.runs",
     "load_model": "cxr.api.models",
     "Model": "cxr.api.models",
     "Split": "cxr.data.split",
@@ -37,9 +39,11 @@ _EXPORTS = {
 }
 
 __all__ = [
+    "Calibration",
     "ClassResult",
     "Dataset",
     "Evaluation",
+    "ExternalEvaluation",
     "Model",
     "Run",
     "Split",
@@ -55,7 +59,14 @@ if TYPE_CHECKING:
     from cxr import errors
     from cxr.api.dataset import Dataset, open_dataset
     from cxr.api.models import Model, load_model
-    from cxr.api.runs import ClassResult, Evaluation, Run, train
+    from cxr.api.runs import (
+        Calibration,
+        ClassResult,
+        Evaluation,
+        ExternalEvaluation,
+        Run,
+        train,
+    )
     from cxr.config import TrainConfig
     from cxr.data.split import Split
 

@@ -8,12 +8,14 @@ layer over the workflows the CLI calls, so the numbers are the same either way.
 
 from cxr.api.dataset import Dataset, open_dataset
 from cxr.api.models import Model, load_model
-from cxr.api.runs import ClassResult, Evaluation, Run, train
+from cxr.api.runs import Calibration, ClassResult, Evaluation, ExternalEvaluation, Run, train
 
 __all__ = [
+    "Calibration",
     "ClassResult",
     "Dataset",
     "Evaluation",
+    "ExternalEvaluation",
     "Model",
     "Run",
     "load_model",

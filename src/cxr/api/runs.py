@@ -147,6 +147,80 @@ class Evaluation:
         )  # fmt: skip
 
 
+@dataclass(frozen=True)
+class ExternalEvaluation:
+    """The model scored on another dataset (``cxr evaluate RUN --data OTHER``): per label of
+    that dataset answered by the model, its AUROC with a 95 % patient-bootstrap interval, and
+    which model output(s) answered it (``label_map``)."""
+
+    run: Path
+    name: str
+    layout: str
+    split: str
+    images: int
+    patients: int
+    mean_auroc: float | None
+    mean_auroc_ci: tuple[float | None, float | None]
+    auroc: dict[str, float | None]
+    ci: dict[str, tuple[float | None, float | None]]
+    label_map: dict[str, list[str]]
+    not_scored: list[str]
+    notes: list[str]
+    predictions_file: Path
+    raw: dict[str, Any] = field(repr=False)
+
+    def to_frame(self) -> pd.DataFrame:
+        """One row per scored label: auroc, ci_low, ci_high, positives, negatives, outputs."""
+        rows = [
+            {
+                "label": name, "auroc": self.auroc[name], "ci_low": self.ci[name][0],
+                "ci_high": self.ci[name][1], "positives": entry["positives"],
+                "negatives": entry["negatives"], "model_outputs": "|".join(self.label_map[name]),
+            }
+            for name, entry in self.raw["per_class"].items()
+        ]  # fmt: skip
+        return pd.DataFrame(rows).set_index("label")
+
+    @classmethod
+    def from_metrics(cls, run: Path, entry: dict[str, Any]) -> ExternalEvaluation:
+        per_class = entry["per_class"]
+        return cls(
+            run=run, name=entry["name"], layout=entry["layout"], split=entry["split"],
+            images=entry["images"], patients=entry["patients"], mean_auroc=entry["auroc_mean"],
+            mean_auroc_ci=tuple(entry["auroc_mean_ci"]),
+            auroc={n: v["auroc"] for n, v in per_class.items()},
+            ci={n: tuple(v["auroc_ci"]) for n, v in per_class.items()},
+            label_map=entry["label_map"], not_scored=list(entry["dropped"]),
+            notes=list(entry["notes"]), predictions_file=run / entry["predictions"], raw=entry,
+        )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What ``cxr calibrate`` fitted on the validation split and stored in the bundle."""
+
+    temperature: float
+    previous_temperature: float
+    prior_correction: bool
+    logit_offsets: list[float]
+    val_images: int
+    val_nll_before: float
+    val_nll_after: float
+    val_ece_before: float | None
+    val_ece_after: float | None
+    threshold_rule: str
+    thresholds: dict[str, float]
+    previous_thresholds: dict[str, float]
+
+    @classmethod
+    def from_result(cls, result: dict[str, Any]) -> Calibration:
+        labels = result["labels"]
+        values = {k: result[k] for k in cls.__dataclass_fields__ if k in result}
+        values["thresholds"] = dict(zip(labels, map(float, result["thresholds"])))
+        values["previous_thresholds"] = dict(zip(labels, map(float, result["previous_thresholds"])))
+        return cls(**values)
+
+
 class Run:
     """A run folder (``cxr train --out``): its config, split, training log, best model and
     results. ``Run(path)`` opens an existing one; :func:`train` makes one."""
@@ -212,6 +286,48 @@ class Run:
             subgroups=subgroups, on_batch=on_batch,
         )  # fmt: skip
         return Evaluation.from_metrics(self.path, self._folder.read_metrics()[entry["split"]])
+
+    def evaluate_external(
+        self,
+        data: str | os.PathLike,
+        *,
+        label_map: dict[str, list[str]] | str | None = None,
+        split: str = "test",
+        name: str | None = None,
+        drop_missing: bool = False,
+        device: str = "auto",
+        batch_size: int = 32,
+        workers: int = 2,
+        **dataset_options: Any,
+    ) -> ExternalEvaluation:
+        """Score the model on another dataset (any layout ``open_dataset`` reads; its
+        options as keywords), as ``cxr evaluate RUN --data OTHER`` does. ``label_map`` says
+        which model output(s) answer each of its labels (a dict, or the CLI's text
+        ``'Pleural Effusion=Effusion;Lung Lesion=Mass|Nodule'``); by default the same names,
+        then the NIH / CheXpert / MIMIC map. ``split``: ``test`` (its own test split) or
+        ``all``."""
+        from cxr.data.datasets import DatasetSpec
+        from cxr.labels import parse_label_map
+        from cxr.workflows.external import external_evaluate
+
+        if isinstance(label_map, str):
+            label_map = parse_label_map(label_map)
+        result = external_evaluate(
+            self.path, data, dataset=DatasetSpec(**dataset_options), split=split,
+            label_map=label_map, name=name, drop_missing=drop_missing, device=device,
+            batch_size=batch_size, workers=workers,
+        )  # fmt: skip
+        return ExternalEvaluation.from_metrics(self.path, result)
+
+    def calibrate(
+        self, *, device: str = "auto", batch_size: int = 32, workers: int = 0
+    ) -> Calibration:
+        """Prior correction and temperature scaling fitted on the validation split, and the
+        thresholds refitted (``cxr calibrate``); stored in the run's bundle."""
+        from cxr.workflows.calibrate import calibrate_run
+
+        result = calibrate_run(self.path, device=device, batch_size=batch_size, workers=workers)
+        return Calibration.from_result(result)
 
     def evaluation(self, split: str = "test") -> Evaluation:
         """The stored results of an earlier evaluation of ``split`` (nothing is recomputed)."""
