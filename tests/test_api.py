@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import tiny_train_config
 from sklearn.metrics import roc_auc_score
 from typer.testing import CliRunner
 
@@ -24,12 +23,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def api_run(tmp_path_factory, synth_data) -> cxr.Run:
-    """A run trained through the API (tiny: 32 px, 2 epochs) and evaluated on its test split."""
-    ds = cxr.open_dataset(synth_data)
-    split = ds.split(val_fraction=0.25, test_fraction=0.25, seed=0)
-    config = tiny_train_config()
-    run = cxr.train(ds, tmp_path_factory.mktemp("api") / "run", split=split, config=config)
+def api_run(tmp_path_factory, trained_run) -> cxr.Run:
+    """A copy of the session's tiny trained run (32 px, 2 epochs), evaluated through the API.
+    (Training through the API is compared with ``cxr train`` in the slow test below.)"""
+    import shutil
+
+    run = cxr.Run(shutil.copytree(trained_run, tmp_path_factory.mktemp("api") / "run"))
     run.evaluate("test", device="cpu", workers=0)
     return run
 
@@ -145,6 +144,7 @@ def test_evaluation_equals_metrics_json_and_scikit_learn(api_run: cxr.Run):
     assert api_run.config.image_size == 32 and len(api_run.history) == 2
 
 
+@pytest.mark.slow
 def test_evaluation_intervals_are_the_reports(api_run: cxr.Run):
     before = api_run.evaluation("test").ci  # computed from the predictions file
     api_run.report("test")
@@ -163,26 +163,29 @@ def test_evaluate_through_the_api_equals_the_cli(api_run: cxr.Run, tmp_path):
     assert ev.auroc == {n: v["auroc"] for n, v in cli_metrics["per_class"].items()}
 
 
-def test_model_predict_equals_cxr_predict(api_run: cxr.Run, tmp_path, shared_data):
+PREDICT_BACKENDS = ["torch", pytest.param("onnx", marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("backend", PREDICT_BACKENDS)
+def test_model_predict_equals_cxr_predict(api_run: cxr.Run, tmp_path, shared_data, backend):
     files = [
         shared_data / "misc" / "00000001_000.png",
         shared_data / "misc" / "16747_3_1.jpg",
         shared_data / "misc" / "1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm",
     ]
-    for backend in ("torch", "onnx"):
-        out = tmp_path / f"{backend}.csv"
-        args = ["predict", str(api_run.path), *map(str, files), "--out", str(out)]
-        result = CliRunner().invoke(app, [*args, "--backend", backend, "--device", "cpu"])
-        assert result.exit_code == 0, result.output
-        cli = pd.read_csv(out)
-        model = cxr.load_model(api_run.path, backend=backend, device="cpu")
-        table = model.predict(files)
-        assert list(table.columns) == list(cli.columns)
-        assert list(table["file"]) == list(cli["file"])
-        probs = [c for c in cli.columns if c.startswith("prob_")]
-        np.testing.assert_allclose(table[probs].to_numpy(), cli[probs].to_numpy(), atol=1e-6)
-        calls = [c for c in cli.columns if c.startswith("call_")]
-        assert (table[calls].to_numpy() == cli[calls].to_numpy()).all()
+    out = tmp_path / f"{backend}.csv"
+    args = ["predict", str(api_run.path), *map(str, files), "--out", str(out)]
+    result = CliRunner().invoke(app, [*args, "--backend", backend, "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    cli = pd.read_csv(out)
+    model = cxr.load_model(api_run.path, backend=backend, device="cpu")
+    table = model.predict(files)
+    assert list(table.columns) == list(cli.columns)
+    assert list(table["file"]) == list(cli["file"])
+    probs = [c for c in cli.columns if c.startswith("prob_")]
+    np.testing.assert_allclose(table[probs].to_numpy(), cli[probs].to_numpy(), atol=1e-6)
+    calls = [c for c in cli.columns if c.startswith("call_")]
+    assert (table[calls].to_numpy() == cli[calls].to_numpy()).all()
     assert model.labels == list(api_run.labels) and model.image_size == 32
 
 
@@ -217,6 +220,7 @@ def test_model_explain_equals_cxr_explain(api_run: cxr.Run, tmp_path, shared_dat
         model.explain(image, labels=["Effusion", "Not a finding"])
 
 
+@pytest.mark.slow
 def test_external_evaluation_equals_the_cli_and_scikit_learn(api_run: cxr.Run, tmp_path):
     from cxr.data.synthetic import write_synthetic_dataset
 
