@@ -7,12 +7,11 @@ from __future__ import annotations
 import io
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.tensorboard import SummaryWriter
 
 from cxr import __version__
 from cxr.config import TrainConfig
@@ -49,6 +48,9 @@ from cxr.run import SPLIT_NAMES, RunFolder, require_paths
 from cxr.runtime import Distributed, resolve_device, setup_distributed
 from cxr.utils import atomic_write_bytes, atomic_write_csv
 from cxr.workflows.card import update_model
+
+if TYPE_CHECKING:
+    from torch.utils.tensorboard import SummaryWriter
 
 THRESHOLD_RULE = "youden"
 
@@ -100,6 +102,8 @@ def train_run(
             "workers": loaders[0].num_workers,
         }
         run.write_json(run.info, {**run.load_info(), **info})
+        from torch.utils.tensorboard import SummaryWriter  # here: a second to import
+
         writer = SummaryWriter(log_dir=str(run.tensorboard))
     callbacks.on_start(
         {
