@@ -18,6 +18,7 @@ import torch
 from fastapi.testclient import TestClient
 from safetensors.numpy import load_file, save_file
 from scipy.spatial.distance import mahalanobis
+from support.media import untrained_bundle
 from typer.testing import CliRunner
 
 from cxr.cli import app
@@ -27,7 +28,6 @@ from cxr.model.bundle import BundleMeta, load_bundle, read_bundle_meta
 from cxr.model.card import ModelCard, TrainingData
 from cxr.model.ood import MAX_OOD_BYTES, load_ood
 from cxr.serve.app import create_app
-from cxr.testing import untrained_bundle
 from cxr.workflows.evaluate import evaluate_run, predictions_are_fresh
 
 BUNDLE_FILES = ("model.json", "model.safetensors", "ood.safetensors")
