@@ -261,7 +261,7 @@ def results_backup(
     """A consistent copy of an SQLite results store, taken while the listener writes
     (SQLite's online backup; a plain file copy can miss what the write-ahead log holds).
     For PostgreSQL, use pg_dump."""
-    import_extra("sqlalchemy", "dicom", "cxr dicom results backup")
+    import_extra("sqlalchemy", "dicom", "cxr results backup")
     from cxr.results import open_existing_store
 
     with open_existing_store(source) as store:
@@ -289,7 +289,7 @@ def results(
     csv: Annotated[bool, typer.Option("--csv", help="CSV on standard output.")] = False,
 ):
     """The DICOM listener's results: one row per instance received (oldest first)."""
-    import_extra("sqlalchemy", "dicom", "cxr dicom results show")
+    import_extra("sqlalchemy", "dicom", "cxr results")
     from cxr.results import open_existing_store, rows_table
 
     with open_existing_store(source) as store:

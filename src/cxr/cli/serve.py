@@ -48,7 +48,10 @@ def predict(
         Path | None, typer.Option("--explain", help="Write Grad-CAM overlays into this folder.")
     ] = None,
     backend: Annotated[
-        str, typer.Option(help="auto (onnx on CPU, torch on CUDA), torch or onnx.")
+        str,
+        typer.Option(
+            help="auto (onnx on CPU where cxr[onnx] is installed, else torch), torch or onnx."
+        ),
     ] = "auto",
     device: DeviceOption = "auto",
     batch_size: BatchSizeOption = 16,
