@@ -39,9 +39,10 @@ from pynetdicom import AE
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from support.media import radiograph_dicom, untrained_bundle  # noqa: E402
+from support.services import free_port, running_orthanc  # noqa: E402
+
 from cxr.engine.inference import load_predictor, predict_files  # noqa: E402
-from cxr.testing import radiograph_dicom, untrained_bundle  # noqa: E402
-from cxr.testing_services import free_port, running_orthanc  # noqa: E402
 
 NIH_IMAGES = ROOT.parent / "shared" / "data" / "nih" / "images"
 WAIT_S = 900

@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 from PIL import Image
+from support.media import png_bytes, untrained_bundle
 
 from cxr.config import TrainConfig
 from cxr.data.cache import DEFAULT_CHUNK_SIZE, open_cache
@@ -43,7 +44,6 @@ from cxr.data.loaders import split_loader
 from cxr.data.transforms import Augment, Preprocess
 from cxr.engine.trainer import Trainer
 from cxr.run import RunFolder
-from cxr.testing import png_bytes, untrained_bundle
 from cxr.workflows.evaluate import bundle_logits
 from cxr.workflows.train import create_run, train_run
 

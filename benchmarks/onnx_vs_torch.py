@@ -40,10 +40,11 @@ def main() -> None:
     parser.add_argument("--model", default=None)
     args = parser.parse_args()
 
+    from support.media import untrained_bundle
+
     from cxr.data.files import find_images
     from cxr.engine.inference import load_predictor, predict_files
     from cxr.model.onnx import export_onnx
-    from cxr.testing import untrained_bundle
 
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model

@@ -18,8 +18,7 @@ import time
 from pathlib import Path
 
 import torch
-
-from cxr.testing import untrained_bundle
+from support.media import untrained_bundle
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGES = ROOT.parent / "shared" / "data" / "nih" / "images"

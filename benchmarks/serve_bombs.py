@@ -37,8 +37,7 @@ import httpx
 import numpy as np
 from _serve import running_server
 from PIL import Image
-
-from cxr.testing import deflated_dicom_bomb, dicom_bytes, jpeg_dicom_claiming, untrained_bundle
+from support.media import deflated_dicom_bomb, dicom_bytes, jpeg_dicom_claiming, untrained_bundle
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared" / "data"

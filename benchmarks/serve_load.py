@@ -82,7 +82,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model
         if model is None:
-            from cxr.testing import untrained_bundle
+            from support.media import untrained_bundle
 
             model = untrained_bundle(Path(tmp) / "bundle", args.size)
         with running_server(model, args.backend, tmp) as (_, base, health):

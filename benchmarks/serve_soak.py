@@ -29,8 +29,7 @@ import httpx
 import numpy as np
 from _serve import running_server
 from PIL import Image
-
-from cxr.testing import png_bytes, png_claiming_size
+from support.media import png_bytes, png_claiming_size
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGES = ROOT.parent / "shared" / "data" / "nih" / "images"
@@ -138,7 +137,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         model = args.model
         if model is None:
-            from cxr.testing import untrained_bundle
+            from support.media import untrained_bundle
 
             model = untrained_bundle(Path(tmp) / "bundle", args.size)
         with running_server(model, args.backend, tmp, ["--max-upload-mb", str(MAX_UPLOAD_MB)]) as (

@@ -205,7 +205,7 @@ def untrained_bundle(tmp_path_factory) -> Path:
 
     Shared by several test files: tests must not write into it.
     """
-    from cxr.testing import untrained_bundle as write_bundle
+    from support.media import untrained_bundle as write_bundle
 
     folder = tmp_path_factory.mktemp("bundle") / "model"
     return write_bundle(folder, 64, thresholds=FIXED_CALL_THRESHOLDS, threshold_rule="youden")

@@ -21,8 +21,7 @@ from pydicom.uid import (
     SecondaryCaptureImageStorage,
 )
 from pynetdicom import AE
-
-from cxr.testing import radiograph_dicom
+from support.media import radiograph_dicom
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 REAL_DICOM = SHARED / "misc" / "1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"

@@ -169,7 +169,7 @@ def corpus(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory) -> Path:
     """An untrained DenseNet121 bundle (64 px)."""
-    from cxr.testing import untrained_bundle
+    from support.media import untrained_bundle
 
     return untrained_bundle(tmp_path_factory.mktemp("bundle") / "model", 64)
 

@@ -17,11 +17,11 @@ import numpy as np
 import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
+from support.media import untrained_bundle
 from typer.testing import CliRunner
 
 from cxr.cli import app
 from cxr.labels import CHEXPERT_LABELS
-from cxr.testing import untrained_bundle
 
 pytestmark = pytest.mark.slow
 

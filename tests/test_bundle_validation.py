@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import uvicorn
 from conftest import run_with_memory_cap
+from support.media import untrained_bundle
 from typer.testing import CliRunner
 
 from cxr.cli import app
@@ -30,7 +31,6 @@ from cxr.model.bundle import (
     update_bundle_meta,
 )
 from cxr.model.onnx import ONNX_META_DIGEST_KEY, export_onnx, onnx_bytes
-from cxr.testing import untrained_bundle
 
 NAN = math.nan
 

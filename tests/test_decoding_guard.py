@@ -13,10 +13,10 @@ import pydicom
 import pytest
 from conftest import decode_with_little_memory
 from PIL import Image
+from support.media import deflated_dicom_bomb, dicom_bytes, jpeg_dicom_claiming
 
 from cxr.data.images import MAX_PIXELS, codestream_size, decode_gray
 from cxr.errors import ImageError, ImageTooLarge
-from cxr.testing import deflated_dicom_bomb, dicom_bytes, jpeg_dicom_claiming
 
 REAL_DICOM = "1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"
 

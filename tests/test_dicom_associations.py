@@ -30,6 +30,8 @@ from pydicom.uid import (
     generate_uid,
 )
 from pynetdicom import AE
+from support.media import radiograph_dicom
+from support.services import free_port
 from test_dicom_node import (  # noqa: F401
     Sink,
     bundle,
@@ -40,8 +42,6 @@ from test_dicom_node import (  # noqa: F401
 )
 
 from cxr.dicom.metrics import serve_metrics
-from cxr.testing import radiograph_dicom
-from cxr.testing_services import free_port
 
 WAIT_S = 120  # a hang guard, never a timing assertion
 DX_FOR_PROCESSING = "1.2.840.10008.5.1.4.1.1.1.1.1"

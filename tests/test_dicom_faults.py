@@ -23,6 +23,8 @@ import numpy as np
 import pydicom
 import pytest
 from dicom_support import dcmtk, nih_gray, referenced_image, send
+from support.media import radiograph_dicom, untrained_bundle
+from support.services import free_port
 from test_dicom_node import Sink
 from typer.testing import CliRunner
 
@@ -31,8 +33,6 @@ from cxr.dicom.forward import Destination
 from cxr.dicom.listen import build_node
 from cxr.dicom.node import NodeOptions
 from cxr.results.store import StoreError
-from cxr.testing import radiograph_dicom, untrained_bundle
-from cxr.testing_services import free_port
 
 WAIT_S = 120  # a hang guard, never a timing assertion
 SUCCESS, OUT_OF_RESOURCES = 0x0000, 0xA700

@@ -28,6 +28,8 @@ from dicom_support import (
 from PIL import Image
 from pydicom.uid import ComprehensiveSRStorage, SecondaryCaptureImageStorage
 from pynetdicom import AE, evt
+from support.media import radiograph_dicom, untrained_bundle
+from support.services import free_port
 
 from cxr.dicom.checks import Refused, check_instance
 from cxr.dicom.forward import Destination
@@ -35,8 +37,6 @@ from cxr.dicom.listen import build_node
 from cxr.dicom.node import NodeOptions
 from cxr.engine.inference import load_predictor, predict_files
 from cxr.model.bundle import weights_digest
-from cxr.testing import radiograph_dicom, untrained_bundle
-from cxr.testing_services import free_port
 
 WAIT_S = 120  # a hang guard, never a timing assertion
 

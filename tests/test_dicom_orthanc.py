@@ -18,9 +18,8 @@ from pathlib import Path
 import pydicom
 import pytest
 from dicom_support import bad_inputs, good_inputs, referenced_image, report_findings, send
-
-from cxr.testing import untrained_bundle
-from cxr.testing_services import free_port, running_orthanc
+from support.media import untrained_bundle
+from support.services import free_port, running_orthanc
 
 pytestmark = pytest.mark.slow
 WAIT_S = 300  # hang guards only

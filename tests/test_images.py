@@ -13,10 +13,10 @@ from conftest import decode_with_little_memory
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+from support.media import png_claiming_size
 
 from cxr.data.images import MAX_PIXELS, decode_gray, is_dicom_bytes, scale_to_uint8
 from cxr.errors import ImageError
-from cxr.testing import png_claiming_size
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 RGBA_NAMES = ["00001369_000", "00002578_000", "00004934_000", "00005224_000", "00005813_000"]

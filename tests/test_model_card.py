@@ -18,6 +18,7 @@ import torch
 from fastapi.testclient import TestClient
 from safetensors.numpy import load_file, save_file
 from scipy.spatial.distance import mahalanobis
+from support.media import untrained_bundle
 from typer.testing import CliRunner
 
 from cxr.cli import app
@@ -27,7 +28,6 @@ from cxr.model.bundle import BundleMeta, load_bundle, read_bundle_meta
 from cxr.model.card import ModelCard, TrainingData
 from cxr.model.ood import MAX_OOD_BYTES, load_ood
 from cxr.serve.app import create_app
-from cxr.testing import untrained_bundle
 from cxr.workflows.evaluate import evaluate_run, predictions_are_fresh
 
 BUNDLE_FILES = ("model.json", "model.safetensors", "ood.safetensors")
@@ -97,7 +97,7 @@ def test_training_writes_a_card_that_says_synthetic_with_the_split_counts(traine
 def test_evaluate_and_report_fill_the_test_metrics_and_keep_predictions_fresh(
     trained_run, tmp_path
 ):
-    from cxr.report import build_report
+    from cxr.workflows.report import report_run
 
     run = copy_run(trained_run, tmp_path / "run")
     result = evaluate_run(run, "test", device="cpu")
@@ -108,7 +108,7 @@ def test_evaluate_and_report_fill_the_test_metrics_and_keep_predictions_fresh(
     assert len(card.subgroups["rows"]) == sum(len(g["groups"]) for g in groups)
     assert card.subgroups["comparisons"] == result["subgroups"]["test"]["comparisons"]
     assert "## Subgroup results\n\nTest split" in (run / "MODEL_CARD.md").read_text()
-    build_report(run, resamples=50, gallery=0, device="cpu")
+    report_run(run, resamples=50, gallery=0, device="cpu")
     assert predictions_are_fresh(run, "test")  # the card's refresh is not a new model
     report = json.loads((run / "metrics.json").read_text())["test"]["report"]
     card = read_bundle_meta(run).card

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from support.media import png_bytes, untrained_bundle
 from typer.testing import CliRunner
 
 from cxr.cli import app
 from cxr.engine.inference import load_predictor
 from cxr.results import open_store
 from cxr.serve.app import create_app
-from cxr.testing import png_bytes, untrained_bundle
 
 DAY = datetime(2026, 11, 27, 8, 0, tzinfo=timezone.utc)
 

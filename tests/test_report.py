@@ -20,8 +20,9 @@ from typer.testing import CliRunner
 
 from cxr.cli import app
 from cxr.labels import PATHOLOGIES
-from cxr.report import BASELINES, REPORT_KEY, build_report, data_origin
+from cxr.report import BASELINES, REPORT_KEY, data_origin
 from cxr.run import RunFolder
+from cxr.workflows.report import report_run
 
 # The report fixture bootstraps 1,000 resamples and draws a Grad-CAM gallery on a trained run;
 # one test opens the page in Chromium.
@@ -45,7 +46,7 @@ def copy_run(source: Path, target: Path) -> Path:
 def report(trained_run, tmp_path_factory) -> dict:
     """A report (1,000 patient resamples, 2 Grad-CAM cases per kind) on a copy of the run."""
     run = copy_run(trained_run, tmp_path_factory.mktemp("report") / "run")
-    result = build_report(run, "test", gallery=2, device="cpu")
+    result = report_run(run, "test", gallery=2, device="cpu")
     return {**result, "run": run}
 
 

@@ -12,11 +12,11 @@ from datetime import datetime, timedelta, timezone
 import pandas as pd
 import pytest
 import sqlalchemy as sa
+from support.services import running_postgres
 from typer.testing import CliRunner
 
 from cxr.cli import app
 from cxr.results import StoreError, open_store
-from cxr.testing_services import running_postgres
 
 _databases = itertools.count()
 

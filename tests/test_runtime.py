@@ -9,12 +9,12 @@ import sys
 
 import pytest
 import torch
+from support.media import untrained_bundle
 
 from cxr.errors import ConfigError, ModelError
 from cxr.labels import PATHOLOGIES
 from cxr.model.bundle import BundleMeta, read_bundle_meta, update_bundle_meta
 from cxr.runtime import resolve_device
-from cxr.testing import untrained_bundle
 
 
 def test_auto_is_cuda_only_when_present(monkeypatch):

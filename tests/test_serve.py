@@ -12,13 +12,13 @@ import pytest
 from conftest import FIXED_CALL_THRESHOLDS
 from fastapi.testclient import TestClient
 from PIL import Image
+from support.media import png_claiming_size
 
 from cxr.data.images import decode_gray
 from cxr.engine.inference import load_predictor
 from cxr.labels import PATHOLOGIES
 from cxr.serve.app import create_app
 from cxr.serve.limits import BodyLimit
-from cxr.testing import png_claiming_size
 
 DICOM_NAME = "1.2.276.0.7230010.3.1.4.8323329.6904.1517875201.850819.dcm"
 THRESHOLDS = FIXED_CALL_THRESHOLDS

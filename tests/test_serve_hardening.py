@@ -27,6 +27,7 @@ import torch
 import uvicorn
 from decode_hooks import misbehave_by_name
 from fastapi.testclient import TestClient
+from support.media import png_bytes
 from typer.testing import CliRunner
 
 import cxr
@@ -38,7 +39,6 @@ from cxr.serve.app import create_app
 from cxr.serve.decoding import DecodePool
 from cxr.serve.limits import BodyTimeout
 from cxr.serve.server import server_config
-from cxr.testing import png_bytes
 
 BUDGET = 16 * 2**20  # small enough that a 6000 x 6000 8-bit image (36 MB) cannot fit
 

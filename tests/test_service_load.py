@@ -21,9 +21,9 @@ import numpy as np
 import pytest
 import uvicorn
 from PIL import Image
+from support.media import png_bytes, png_claiming_size
 
 from cxr.serve.app import create_app
-from cxr.testing import png_bytes, png_claiming_size
 
 pytestmark = pytest.mark.slow  # 120 requests to a real server
 
@@ -78,7 +78,7 @@ def rss_mb() -> float:
 @pytest.fixture
 def server(tmp_path):
     """A real uvicorn server on 127.0.0.1 (tiny untrained 32 px model), stopped afterwards."""
-    from cxr.testing import untrained_bundle
+    from support.media import untrained_bundle
 
     bundle = untrained_bundle(tmp_path / "bundle", 32)
     app = create_app(bundle, backend="torch", device="cpu", max_upload_bytes=MAX_UPLOAD)

@@ -54,3 +54,17 @@ class WorkerClosed(CxrError):
 class OutputError(CxrError):
     """An output path that cannot be written as asked: a folder where a file is wanted, a
     file where a folder is, a missing parent folder, or a place that cannot be written."""
+
+
+class MissingExtraError(CxrError):
+    """A part of cxr whose packages are an extra that is not installed (``cxr[serve]``,
+    ``cxr[dicom]``...): the message names the command that needs it and the pip line."""
+
+    def __init__(self, extra: str, feature: str, module: str):
+        super().__init__(
+            f"{feature} needs the {extra} extra ({module} is not installed): "
+            f'pip install "cxr[{extra}]"'
+        )
+        self.extra = extra
+        self.feature = feature
+        self.module = module

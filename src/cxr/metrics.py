@@ -21,11 +21,15 @@ import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from sklearn.metrics import precision_recall_curve, roc_curve
 
 from cxr.labels import PATHOLOGIES
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 DEFAULT_RESAMPLES = 1000
 DEFAULT_CONFIDENCE = 0.95
@@ -384,3 +388,13 @@ def expected_calibration_error(truth: np.ndarray, prob: np.ndarray, bins: int = 
         )
         / total
     )
+
+
+def prediction_arrays(
+    predictions: pd.DataFrame, labels: Sequence[str]
+) -> tuple[np.ndarray, np.ndarray]:
+    """(truth, probabilities), each ``[N, len(labels)]``, from a predictions table
+    (``true_<label>`` and ``prob_<label>`` columns)."""
+    truth = predictions[[f"true_{n}" for n in labels]].to_numpy(dtype=np.float64)
+    prob = predictions[[f"prob_{n}" for n in labels]].to_numpy(dtype=np.float64)
+    return truth, prob

@@ -57,7 +57,7 @@ class RunFolder:
         return json.loads(self.info.read_text()) if self.info.exists() else {}
 
     def write_json(self, path: Path, values: dict[str, Any]) -> None:
-        atomic_write_text(path, json.dumps(values, indent=2, default=_json_default) + "\n")
+        atomic_write_text(path, json_text(values))
 
     def read_split(self, name: str) -> pd.DataFrame:
         """A split table of this run, with image paths, validated like any table of its
@@ -95,6 +95,11 @@ def require_paths(frame: pd.DataFrame, source: str) -> pd.DataFrame:
     if PATH_COLUMN not in frame.columns or (frame[PATH_COLUMN] == "").any():
         raise DataError(f"{source}: images have no resolved paths")
     return frame
+
+
+def json_text(values: dict[str, Any]) -> str:
+    """``values`` as the run folder's JSON files hold them (numpy numbers and paths as JSON)."""
+    return json.dumps(values, indent=2, default=_json_default) + "\n"
 
 
 def _json_default(value):

@@ -16,6 +16,7 @@ from typer.core import TyperGroup
 from cxr.cli.common import app, console, friendly_errors, shown
 from cxr.cli.options import DeviceOption
 from cxr.errors import CxrError
+from cxr.extras import import_extra, require
 
 dicom_app = typer.Typer(help="The DICOM node: receive radiographs, answer with reports.")
 app.add_typer(dicom_app, name="dicom")
@@ -97,6 +98,7 @@ def listen(
     """A DICOM Storage SCP: each CR/DX frontal radiograph received is spooled, acknowledged,
     predicted, and answered with a structured report sent to --forward. Runs until stopped
     (SIGTERM or Ctrl+C); a restart resumes what the spool holds."""
+    require("dicom", "cxr dicom listen")
     from cxr.dicom.forward import Destination
     from cxr.dicom.listen import build_node, default_spool, default_store
     from cxr.dicom.node import NodeOptions
@@ -259,6 +261,7 @@ def results_backup(
     """A consistent copy of an SQLite results store, taken while the listener writes
     (SQLite's online backup; a plain file copy can miss what the write-ahead log holds).
     For PostgreSQL, use pg_dump."""
+    import_extra("sqlalchemy", "dicom", "cxr results backup")
     from cxr.results import open_existing_store
 
     with open_existing_store(source) as store:
@@ -286,6 +289,7 @@ def results(
     csv: Annotated[bool, typer.Option("--csv", help="CSV on standard output.")] = False,
 ):
     """The DICOM listener's results: one row per instance received (oldest first)."""
+    import_extra("sqlalchemy", "dicom", "cxr results")
     from cxr.results import open_existing_store, rows_table
 
     with open_existing_store(source) as store:

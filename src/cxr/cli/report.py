@@ -49,10 +49,10 @@ def report_table(report: dict, title: str) -> Table:
 
 
 def write_report_with_progress(run: Path, **options) -> dict:
-    from cxr.report import build_report
+    from cxr.workflows.report import report_run
 
     with progress_task("report") as task:
-        return build_report(run, on_stage=task.describe, on_batch=task.advance, **options)
+        return report_run(run, on_stage=task.describe, on_batch=task.advance, **options)
 
 
 @app.command("report")
@@ -238,8 +238,8 @@ def ood(
 def card(run: Annotated[Path, typer.Argument(help="Run folder.")]):
     """Write the model card (MODEL_CARD.md and model.json's card) from the run folder.
 
-    Training, evaluate, calibrate, thresholds, report and ood keep it up to date; this
-    gives an older bundle one.
+    Training, evaluate, calibrate, thresholds, report and ood keep it up to date (they change
+    the run through cxr.workflows.card); this gives an older bundle one.
     """
     from cxr.workflows.card import refresh_card
 

@@ -21,6 +21,7 @@ from cxr.cli.common import (
 )
 from cxr.cli.options import BatchSizeOption, DeviceOption
 from cxr.errors import ConfigError, CxrError
+from cxr.extras import require
 
 # The library modules behind these commands import torch (and captum, onnxruntime, FastAPI,
 # matplotlib); each command imports them when it runs, so that `cxr --help` and the `cxr data`
@@ -46,7 +47,10 @@ def predict(
         Path | None, typer.Option("--explain", help="Write Grad-CAM overlays into this folder.")
     ] = None,
     backend: Annotated[
-        str, typer.Option(help="auto (onnx on CPU, torch on CUDA), torch or onnx.")
+        str,
+        typer.Option(
+            help="auto (onnx on CPU where cxr[onnx] is installed, else torch), torch or onnx."
+        ),
     ] = "auto",
     device: DeviceOption = "auto",
     batch_size: BatchSizeOption = 16,
@@ -167,6 +171,7 @@ def export(
     ] = True,
 ):
     """Export the model to ONNX (input `image` [N,3,S,S] -> `logits` [N,14])."""
+    require("onnx", "cxr export")
     from cxr.outputs import output_file
 
     onnx = output_file(onnx, default_name="model.onnx", option="--onnx")
@@ -257,6 +262,7 @@ def serve(
 ):
     """HTTP service: POST /v1/predict, POST /v1/explain, GET /healthz, GET /metrics,
     GET /v1/results, /docs, and a page at /."""
+    require("serve", "cxr serve")
     from cxr.serve.app import create_app
     from cxr.serve.batching import check_settings
     from cxr.serve.server import check_port, run_server

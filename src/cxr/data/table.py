@@ -11,6 +11,7 @@ import pandas as pd
 
 from cxr.data.nih import AGE_COLUMN, IMAGE_COLUMN, parse_age_years
 from cxr.errors import DataError
+from cxr.extras import require
 
 UNCERTAIN = -1.0
 # Where a layout has its own split (CheXpert train / valid, MIMIC train / validate / test).
@@ -52,13 +53,8 @@ def read_text_table(path: Path, max_bytes: int = 4 << 30) -> pd.DataFrame:
     if size > max_bytes:
         raise DataError(f"{path}: {size:,} bytes is more than a label table may be")
     if path.suffix.lower() in (".parquet", ".pq"):
-        try:
-            import pyarrow  # noqa: F401  (pandas reads Parquet through it)
-        except ImportError:
-            raise DataError(
-                f"{path}: reading Parquet needs pyarrow (pip install 'cxr[parquet]'), or give "
-                "the table as CSV"
-            ) from None
+        # pandas reads Parquet through pyarrow
+        require("parquet", f"reading a Parquet table ({path}; or give it as CSV)")
     try:
         if path.suffix.lower() in (".parquet", ".pq"):
             table = pd.read_parquet(path).astype("string").fillna("").astype(str)

@@ -31,7 +31,6 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from captum.attr import LayerGradCam
 from torch import nn
 
 from cxr.errors import ModelError
@@ -113,6 +112,8 @@ def gradcam_with_logits(
 
 def _raw_cams(head: _Head, feature_map: torch.Tensor, classes: list[int]) -> torch.Tensor:
     """captum's Grad-CAM, ReLU'd, at the feature map's resolution: ``[B, K, h, w]``."""
+    from captum.attr import LayerGradCam  # here: captum takes seconds to import
+
     batch = feature_map.shape[0]
     # One row per (image, class) pair, so one captum call covers every map.
     repeated = feature_map.repeat_interleave(len(classes), dim=0)

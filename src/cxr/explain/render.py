@@ -10,11 +10,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from matplotlib import colormaps
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.cm import ScalarMappable
-from matplotlib.colors import Normalize
-from matplotlib.figure import Figure
 
 from cxr.labels import PATHOLOGIES, canonical_pathology
 from cxr.safety import figure_text
@@ -30,6 +25,8 @@ def heatmap_rgb(
     gray: np.ndarray, heatmap: np.ndarray, *, alpha: float = OVERLAY_ALPHA, cmap: str = OVERLAY_CMAP
 ) -> np.ndarray:
     """The X-ray blended with the colour-mapped heatmap: ``[S, S, 3]`` uint8, RGB order."""
+    from matplotlib import colormaps  # here, as below: importing cxr stays fast
+
     gray = np.asarray(gray)
     heatmap = np.asarray(heatmap, dtype=np.float32)
     if gray.shape != heatmap.shape:
@@ -42,6 +39,11 @@ def heatmap_rgb(
 
 def overlay_png(gray_crop_uint8: np.ndarray, heatmap: np.ndarray, title: str) -> bytes:
     """A PNG: the X-ray crop with the heatmap over it, a colour bar and ``title``."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+    from matplotlib.figure import Figure
+
     # Figure + Agg canvas, not pyplot: no global state, safe in threads (the HTTP service).
     figure = Figure(figsize=(5.0, 4.3), dpi=100)
     FigureCanvasAgg(figure)

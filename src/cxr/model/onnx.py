@@ -1,6 +1,10 @@
 """ONNX: export a bundle (dynamic batch axis, its description embedded), check the export
 against PyTorch, and the onnxruntime sessions the onnx backend predicts with (beside the
-weights, in the cache, or exported on first use)."""
+weights, in the cache, or exported on first use).
+
+onnx and onnxruntime are the ``onnx`` extra, imported by the functions that use them: the
+torch backend, and everything else that imports this module, works without them.
+"""
 
 from __future__ import annotations
 
@@ -11,13 +15,13 @@ import json
 import os
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import onnx
-import onnxruntime as ort
 import torch
 
 from cxr.errors import ModelError
+from cxr.extras import import_extra
 from cxr.metrics import probabilities
 from cxr.model.bundle import (
     Bundle,
@@ -30,6 +34,9 @@ from cxr.model.bundle import (
 )
 from cxr.model.network import WithFeatures
 from cxr.utils import atomic_write_bytes
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
 
 ONNX_INPUT = "image"
 ONNX_OUTPUT = "logits"
@@ -72,6 +79,7 @@ def onnx_bytes(
 ) -> bytes:
     """The serialised ONNX model (logits and pooled features), with the bundle description in
     its metadata."""
+    onnx = import_extra("onnx", "onnx", "ONNX export")
     model = WithFeatures(model.to("cpu").eval()).eval()
     example = torch.zeros(1, 3, image_size, image_size)
     buffer = io.BytesIO()
@@ -148,6 +156,7 @@ def check_session(meta: BundleMeta, session: ort.InferenceSession, source: str) 
 
 def onnx_session(source: str | Path | bytes, threads: int | None = None):
     """An onnxruntime CPU session for a file or serialised model."""
+    ort = import_extra("onnxruntime", "onnx", "the onnx backend")
     options = ort.SessionOptions()
     options.log_severity_level = 3
     if threads:

@@ -1,15 +1,15 @@
-"""``build_report``: the report of one split of a run folder, from predictions to the page.
+"""The report of one split of a run folder: a renderer of the run's files, from its
+predictions table to the page. It computes nothing a workflow owns: the predictions are
+given (or read from ``predictions-<split>.csv``), and :func:`cxr.workflows.report.report_run`
+makes sure they are fresh and stores the numbers in ``metrics.json`` before the page is
+written.
 
-Order of work, so that every number on the page can be found in ``metrics.json``:
-
-1. the split's predictions are (re)computed with :func:`cxr.evaluate.evaluate_run` if they are
-   missing or older than the bundle (new temperature or thresholds);
-2. :func:`cxr.report.numbers.report_metrics` and its neighbours compute every number the page
-   shows and the dict is written to ``metrics.json`` under ``[split]["report"]``;
-3. the figures are drawn (:mod:`cxr.report.figures`) and the page is rendered from the stored
-   dict alone (:mod:`cxr.report.html`); images are embedded as base64 ``data:`` URIs and also
-   written as PNG files beside the page, so it opens offline and nothing on it refers to the
-   network.
+1. :func:`report_contents`: :func:`cxr.report.numbers.report_metrics` and its neighbours
+   compute every number the page shows, and the figures are drawn (:mod:`cxr.report.figures`);
+   nothing is written;
+2. :func:`write_report`: the figure files and the page, rendered from the numbers alone
+   (:mod:`cxr.report.html`); images are embedded as base64 ``data:`` URIs and also written as
+   PNG files beside the page, so it opens offline and nothing on it refers to the network.
 
 Library code: returns values or raises :mod:`cxr.errors`; never prints.
 """
@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +27,9 @@ import numpy as np
 import pandas as pd
 
 from cxr import __version__
+from cxr.data.nih import IMAGE_COLUMN, PATIENT_COLUMN
 from cxr.errors import DataError
-from cxr.metrics import DEFAULT_RESAMPLES
+from cxr.metrics import DEFAULT_RESAMPLES, prediction_arrays
 from cxr.model.bundle import BundleMeta, read_bundle_meta
 from cxr.report.figures import (
     gallery_images,
@@ -40,7 +42,6 @@ from cxr.report.figures import (
 from cxr.report.html import render_html
 from cxr.report.numbers import (
     BASELINES_NOTE,
-    REPORT_KEY,
     _baselines,
     _split_summary,
     _training_summary,
@@ -51,9 +52,9 @@ from cxr.report.numbers import (
     report_metrics,
 )
 from cxr.report.subgroups import SUBGROUP_FIGURE, subgroup_figure, subgroup_numbers
-from cxr.run import RunFolder
+from cxr.run import RunFolder, json_text
+from cxr.safety import restored_frame
 from cxr.utils import atomic_write_bytes, atomic_write_text
-from cxr.workflows.evaluate import ensure_predictions, prediction_arrays
 
 DEFAULT_GALLERY = 3
 
@@ -66,30 +67,46 @@ def report_paths(run_dir: str | Path, split: str) -> tuple[Path, Path]:
     return run_dir / f"report-{split}.html", run_dir / f"figures-{split}"
 
 
-def build_report(
+@dataclass(frozen=True)
+class ReportContents:
+    """What a report shows: ``report``, every number (as ``metrics.json`` stores it, under
+    ``[split]["report"]``), and ``figures``, PNG bytes by file name."""
+
+    split: str
+    report: dict[str, Any]
+    figures: dict[str, bytes]
+
+
+def check_split(split: str) -> None:
+    if split not in ("train", "val", "test"):
+        raise DataError(f"report: split must be train, val or test, got {split!r}")
+
+
+def read_predictions(run_dir: str | Path, split: str) -> pd.DataFrame:
+    """The split's predictions table as ``cxr evaluate`` wrote it."""
+    path = RunFolder(run_dir).predictions(split)
+    if not path.is_file():
+        raise DataError(f"{path}: no predictions for the {split} split (cxr evaluate writes them)")
+    return restored_frame(pd.read_csv(path, dtype={IMAGE_COLUMN: str, PATIENT_COLUMN: str}))
+
+
+def report_contents(
     run_dir: str | Path,
     split: str = "test",
+    predictions: pd.DataFrame | None = None,
     *,
     resamples: int = DEFAULT_RESAMPLES,
     seed: int = 0,
     gallery: int = DEFAULT_GALLERY,
     device: str = "auto",
-    batch_size: int = 32,
-    workers: int = 0,
     on_stage: Callable[[str], None] = lambda stage: None,
-    on_batch: Callable[[int], None] | None = None,
-) -> dict[str, Any]:
-    """Compute the report's numbers into ``metrics.json``, draw the figures, write the page.
-
-    Returns ``{"html": path, "figures": [paths], "report": the dict written to metrics.json}``.
-    """
-    if split not in ("train", "val", "test"):
-        raise DataError(f"report: split must be train, val or test, got {split!r}")
+) -> ReportContents:
+    """The report's numbers and figures for ``split`` of the run, from ``predictions`` (by
+    default the run's ``predictions-<split>.csv``, as they are). Writes nothing."""
+    check_split(split)
     run = RunFolder(run_dir).require()
-    on_stage(f"predictions for the {split} split")
-    predictions = ensure_predictions(
-        run.root, split, device=device, batch_size=batch_size, workers=workers, on_batch=on_batch
-    )
+    if predictions is None:
+        predictions = read_predictions(run.root, split)
     meta = read_bundle_meta(run.root)
     y_true, y_prob = prediction_arrays(predictions, meta.labels)
     thresholds = meta.decision_thresholds
@@ -115,12 +132,42 @@ def build_report(
         on_stage("Grad-CAM gallery")
         figures.update(gallery_images(run.root, run.read_split(split), cases, device=device))
     report["gallery"] = cases
-    written = _write(run, split, report, figures)
-    if split == "test":
-        from cxr.workflows.card import refresh_card  # the card quotes the report's intervals
+    figure_dir = report_paths(run.root, split)[1]
+    report["figures"] = {name: f"{figure_dir.name}/{name}" for name in figures}
+    # As metrics.json stores it, so that the page shows exactly the stored numbers.
+    return ReportContents(split, json.loads(json_text(report)), figures)
 
-        refresh_card(run.root)
-    return written
+
+def write_report(run_dir: str | Path, contents: ReportContents) -> dict[str, Any]:
+    """The figure files and the page rendered from ``contents.report`` alone.
+
+    Returns ``{"html": path, "figures": [paths], "report": the numbers}``.
+    """
+    html_path, figure_dir = report_paths(run_dir, contents.split)
+    figure_dir.mkdir(parents=True, exist_ok=True)
+    for old in figure_dir.glob("*.png"):
+        if old.name not in contents.figures:
+            old.unlink()
+    for name, data in contents.figures.items():
+        atomic_write_bytes(figure_dir / name, data)
+    atomic_write_text(html_path, render_html(contents.report, contents.figures))
+    return {
+        "html": html_path,
+        "figures": [figure_dir / name for name in contents.figures],
+        "report": contents.report,
+    }
+
+
+def build_report(
+    run_dir: str | Path,
+    split: str = "test",
+    predictions: pd.DataFrame | None = None,
+    **options: Any,
+) -> dict[str, Any]:
+    """:func:`report_contents` then :func:`write_report`: the page of a run's predictions as
+    they are, without touching ``metrics.json`` or the model card (for that, and fresh
+    predictions, :func:`cxr.workflows.report.report_run`)."""
+    return write_report(run_dir, report_contents(run_dir, split, predictions, **options))
 
 
 def _report(
@@ -173,30 +220,3 @@ def _figures(
         if len(log):
             figures["training.png"] = training_figure(log, report["training"]["best_epoch"])
     return figures
-
-
-def _write(run: RunFolder, split: str, report: dict, figures: dict[str, bytes]) -> dict[str, Any]:
-    """Numbers into metrics.json first, then the figure files and the page rendered from the
-    stored dict; the result that :func:`build_report` returns."""
-    html_path, figure_dir = report_paths(run.root, split)
-    report["figures"] = {name: f"{figure_dir.name}/{name}" for name in figures}
-
-    # Numbers first: the page is rendered from what metrics.json holds.
-    metrics = run.read_metrics()
-    metrics.setdefault(split, {})[REPORT_KEY] = report
-    run.write_json(run.metrics, metrics)
-    stored = json.loads(run.metrics.read_text())[split][REPORT_KEY]
-
-    figure_dir.mkdir(parents=True, exist_ok=True)
-    for old in figure_dir.glob("*.png"):
-        if old.name not in figures:
-            old.unlink()
-    for name, data in figures.items():
-        atomic_write_bytes(figure_dir / name, data)
-    atomic_write_text(html_path, render_html(stored, figures))
-    return {
-        "html": html_path,
-        "figures": [figure_dir / name for name in figures],
-        "metrics": run.metrics,
-        "report": stored,
-    }

@@ -14,9 +14,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
 from PIL import Image
 from sklearn.metrics import precision_recall_curve, roc_curve
 
@@ -34,6 +31,9 @@ from cxr.utils import safe_name
 
 
 def _figure(width: float, height: float):
+    # matplotlib here, where a figure is made: importing cxr stays fast.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     figure = Figure(figsize=(width, height), dpi=90, layout="constrained")
     FigureCanvasAgg(figure)
@@ -179,6 +179,7 @@ def scores_figure(y_true, y_prob, report: dict) -> bytes:
 
 
 def training_figure(log: pd.DataFrame, best_epoch) -> bytes:
+    from matplotlib.ticker import MaxNLocator
 
     figure = _figure(12.5, 3.4)
     loss_ax, auc_ax, lr_ax = figure.subplots(1, 3)

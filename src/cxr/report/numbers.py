@@ -1,7 +1,8 @@
 """Every number the report shows: metrics, the data's origin and splits, training, baselines.
 
-Nothing here draws or renders; :func:`cxr.report.build.build_report` writes what these
-functions return to ``metrics.json`` and the page is rendered from that dict alone.
+Nothing here draws or renders; :func:`cxr.report.build.report_contents` gathers what these
+functions return, :func:`cxr.workflows.report.report_run` stores it in ``metrics.json``, and
+the page is rendered from that dict alone.
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ import sqlalchemy as sa
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
 from cxr.errors import CxrError
+from cxr.extras import require
 from cxr.safety import masked
 
 STATUSES = ("receiving", "received", "predicted", "sent", "refused", "failed")
@@ -466,6 +467,8 @@ def open_store(
     for prefix in _POSTGRES_PREFIXES:
         if text.startswith(prefix):
             text = "postgresql+psycopg://" + text[len(prefix) :]
+    if text.startswith("postgres"):
+        require("postgres", "a PostgreSQL results store")
     try:
         url = _with_password(sa.make_url(text))
         if url.get_backend_name() == "sqlite":

@@ -23,12 +23,11 @@ from cxr.calibration import (
 )
 from cxr.data.datasets import label_matrix
 from cxr.errors import DataError
-from cxr.metrics import probabilities
+from cxr.metrics import prediction_arrays, probabilities
 from cxr.model.bundle import BundleMeta, read_bundle_meta, shift_classifier_bias
-from cxr.model.bundle import update_bundle_meta as update_meta
 from cxr.run import RunFolder
-from cxr.workflows.card import refresh_card
-from cxr.workflows.evaluate import bundle_logits, ensure_predictions, prediction_arrays
+from cxr.workflows.card import update_model
+from cxr.workflows.evaluate import bundle_logits, ensure_predictions
 
 OnBatch = Callable[[int], None] | None
 
@@ -56,8 +55,7 @@ def refit_thresholds(
     changes = threshold_meta(
         thresholds, rule, target_sensitivity, len(labels), meta.effective_temperature, kept
     )
-    update_meta(run_dir, **changes)
-    refresh_card(run_dir)
+    update_model(run_dir, **changes)
     return {**changes, "previous_thresholds": before, "labels": list(meta.labels)}
 
 
@@ -110,13 +108,12 @@ def calibrate_run(
     after_prob = probabilities(shifted, temperature)
     changes = _refitted_thresholds(meta, labels, after_prob, applied, new_offsets, temperature)
     shift_classifier_bias(run_dir, new_offsets - applied)
-    update_meta(
+    update_model(
         run_dir,
         temperature=temperature,
         calibration=_calibration_note(new_offsets, temperature, len(labels), offsets is not None),
         **changes,
     )
-    refresh_card(run_dir)
     return {
         "temperature": temperature,
         "previous_temperature": previous,

@@ -1,9 +1,14 @@
 """The model card of a run's bundle: built from the run folder (its data, split, config,
 metrics.json and model.json) and written into ``model.json`` (``card``) and ``MODEL_CARD.md``.
 
-Training writes it with each best bundle; ``cxr evaluate``, ``cxr calibrate``,
-``cxr thresholds``, ``cxr report`` and ``cxr ood`` refresh it. The card only describes the
-model, so refreshing it changes neither the ONNX cache key nor the freshness of predictions
+The card is a view of two files, ``model.json`` and ``metrics.json``, so it is written where
+those two are: workflows change them only through :func:`update_model` and
+:func:`write_metrics`, and both end by rewriting the card. Owning the writes (rather than a
+"refresh the card" call at the end of every workflow) means a new workflow cannot change what
+the card quotes and leave it stale: there is no other way to change it. Training describes
+each best bundle through :func:`update_model` too, and ``cxr card`` (:func:`refresh_card`)
+gives an older bundle one. The card only describes the model, so refreshing it changes
+neither the ONNX cache key nor the freshness of predictions
 (:func:`cxr.model.bundle.meta_digest` leaves it out).
 """
 
@@ -41,10 +46,29 @@ LABEL_SOURCES = {
 }
 
 
+def update_model(run_dir: str | Path, **changes: Any) -> BundleMeta:
+    """Change some entries of the run's ``model.json``, then rewrite the card that describes
+    it. Without ``changes``: the bundle was just saved (:func:`cxr.model.bundle.save_bundle`)
+    and gets its card."""
+    if changes:
+        update_meta(run_dir, **changes)
+    refresh_card(run_dir)
+    return read_bundle_meta(run_dir)
+
+
+def write_metrics(run_dir: str | Path, metrics: dict[str, Any]) -> None:
+    """Replace the run's ``metrics.json`` with ``metrics``: the card that quotes them first,
+    then the file (a reader of metrics.json never sees numbers the card does not have yet)."""
+    run = RunFolder(run_dir)
+    refresh_card(run.root, metrics)
+    run.write_json(run.metrics, metrics)
+
+
 def refresh_card(run_dir: str | Path, metrics: dict[str, Any] | None = None) -> ModelCard:
     """Build the card of the run's bundle and store it in ``model.json`` and
-    ``MODEL_CARD.md``; ``metrics`` replaces metrics.json's content (evaluate passes what it is
-    about to write)."""
+    ``MODEL_CARD.md``; ``metrics`` replaces metrics.json's content (:func:`write_metrics`
+    passes what it is about to write). Workflows do not call this: they change the run through
+    :func:`update_model` and :func:`write_metrics`."""
     run = RunFolder(run_dir)
     meta = read_bundle_meta(run.root)
     card = build_card(run, meta, run.read_metrics() if metrics is None else metrics)
@@ -112,7 +136,7 @@ def _ood_note(meta: BundleMeta) -> OodNote | None:
 def _origin(run: RunFolder) -> str:
     """synthetic, nih, chexpert, mimic or other: the report's test for synthetic data first,
     then the run's layout."""
-    from cxr.report.numbers import data_origin  # here: cxr.report imports the workflows
+    from cxr.report.numbers import data_origin  # here: the report's figures are not needed
 
     if data_origin(run.root)["synthetic"]:
         return "synthetic"

@@ -19,11 +19,11 @@ from cxr.data.split import split_by_patients
 from cxr.data.synthetic import BOX_NAME, write_synthetic_dataset
 from cxr.engine.trainer import TrainCallbacks
 from cxr.errors import ConfigError
-from cxr.report import build_report
 from cxr.runtime import resolve_device
 from cxr.workflows.calibrate import calibrate_run
 from cxr.workflows.evaluate import evaluate_run
 from cxr.workflows.localize import localize_run
+from cxr.workflows.report import report_run
 from cxr.workflows.train import prepare_run, train_run
 
 DEMO_DEVICES = ("auto", "cpu", "cuda")
@@ -174,7 +174,7 @@ def run_demo(
         device=device,
     )
     on_stage("writing the evaluation report (test split)")
-    report = build_report(run_dir, "test", device=device)
+    report = report_run(run_dir, "test", device=device)
     return {
         "data": data_dir,
         "run": run_dir,

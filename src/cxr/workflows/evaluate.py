@@ -38,7 +38,7 @@ from cxr.runtime import resolve_device
 from cxr.safety import restored_frame
 from cxr.subgroups import build_groupings, subgroup_analysis
 from cxr.utils import atomic_write_csv, safe_name
-from cxr.workflows.card import refresh_card
+from cxr.workflows.card import write_metrics
 
 OnBatch = Callable[[int], None] | None
 
@@ -192,10 +192,9 @@ def evaluate_run(
         )
     metrics = run.read_metrics()
     metrics[name] = result
-    # The card first: it only describes the model, so the predictions stay fresh after it.
-    refresh_card(run.root, metrics)
     atomic_write_csv(table, run.predictions(name))
-    run.write_json(run.metrics, metrics)
+    # The card describes the model only, so the predictions stay fresh after it is rewritten.
+    write_metrics(run.root, metrics)
     result["path"] = str(run.metrics)
     json.dumps(result)  # fail here, not in a later reader, if something is not serialisable
     return result
@@ -261,15 +260,6 @@ def ensure_predictions(
     return restored_frame(
         pd.read_csv(run.predictions(split), dtype={IMAGE_COLUMN: str, PATIENT_COLUMN: str})
     )
-
-
-def prediction_arrays(
-    predictions: pd.DataFrame, labels: list[str]
-) -> tuple[np.ndarray, np.ndarray]:
-    """(truth, probabilities), each ``[N, len(labels)]``, from a predictions table."""
-    truth = predictions[[f"true_{n}" for n in labels]].to_numpy(dtype=np.float64)
-    prob = predictions[[f"prob_{n}" for n in labels]].to_numpy(dtype=np.float64)
-    return truth, prob
 
 
 def bundle_fingerprint(run_dir: str | Path) -> dict[str, str]:

@@ -46,6 +46,7 @@ from cxr.metrics import (
 from cxr.model.bundle import read_bundle_meta
 from cxr.run import RunFolder
 from cxr.utils import atomic_write_csv, safe_name
+from cxr.workflows.card import write_metrics
 from cxr.workflows.evaluate import (
     bundle_logits,
     check_no_training_patients,
@@ -129,7 +130,7 @@ def external_evaluate(
     result["predictions"] = str((folder / "predictions.csv").relative_to(run.root))
     metrics = run.read_metrics()
     metrics.setdefault("external", {})[name] = result
-    run.write_json(run.metrics, metrics)
+    write_metrics(run.root, metrics)
     json.dumps(result)  # fail here, not in a later reader, if something is not serialisable
     return result
 

@@ -8,10 +8,9 @@ from pathlib import Path
 from typing import Any
 
 from cxr.errors import DataError
-from cxr.model.bundle import update_bundle_meta
 from cxr.model.ood import DEFAULT_FLAG_PERCENTILE, fit_ood_summary, save_ood
 from cxr.run import RunFolder
-from cxr.workflows.card import refresh_card
+from cxr.workflows.card import update_model
 from cxr.workflows.evaluate import bundle_outputs
 
 REFERENCE_SPLIT = "val"
@@ -36,6 +35,5 @@ def add_ood_summary(
         run, frame, device=device, batch_size=batch_size, workers=workers, on_batch=on_batch
     )
     summary = fit_ood_summary(features, flag_percentile=flag_percentile)
-    update_bundle_meta(run.root, ood=save_ood(run.root, summary))
-    refresh_card(run.root)
+    update_model(run.root, ood=save_ood(run.root, summary))
     return {**summary.describe(), "split": REFERENCE_SPLIT, "path": str(run.root)}

@@ -7,12 +7,11 @@ from __future__ import annotations
 import io
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.tensorboard import SummaryWriter
 
 from cxr import __version__
 from cxr.config import TrainConfig
@@ -43,14 +42,17 @@ from cxr.engine.trainer import (
 )
 from cxr.errors import ConfigError, DataError
 from cxr.metrics import choose_thresholds
-from cxr.model.bundle import BundleMeta, save_bundle, update_bundle_meta
+from cxr.model.bundle import BundleMeta, save_bundle
 from cxr.model.factory import SCRATCH, create_model
 from cxr.model.network import build_model
 from cxr.model.ood import MIN_REFERENCE_IMAGES, fit_ood_summary, save_ood
 from cxr.run import SPLIT_NAMES, RunFolder, require_paths
 from cxr.runtime import Distributed, resolve_device, setup_distributed
 from cxr.utils import atomic_write_bytes, atomic_write_csv
-from cxr.workflows.card import refresh_card
+from cxr.workflows.card import update_model
+
+if TYPE_CHECKING:
+    from torch.utils.tensorboard import SummaryWriter
 
 THRESHOLD_RULE = "youden"
 
@@ -102,6 +104,8 @@ def train_run(
             "workers": loaders[0].num_workers,
         }
         run.write_json(run.info, {**run.load_info(), **info})
+        from torch.utils.tensorboard import SummaryWriter  # here: a second to import
+
         writer = SummaryWriter(log_dir=str(run.tensorboard))
     callbacks.on_start(
         {
@@ -286,8 +290,9 @@ def _describe_bundle(run: RunFolder, val_features: np.ndarray | None) -> None:
     """The new best bundle's out-of-distribution summary (from this epoch's validation
     features; none for a split of fewer than 4 images) and its model card."""
     if val_features is not None and len(val_features) >= MIN_REFERENCE_IMAGES:
-        update_bundle_meta(run.root, ood=save_ood(run.root, fit_ood_summary(val_features)))
-    refresh_card(run.root)
+        update_model(run.root, ood=save_ood(run.root, fit_ood_summary(val_features)))
+    else:
+        update_model(run.root)
 
 
 def _write_log(run: RunFolder, history, writer: SummaryWriter | None, record, labels) -> None:

@@ -1,8 +1,8 @@
 """Generators of test material, shared by the test suite and the benchmarks: awkward image
 files (PNG and DICOM decompression bombs, truncated files) and untrained model bundles.
 
-They live in the package (not in tests/) so that benchmarks and users' own tests can build
-the same corpus without committed binaries.
+Generated, not committed as binaries; here in tests/, not in the package, so that nothing
+test-only ships in the wheel (the benchmarks import it through ``benchmarks/support``).
 """
 
 from __future__ import annotations
