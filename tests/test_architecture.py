@@ -230,6 +230,10 @@ HEAVY = (
 # What a notebook user imports to train, evaluate, predict, explain and report.
 LIBRARY_ENTRY = (
     "cxr",
+    "cxr.api",
+    "cxr.api.dataset",
+    "cxr.api.models",
+    "cxr.api.runs",
     "cxr.cli",
     "cxr.config",
     "cxr.data.datasets",

@@ -56,7 +56,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from cxr import errors
+    import cxr.errors as errors
     from cxr.api.dataset import Dataset, open_dataset
     from cxr.api.models import Model, load_model
     from cxr.api.runs import (

@@ -343,9 +343,9 @@ class Run:
 
     def report(self, split: str = "test") -> Path:
         """Write ``report.html`` (and its figures) for an evaluated split; returns its path."""
-        from cxr.report import build_report
+        from cxr.workflows.report import report_run
 
-        return Path(build_report(self.path, split=split)["html"])
+        return Path(report_run(self.path, split=split)["html"])
 
     def resume(self, *, callbacks: TrainCallbacks | None = None, **runtime: Any) -> Run:
         """Continue training from the last checkpoint (``cxr train --resume``); only when and
