@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.ticker import PercentFormatter
 
-from cxr.data.nih import IMAGE_COLUMN
+from cxr.data.schema import IMAGE_COLUMN
 from cxr.errors import DataError
 from cxr.model.bundle import BundleMeta
 from cxr.report.figures import _figure, _png
