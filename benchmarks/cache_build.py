@@ -16,7 +16,8 @@ import time
 from pathlib import Path
 
 from cxr.data.cache import build_cache, cache_image
-from cxr.data.nih import PATH_COLUMN, load_nih
+from cxr.data.layouts.nih import load_nih
+from cxr.data.schema import PATH_COLUMN
 
 NIH = Path(__file__).resolve().parents[2] / "shared" / "data" / "nih"
 

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from cxr.data.cache import build_cache, open_cache
+from cxr.data.layouts.nih import load_nih
 from cxr.data.loaders import split_loader
-from cxr.data.nih import load_nih
 from cxr.data.transforms import Augment, Preprocess
 
 NIH = Path(__file__).resolve().parents[2] / "shared" / "data" / "nih"

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cxr.data.nih import read_table
+from cxr.data.layouts.nih import read_table
 from cxr.labels import PATHOLOGIES
 from cxr.metrics import bootstrap_auroc
 from cxr.subgroups import subgroup_analysis

@@ -23,8 +23,9 @@ import torch
 
 from cxr.config import TrainConfig
 from cxr.data.cache import build_cache, open_cache
+from cxr.data.datasets import label_matrix
+from cxr.data.layouts.nih import load_nih
 from cxr.data.loaders import split_loader
-from cxr.data.nih import label_matrix, load_nih
 from cxr.data.transforms import Augment, Preprocess
 from cxr.engine.trainer import Trainer
 from cxr.model.network import build_model

@@ -74,7 +74,7 @@ def v2020_csv(nih_dir: Path) -> Path:
 @pytest.fixture(scope="session")
 def v2020_table(v2020_csv: Path) -> pd.DataFrame:
     """The full table read once per session. Do not modify it in a test."""
-    from cxr.data.nih import read_table
+    from cxr.data.layouts.nih import read_table
 
     return read_table(v2020_csv)
 
@@ -152,7 +152,7 @@ def synth_data(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def synth_frames(synth_data: Path) -> dict[str, pd.DataFrame]:
     """A patient-level split of ``synth_data`` (4 val and 4 test patients, 8 train)."""
-    from cxr.data.nih import load_nih
+    from cxr.data.layouts.nih import load_nih
     from cxr.data.split import split_by_patients
 
     nih = load_nih(synth_data)

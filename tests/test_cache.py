@@ -25,9 +25,11 @@ from cxr.data.cache import (
     open_cache,
     square_resize,
 )
+from cxr.data.datasets import label_matrix
 from cxr.data.images import decode_gray
+from cxr.data.layouts.nih import load_nih
 from cxr.data.loaders import XrayDataset
-from cxr.data.nih import IMAGE_COLUMN, PATH_COLUMN, label_matrix, load_nih
+from cxr.data.schema import IMAGE_COLUMN, PATH_COLUMN
 from cxr.data.transforms import Augment, Preprocess
 from cxr.errors import CacheError
 
@@ -116,7 +118,7 @@ def test_killed_build_resumes_without_decoding_finished_images(
         f"""
         import os, signal
         from cxr.data.cache import build_cache
-        from cxr.data.nih import load_nih
+        from cxr.data.layouts.nih import load_nih
 
         def progress(done, total):
             if done >= 6:

@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cxr.cli import app
-from cxr.data.chexpert import chexpert_stats, is_chexpert_table, read_chexpert
+from cxr.data.layouts.chexpert import chexpert_stats, is_chexpert_table, read_chexpert
 from cxr.errors import DataError
 
 HEADER = (

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from cxr.cli import app
-from cxr.data.nih import load_nih
+from cxr.data.layouts.nih import load_nih
 from cxr.data.split import split_by_patients
 from cxr.labels import PATHOLOGIES
 from cxr.workflows.evaluate import evaluate_run

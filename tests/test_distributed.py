@@ -73,7 +73,7 @@ def single_process_val_metrics(run_dir: Path) -> tuple[float, float | None]:
 @pytest.fixture
 def split_dir(tmp_path, synth_data) -> Path:
     """A split with an odd-sized validation set, so the two ranks get unequal shares."""
-    from cxr.data.nih import load_nih
+    from cxr.data.layouts.nih import load_nih
     from cxr.data.split import split_by_patients, write_split
 
     table = load_nih(synth_data, require_images=False).table

@@ -11,7 +11,8 @@ import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from cxr.data.nih import IMAGE_COLUMN, PATIENT_COLUMN, label_matrix
+from cxr.data.datasets import label_matrix
+from cxr.data.schema import IMAGE_COLUMN, PATIENT_COLUMN
 from cxr.labels import PATHOLOGIES
 from cxr.metrics import (
     DEFAULT_THRESHOLD,

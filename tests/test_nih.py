@@ -10,17 +10,17 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cxr.data.nih import (
+from cxr.data.datasets import label_matrix
+from cxr.data.layouts.nih import (
     NIH_COLUMNS,
-    PATH_COLUMN,
     dataset_stats,
     find_table,
     index_images,
-    label_matrix,
     load_nih,
     parse_age_years,
     read_table,
 )
+from cxr.data.schema import PATH_COLUMN
 from cxr.errors import DataError
 from cxr.labels import NO_FINDING, PATHOLOGIES
 

@@ -10,7 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cxr.data.nih import IMAGE_COLUMN, PATIENT_COLUMN, read_table
+from cxr.data.layouts.nih import read_table
+from cxr.data.schema import IMAGE_COLUMN, PATIENT_COLUMN
 from cxr.data.split import (
     SPLITS,
     Split,
@@ -309,7 +310,7 @@ def test_official_lists_must_cover_the_table_and_be_disjoint_by_patient(tmp_path
 
 def test_nih_boxes_fall_in_the_test_set_only_with_the_official_split(shared_data):
     """What `cxr localize` warns about, on the real NIH table and box file."""
-    from cxr.data.nih import load_nih
+    from cxr.data.layouts.nih import load_nih
     from cxr.data.split import find_official_lists, split_by_patients, split_official
     from cxr.explain.localize import read_boxes
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cxr.data.nih import NIH_COLUMNS, load_nih
+from cxr.data.layouts.nih import NIH_COLUMNS, load_nih
 from cxr.data.synthetic import (
     BOX_HEADER,
     TABLE_HEADER,

@@ -15,7 +15,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from cxr.cli import app
-from cxr.data.chexpert import chexpert_stats, read_chexpert
+from cxr.data.layouts.chexpert import chexpert_stats, read_chexpert
 from cxr.data.synthetic import render_image, write_synthetic_dataset
 from cxr.errors import ConfigError, DataError
 

@@ -24,8 +24,8 @@ import cxr.runtime
 import cxr.workflows.train
 from cxr.cli import app
 from cxr.config import TrainConfig, load_config
+from cxr.data.datasets import label_matrix
 from cxr.data.loaders import EpochSampler, XrayDataset
-from cxr.data.nih import label_matrix
 from cxr.data.transforms import IMAGENET_MEAN, IMAGENET_STD, Augment, Preprocess
 from cxr.engine.trainer import load_checkpoint
 from cxr.errors import ConfigError, DataError, ModelError
@@ -762,7 +762,7 @@ def test_cli_demo_quick(runner, tmp_path):
 def test_a_given_split_finds_its_images_in_one_walk_of_the_tree(
     tmp_path, synth_data, synth_frames, monkeypatch
 ):
-    import cxr.data.nih
+    import cxr.data.layouts.nih
     from cxr.data.split import Split, write_split
     from cxr.workflows.train import create_run
 
@@ -770,14 +770,13 @@ def test_a_given_split_finds_its_images_in_one_walk_of_the_tree(
     frames = {name: frame.drop(columns=["path"]) for name, frame in synth_frames.items()}
     write_split(Split(**frames, method="test", seed=0), split_dir)
     walks = []
-    real = cxr.data.nih.index_images
+    real = cxr.data.layouts.nih.index_images
 
     def counting(root):
         walks.append(root)
         return real(root)
 
-    monkeypatch.setattr(cxr.workflows.train, "index_images", counting)
-    monkeypatch.setattr(cxr.data.nih, "index_images", counting)
+    monkeypatch.setattr(cxr.data.layouts.nih, "index_images", counting)
     from conftest import tiny_train_config
 
     config = tiny_train_config(check_images="none")
@@ -791,7 +790,7 @@ def test_a_given_split_finds_its_images_in_one_walk_of_the_tree(
 def test_train_without_a_split_says_which_split_it_made(tmp_path, synth_data):
     from conftest import tiny_train_config
 
-    from cxr.data.nih import load_nih
+    from cxr.data.layouts.nih import load_nih
     from cxr.workflows.train import create_run
 
     notes = create_run(synth_data, tmp_path / "run", tiny_train_config(check_images="none"))

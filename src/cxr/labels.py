@@ -82,7 +82,11 @@ CHEXPERT_LABELS: tuple[str, ...] = (
     "Fracture",
     "Support Devices",
 )
-# MIMIC-CXR-JPG's labels come from the same CheXpert labeller, under the same names.
+# MIMIC-CXR-JPG's labels come from the same CheXpert labeller, under the same names, and
+# cxr keeps them in CheXpert's order: the label order is the order of a model's outputs, so a
+# MIMIC model and a CheXpert model answer in the same order, and one fine-tunes into the other
+# row for row. (MIMIC's mimic-cxr-2.0.0-chexpert.csv has its columns in alphabetical order;
+# the reader reads them by name, so the file's order does not matter.)
 MIMIC_LABELS = CHEXPERT_LABELS
 
 # How an NIH model's outputs answer another vocabulary's labels: each target label is scored

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from cxr.config import TrainConfig
-from cxr.data.nih import PATH_COLUMN
+from cxr.data.schema import PATH_COLUMN
 from cxr.data.split import read_split_info, read_split_table, write_split_info
 from cxr.errors import DataError
 from cxr.utils import atomic_write_csv, atomic_write_text

@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cxr.data.nih import PATIENT_COLUMN, SEX_COLUMN, VIEW_COLUMN
+from cxr.data.schema import PATIENT_COLUMN, SEX_COLUMN, VIEW_COLUMN
 from cxr.errors import DataError
 from cxr.labels import NO_FINDING
 from cxr.metrics import (

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from cxr.data.datasets import DatasetSpec, dataset_summary, label_counts, read_dataset
-from cxr.data.nih import PATH_COLUMN, PATIENT_COLUMN
+from cxr.data.schema import PATH_COLUMN, PATIENT_COLUMN
 from cxr.data.split import Split, split_by_patients
 from cxr.data.table import LabeledData
 from cxr.errors import DataError

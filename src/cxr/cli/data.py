@@ -14,7 +14,7 @@ from rich.table import Table
 from cxr.cli.common import console, data_app, friendly_errors, progress_task, shown, warn
 from cxr.cli.options import dataset_options
 from cxr.data.cache import build_cache
-from cxr.data.nih import dataset_stats
+from cxr.data.layouts import get_layout
 from cxr.data.split import (
     check_split,
     find_official_lists,
@@ -24,7 +24,12 @@ from cxr.data.split import (
     split_official,
     write_split,
 )
-from cxr.data.synthetic import PLANT_EFFECT_HELP, parse_planted_effect, write_synthetic_dataset
+from cxr.data.synthetic import (
+    PLANT_EFFECT_HELP,
+    SYNTHETIC_LAYOUTS,
+    parse_planted_effect,
+    write_synthetic_dataset,
+)
 
 
 @data_app.command("stats")
@@ -47,8 +52,9 @@ def data_stats(
     # Every view is counted (the frontal ones are shown apart) unless --views chooses.
     spec = dataset if dataset.views else dataset.merged(DatasetSpec(views=("all",)))
     found = read_dataset(data, spec, require_images=False)
-    if found.layout == "nih":
-        _nih_stats(found, as_json)
+    own_stats = get_layout(found.layout).stats
+    if own_stats is not None:
+        _count_stats(own_stats(found.table), found, as_json)
         return
     stats = dataset_summary(found)
     for note in found.notes:
@@ -85,8 +91,8 @@ def _print_demographics(stats: dict) -> None:
         console.print(f"age (years): {age['min']:g} to {age['max']:g}, median {age['median']:g}")
 
 
-def _nih_stats(found, as_json: bool) -> None:
-    stats = dataset_stats(found.table)
+def _count_stats(stats: dict, found, as_json: bool) -> None:
+    """A layout's own numbers (NIH's: label counts as NIH publishes them)."""
     if as_json:
         sys.stdout.write(json.dumps(stats, indent=2) + "\n")
         return
@@ -174,7 +180,7 @@ def data_split(
 
 
 def _official_split(found, data: Path, lists, val_patients, val_fraction, seed):
-    if found.layout != "nih":
+    if not get_layout(found.layout).official_lists:
         return split_by_source(
             found.table, labels=found.labels, layout=found.layout, val_patients=val_patients,
             val_fraction=val_fraction, seed=seed,
@@ -190,19 +196,20 @@ def _official_split(found, data: Path, lists, val_patients, val_fraction, seed):
 
 
 def _load_for_split(data: Path, drop_missing: bool, dataset):
-    """The table to split. NIH: a folder promises images, so they are checked (a CSV alone
-    is enough). Other layouts: the table is enough, and images not on disk are counted and
-    said, not refused (CheXpert's table is often used without its images)."""
-    from cxr.data.datasets import image_files, read_dataset, resolve_paths
+    """The table to split. A layout whose folder is its download with the images (NIH's):
+    a folder promises images, so they are checked (a CSV alone is enough). Other layouts: the
+    table is enough, and images not on disk are counted and said, not refused (CheXpert's
+    table is often used without its images)."""
+    from cxr.data.datasets import find_images, image_files, read_dataset
 
-    nih_like = dataset.layout in ("auto", "nih")
-    found = read_dataset(
-        data, dataset, require_images=nih_like and Path(data).is_dir(), drop_missing=drop_missing
-    )
-    if found.layout != "nih":
+    found = read_dataset(data, dataset, require_images=False)
+    if get_layout(found.layout).folder_has_images:
+        if Path(data).is_dir():
+            found = find_images(found, drop_missing=drop_missing)
+    else:
         missing = int((~image_files(found)[1]).sum())
         if missing and drop_missing:
-            found = resolve_paths(found, drop_missing=True)
+            found = find_images(found, drop_missing=True)
         elif missing:
             warn(
                 f"{missing:,} of {len(found.table):,} listed images are not on disk below "
@@ -228,10 +235,8 @@ def data_check_split(
     console.print(f"[green]ok[/]: no patient in two sets ({sizes})")
 
 
-class SynthLayout(str, Enum):
-    nih = "nih"
-    chexpert = "chexpert"
-    mimic = "mimic"
+# The layouts the generator writes, as the choices of --layout.
+SynthLayout = Enum("SynthLayout", {name: name for name in SYNTHETIC_LAYOUTS}, type=str)
 
 
 @data_app.command("synth")
@@ -244,7 +249,7 @@ def data_synth(
     layout: Annotated[
         SynthLayout,
         typer.Option(help="Whose layout: NIH's, CheXpert's or MIMIC-CXR-JPG's."),
-    ] = SynthLayout.nih,
+    ] = SynthLayout(SYNTHETIC_LAYOUTS[0]),
     plant_effect: Annotated[
         str | None,
         typer.Option(
@@ -271,10 +276,10 @@ def data_synth(
             layout=layout.value,
             plant_effect=effect,
         )
-    what = {"nih": "NIH", "chexpert": "CheXpert", "mimic": "MIMIC-CXR-JPG"}[layout.value]
-    boxes = f"{summary.boxes:,} boxes, " if layout == SynthLayout.nih else ""
+    written = get_layout(layout.value)
+    boxes = f"{summary.boxes:,} boxes, " if written.bounding_boxes else ""
     console.print(
-        f"wrote SYNTHETIC dataset (not {what} data): {summary.images:,} images of "
+        f"wrote SYNTHETIC dataset (not {written.short_name} data): {summary.images:,} images of "
         f"{summary.patients:,} patients, {boxes}{image_size} px -> {shown(out)}"
     )
     if effect is not None:

@@ -29,11 +29,15 @@ def _option(name: str, help: str):
     return Annotated[str | None, typer.Option(name, help=help, rich_help_panel="Dataset")]
 
 
+def _layout_help() -> str:
+    from cxr.data.layouts import get_layout, layout_names
+
+    names = [f"{name} ({get_layout(name).title})" for name in layout_names()]
+    return f"auto (tell from the files), {', '.join(names[:-1])} or {names[-1]}."
+
+
 _DATASET_OPTIONS = {
-    "layout": _option(
-        "--layout",
-        "auto (tell from the files), nih, chexpert, mimic or generic (your own table).",
-    ),
+    "layout": _option("--layout", _layout_help()),
     "image_col": _option("--image-col", "Generic table: the column naming each image file."),
     "patient_col": _option("--patient-col", "Generic table: the column with the patient id."),
     "labels": _option(
@@ -69,6 +73,10 @@ def dataset_options(command):
         values = {name: kwargs.pop(name, None) for name in _DATASET_OPTIONS}
         values["layout"] = values["layout"] or "auto"
         kwargs["dataset"] = DatasetSpec(**values)
+        if values["layout"] != "auto":
+            from cxr.data.layouts import get_layout
+
+            get_layout(values["layout"])  # an unknown name fails here, before any work
         return command(*args, **kwargs)
 
     with_dataset.__signature__ = signature.replace(parameters=[*kept, *added])

@@ -35,7 +35,7 @@ import pandas as pd
 from PIL import Image
 
 from cxr.data.images import decode_gray
-from cxr.data.nih import IMAGE_COLUMN, PATH_COLUMN
+from cxr.data.schema import IMAGE_COLUMN, PATH_COLUMN
 from cxr.errors import CacheError
 from cxr.safety import csv_text, restored_frame
 from cxr.utils import atomic_write_text

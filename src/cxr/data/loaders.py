@@ -14,8 +14,9 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from cxr.data.datasets import label_matrix
 from cxr.data.images import decode_gray
-from cxr.data.nih import PATH_COLUMN, label_matrix
+from cxr.data.schema import PATH_COLUMN
 from cxr.data.transforms import Augment, Preprocess
 from cxr.errors import CxrError
 from cxr.labels import PATHOLOGIES

@@ -28,17 +28,19 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cxr.data.nih import IMAGE_COLUMN, LABELS_COLUMN, PATIENT_COLUMN, prepare_table
-from cxr.data.table import SOURCE_SPLIT_COLUMN, line_namer, parse_label_cells
+from cxr.data.layouts import get_layout, is_layout, nih
+from cxr.data.schema import AGE_YEARS_COLUMN, IMAGE_COLUMN, PATIENT_COLUMN, SOURCE_SPLIT_COLUMN
+from cxr.data.table import line_namer, parse_label_cells
 from cxr.errors import DataError, LeakageError
-from cxr.labels import PATHOLOGIES, format_finding_labels
+from cxr.labels import PATHOLOGIES
 from cxr.safety import restored_frame
 from cxr.utils import atomic_write_csv, atomic_write_text
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 # What a split folder records about its data: the layout and the labels in order.
 DATASET_INFO = "dataset.json"
-NIH_INFO = {"layout": "nih", "labels": list(PATHOLOGIES)}
+# Split folders (and runs) from before dataset.json hold NIH's data: cxr read nothing else.
+NIH_INFO = nih.LAYOUT.info()
 DEFAULT_VAL_FRACTION = 0.1
 DEFAULT_TEST_FRACTION = 0.2
 TRAIN_VAL_LIST = "train_val_list.txt"
@@ -59,7 +61,7 @@ class Split:
     method: str  # "patients" | "fractions" | "official"
     seed: int
     labels: tuple[str, ...] = PATHOLOGIES
-    layout: str = "nih"
+    layout: str = nih.LAYOUT.name
 
     def frames(self) -> dict[str, pd.DataFrame]:
         return {"train": self.train, "val": self.val, "test": self.test}
@@ -90,7 +92,7 @@ def split_by_patients(
     test_fraction: float | None = None,
     seed: int = 0,
     labels: Sequence[str] = PATHOLOGIES,
-    layout: str = "nih",
+    layout: str = nih.LAYOUT.name,
 ) -> Split:
     """Split ``table`` into train/val/test by patient, stratified on its ``labels``.
 
@@ -561,16 +563,10 @@ def write_split(split: Split, out_dir: str | os.PathLike) -> dict[str, Path]:
     except OSError as exc:
         raise DataError(f"{out_dir}: cannot create the split folder ({exc})") from None
     written = {}
+    write_file = _layout_hook(split.layout, "write_split_file")
     for name, frame in frames.items():
-        if split.layout == "nih" and LABELS_COLUMN not in frame.columns:
-            # read_split derives NIH's label columns from its label text, so keep it in sync.
-            frame = frame.assign(
-                **{
-                    LABELS_COLUMN: [
-                        format_finding_labels(r) for r in frame[list(PATHOLOGIES)].to_numpy()
-                    ]
-                }
-            )
+        if write_file is not None:
+            frame = write_file(frame)
         path = out_dir / f"{name}.csv"
         _write_atomic(frame, path)
         written[name] = path
@@ -648,8 +644,9 @@ def read_split_table(path: Path, info: dict | None = None) -> pd.DataFrame:
         raise DataError(f"{path}: the file is empty") from None
     except (pd.errors.ParserError, UnicodeDecodeError, OSError) as exc:
         raise DataError(f"{path}: not a readable CSV table ({exc})") from None
-    if info["layout"] == "nih":
-        return _empty_set(table, path) if table.empty else prepare_table(table, source=str(path))
+    read_file = _layout_hook(info["layout"], "read_split_file")
+    if read_file is not None:
+        return read_file(table, path)
     labels = info["labels"]
     missing = [c for c in (IMAGE_COLUMN, PATIENT_COLUMN, *labels) if c not in table.columns]
     if missing:
@@ -657,21 +654,15 @@ def read_split_table(path: Path, info: dict | None = None) -> pd.DataFrame:
     where = line_namer(path)
     for label in labels:
         table[label] = parse_label_cells(table[label], label, where)
-    if "age_years" in table.columns:
-        table["age_years"] = pd.to_numeric(table["age_years"], errors="coerce")
+    if AGE_YEARS_COLUMN in table.columns:
+        table[AGE_YEARS_COLUMN] = pd.to_numeric(table[AGE_YEARS_COLUMN], errors="coerce")
     empty = np.flatnonzero((table[PATIENT_COLUMN].str.strip() == "").to_numpy())
     if len(empty):
         raise DataError(f"{where(int(empty[0]))}no patient id")
     return table
 
 
-def _empty_set(table: pd.DataFrame, path: Path) -> pd.DataFrame:
-    """A set may legitimately be empty (e.g. val_fraction=0); prepare_table rejects that."""
-    missing = [c for c in (IMAGE_COLUMN, LABELS_COLUMN) if c not in table.columns]
-    if missing:
-        raise DataError(f"{path}: missing column(s) {', '.join(repr(c) for c in missing)}")
-    table = table.copy()
-    for label in PATHOLOGIES:
-        table[label] = pd.Series(dtype=np.int8)
-    table[PATIENT_COLUMN] = pd.Series(dtype=np.int64)
-    return table
+def _layout_hook(name: str, hook: str):
+    """The split-file hook of the layout ``name``; ``None`` where it has none or is not
+    registered here (a split folder of a layout this cxr lacks is read as written)."""
+    return getattr(get_layout(name), hook) if is_layout(name) else None

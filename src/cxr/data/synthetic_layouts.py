@@ -1,11 +1,11 @@
 """SYNTHETIC datasets laid out like CheXpert and MIMIC-CXR-JPG, from the NIH-style renderer.
 
-The images are those of :mod:`cxr.data.synthetic` (the same renderer, the same planted NIH
+The images are those of :mod:`cxr.data.synthetic_render` (the same renderer, the same planted NIH
 findings); only the tables, the paths and the label vocabulary differ, so that a user or a test
 without those datasets can run every command on their layouts offline. It is not CheXpert or
 MIMIC data and not medical data.
 
-Each row of the NIH-style population (:func:`cxr.data.synthetic.sample_population`) becomes
+Each row of the NIH-style population (:func:`cxr.data.synthetic_render.sample_population`) becomes
 one study of its patient: a frontal image (AP or PA) and, for a seeded fraction of studies, a
 lateral one (a plain lateral drawing without findings: it is only there for the view filter to
 take out). The study's 14 observations come from its rendered NIH findings through
@@ -42,8 +42,8 @@ import numpy as np
 import pandas as pd
 
 from cxr import __version__
-from cxr.data.chexpert import CHEXPERT_COLUMNS, CHEXPERT_LABELS
-from cxr.data.synthetic import (
+from cxr.data.layouts.chexpert import CHEXPERT_COLUMNS, CHEXPERT_LABELS
+from cxr.data.synthetic_render import (
     README_MARKER,
     README_NAME,
     SynthSummary,
@@ -56,9 +56,10 @@ from cxr.data.synthetic import (
     write_atomically,
 )
 from cxr.errors import ConfigError
-from cxr.labels import NO_FINDING, PATHOLOGIES
+from cxr.labels import MIMIC_LABELS, NO_FINDING, PATHOLOGIES
 
-LAYOUTS = ("nih", "chexpert", "mimic")
+# The layouts written here (NIH's is cxr.data.synthetic's own).
+LAYOUTS = ("chexpert", "mimic")
 
 # The CheXpert observations each NIH finding shows as. Emphysema, Fibrosis and Hernia have no
 # CheXpert observation of their own (the labeller would not mention them).
@@ -94,8 +95,9 @@ MIMIC_VALIDATE_FRACTION = 0.1
 MIMIC_CHEXPERT_NAME = "mimic-cxr-2.0.0-chexpert.csv.gz"
 MIMIC_METADATA_NAME = "mimic-cxr-2.0.0-metadata.csv.gz"
 MIMIC_SPLIT_NAME = "mimic-cxr-2.0.0-split.csv.gz"
-# MIMIC-CXR-JPG's label table orders the observations alphabetically.
-MIMIC_LABELS = tuple(sorted(CHEXPERT_LABELS))
+# MIMIC-CXR-JPG's label table has its observation columns in alphabetical order; the reader
+# reads them by name, into MIMIC_LABELS' order (cxr.labels).
+MIMIC_FILE_LABEL_ORDER = tuple(sorted(MIMIC_LABELS))
 MIMIC_METADATA_COLUMNS = (
     "dicom_id",
     "subject_id",
@@ -389,7 +391,7 @@ def _write_mimic(staging: Path, images: pd.DataFrame, image_size: int) -> None:
     images = images.sort_values(["subject_id", "study_id", "view_number"], kind="stable")
     studies = images.drop_duplicates("study_id")
     labels = pd.DataFrame({"subject_id": studies["subject_id"], "study_id": studies["study_id"]})
-    for name in MIMIC_LABELS:
+    for name in MIMIC_FILE_LABEL_ORDER:
         labels[name] = studies[f"label:{name}"].astype(np.float64)
     frontal_view = images.groupby("study_id")["View Position"].first()
     has_lateral = images.groupby("study_id")["lateral_view"].any()

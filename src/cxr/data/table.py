@@ -1,7 +1,10 @@
-"""What every dataset reader returns (:class:`LabeledData`) and the cell parsers they share."""
+"""What every dataset reader returns (:class:`LabeledData`), the cell parsers the readers
+share, and how the images of a table are found below its image root."""
 
 from __future__ import annotations
 
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -9,14 +12,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cxr.data.nih import AGE_COLUMN, IMAGE_COLUMN, parse_age_years
+from cxr.data.schema import AGE_COLUMN, IMAGE_COLUMN, LABEL_VALUES, PATH_COLUMN
 from cxr.errors import DataError
 from cxr.extras import require
 
-UNCERTAIN = -1.0
-# Where a layout has its own split (CheXpert train / valid, MIMIC train / validate / test).
-SOURCE_SPLIT_COLUMN = "source_split"
-LABEL_VALUES = (1.0, 0.0, -1.0)
+_AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([YMDW]?)\s*$", re.IGNORECASE)
+_AGE_UNIT_YEARS = {"": 1.0, "Y": 1.0, "M": 1 / 12, "W": 7 / 365.25, "D": 1 / 365.25}
 
 
 def line_namer(path: Path):
@@ -29,7 +30,9 @@ def line_namer(path: Path):
 
 @dataclass
 class LabeledData:
-    """One row per image, the labels in order, and where they came from."""
+    """One row per image (:mod:`cxr.data.schema`), the labels in order, and where they came
+    from. ``layout`` is the name of the layout that read it
+    (:func:`cxr.data.layouts.get_layout` gives its :class:`~cxr.data.layouts.Layout`)."""
 
     table: pd.DataFrame
     labels: tuple[str, ...]
@@ -135,6 +138,16 @@ def normalise_sex(value: str) -> str:
     return {"MALE": "M", "FEMALE": "F", "M": "M", "F": "F"}.get(text, "")
 
 
+def parse_age_years(value) -> float:
+    """v2020 ages are integers; v2017 ages look like ``058Y``, ``011M`` or ``005D``."""
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return float("nan")
+    match = _AGE.match(str(value))
+    if not match:
+        raise ValueError(f"unreadable age {value!r}")
+    return float(match.group(1)) * _AGE_UNIT_YEARS[match.group(2).upper()]
+
+
 def parse_ages(cells: pd.Series, where, column: str = AGE_COLUMN) -> list[float]:
     ages = []
     for row, value in enumerate(cells.to_numpy()):
@@ -152,3 +165,39 @@ def check_unique_images(table: pd.DataFrame, where) -> None:
         name = table[IMAGE_COLUMN].iloc[row]
         first = int(np.flatnonzero((table[IMAGE_COLUMN] == name).to_numpy())[0])
         raise DataError(f"{where(row)}image {name!r} is listed again (first on line {first + 2})")
+
+
+# ---------------------------------------------------------------------------------------------
+# Image files
+
+
+def resolve_paths(data: LabeledData, *, drop_missing: bool = False) -> LabeledData:
+    """Each image's file below the image root (relative names) or as given (absolute ones);
+    missing files raise a :class:`DataError` naming them, or are dropped with a note."""
+    root = data.image_root or data.source.parent
+    names = data.table[IMAGE_COLUMN].astype(str)
+    paths, exists = image_files(data)
+    missing = names[~exists].tolist()
+    if missing and not drop_missing:
+        shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
+        raise DataError(
+            f"{data.source}: {len(missing):,} of {len(names):,} listed image(s) are not on disk "
+            f"below {root} (first: {shown}); pass --drop-missing to go on without them"
+        )
+    table = data.table.assign(**{PATH_COLUMN: [os.path.abspath(p) for p in paths]})
+    if missing:
+        table = table[exists].reset_index(drop=True)
+        data.notes.append(f"dropped {len(missing):,} image(s) not found on disk")
+        if table.empty:
+            raise DataError(f"{root}: none of the listed images is on disk")
+    data.table, data.dropped_missing = table, missing
+    return data
+
+
+def image_files(data: LabeledData) -> tuple[list[str], np.ndarray]:
+    """Each image's file path, and whether it is a file on disk."""
+    root = data.image_root or data.source.parent
+    names = data.table[IMAGE_COLUMN].astype(str)
+    paths = [name if os.path.isabs(name) else os.path.join(root, name) for name in names]
+    exists = np.fromiter((os.path.isfile(p) for p in paths), dtype=bool, count=len(paths))
+    return paths, exists

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from cxr.data.nih import index_images
+from cxr.data.layouts.nih import index_images
 from cxr.data.transforms import Preprocess, map_box, prepare_image
 from cxr.errors import DataError
 from cxr.explain.gradcam import gradcam_with_logits

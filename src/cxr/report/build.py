@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from cxr import __version__
-from cxr.data.nih import IMAGE_COLUMN, PATIENT_COLUMN
+from cxr.data.schema import IMAGE_COLUMN, PATIENT_COLUMN
 from cxr.errors import DataError
 from cxr.metrics import DEFAULT_RESAMPLES, prediction_arrays
 from cxr.model.bundle import BundleMeta, read_bundle_meta

@@ -18,7 +18,7 @@ from PIL import Image
 from sklearn.metrics import precision_recall_curve, roc_curve
 
 from cxr.data.images import decode_gray
-from cxr.data.nih import IMAGE_COLUMN, PATH_COLUMN
+from cxr.data.schema import IMAGE_COLUMN, PATH_COLUMN
 from cxr.data.transforms import Preprocess
 from cxr.explain.gradcam import gradcam
 from cxr.explain.render import overlay_png

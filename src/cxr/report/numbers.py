@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cxr.data.nih import IMAGE_COLUMN, PATIENT_COLUMN
+from cxr.data.schema import IMAGE_COLUMN, PATIENT_COLUMN
 from cxr.data.synthetic import README_MARKER, README_NAME
 from cxr.labels import PATHOLOGIES
 from cxr.metrics import (

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cxr.data.nih import IMAGE_COLUMN
+from cxr.data.schema import IMAGE_COLUMN
 from cxr.errors import DataError
 from cxr.model.bundle import BundleMeta
 from cxr.report.figures import _figure, _png

@@ -21,7 +21,8 @@ from typing import Any
 import pandas as pd
 
 from cxr import __version__
-from cxr.data.nih import PATIENT_COLUMN, SEX_COLUMN, VIEW_COLUMN
+from cxr.data.layouts import Layout, get_layout, is_layout
+from cxr.data.schema import PATIENT_COLUMN, SEX_COLUMN, VIEW_COLUMN
 from cxr.model.bundle import BundleMeta, read_bundle_meta, resolve_bundle, weights_digest
 from cxr.model.bundle import update_bundle_meta as update_meta
 from cxr.model.card import (
@@ -38,12 +39,8 @@ from cxr.run import SPLIT_NAMES, RunFolder
 from cxr.utils import atomic_write_text
 
 AGE_BANDS = ((0, 20, "0-19"), (20, 40, "20-39"), (40, 60, "40-59"), (60, 80, "60-79"))
-LABEL_SOURCES = {
-    "synthetic": "planted by the generator (exact)",
-    "nih": "text-mined from radiology reports (NLP); about 90 % accurate per NIH",
-    "chexpert": "CheXpert labeller on the reports: positive, negative, uncertain, blank",
-    "mimic": "CheXpert labeller on the reports: positive, negative, uncertain, blank",
-}
+# Where the labels of data that is not a dataset layout come from (a layout says its own).
+LABEL_SOURCES = {"synthetic": "planted by the generator (exact)"}
 
 
 def update_model(run_dir: str | Path, **changes: Any) -> BundleMeta:
@@ -107,15 +104,16 @@ def subgroup_summary(subgroups: dict[str, Any] | None) -> dict[str, Any] | None:
 
 def build_card(run: RunFolder, meta: BundleMeta, metrics: dict[str, Any]) -> ModelCard:
     origin = _origin(run)
+    layout = _card_layout(origin)
     test = metrics.get("test") or {}
     return ModelCard(
-        training_data=_training_data(run, origin, meta),
+        training_data=_training_data(run, origin, meta, layout),
         method=_method(run, meta),
         test_metrics=_test_metrics(test) if test.get("per_class") else None,
         subgroups=subgroup_summary(test.get("subgroups")),
         calibration=_calibration(meta),
         ood=_ood_note(meta),
-        limitations=limitations_for(origin),
+        limitations=limitations_for(origin, layout and layout.limitation),
         cxr_version=__version__,
         weights_sha256=weights_digest(resolve_bundle(run.root)[0]),
         updated=time.strftime("%Y-%m-%d %H:%M:%S %z"),
@@ -134,17 +132,27 @@ def _ood_note(meta: BundleMeta) -> OodNote | None:
 
 
 def _origin(run: RunFolder) -> str:
-    """synthetic, nih, chexpert, mimic or other: the report's test for synthetic data first,
-    then the run's layout."""
+    """synthetic, the run's layout where it describes its data for the card (nih, chexpert,
+    mimic), or other: the report's test for synthetic data first, then the layout."""
     from cxr.report.numbers import data_origin  # here: the report's figures are not needed
 
     if data_origin(run.root)["synthetic"]:
         return "synthetic"
     layout = run.dataset_info().get("layout")
-    return layout if layout in ("nih", "chexpert", "mimic") else "other"
+    return layout if _card_layout(layout) is not None else "other"
 
 
-def _training_data(run: RunFolder, origin: str, meta: BundleMeta) -> TrainingData:
+def _card_layout(name: str | None) -> Layout | None:
+    """The registered layout ``name`` if it describes its data for the model card."""
+    if not name or not is_layout(name):
+        return None
+    layout = get_layout(name)
+    return layout if layout.description else None
+
+
+def _training_data(
+    run: RunFolder, origin: str, meta: BundleMeta, layout: Layout | None
+) -> TrainingData:
     info = run.load_info()
     frames = {n: run.read_split(n) for n in SPLIT_NAMES if run.split_file(n).exists()}
     train = frames.get("train")
@@ -157,14 +165,14 @@ def _training_data(run: RunFolder, origin: str, meta: BundleMeta) -> TrainingDat
     return TrainingData(
         origin=origin,
         synthetic=origin == "synthetic",
-        description=DESCRIPTIONS[origin],
+        description=layout.description if layout else DESCRIPTIONS[origin],
         layout=run.dataset_info().get("layout"),
         split_method=_split_method(info.get("split") or {}),
         images={n: len(f) for n, f in frames.items()},
         patients={n: int(f[PATIENT_COLUMN].astype(str).nunique()) for n, f in frames.items()},
         prevalence=prevalence,
         demographics={} if train is None else demographics(train),
-        label_source=LABEL_SOURCES.get(origin),
+        label_source=layout.label_source if layout else LABEL_SOURCES.get(origin),
     )
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from cxr.config import TrainConfig
-from cxr.data.nih import load_nih
+from cxr.data.layouts.nih import load_nih
 from cxr.data.split import split_by_patients
 from cxr.data.synthetic import BOX_NAME, write_synthetic_dataset
 from cxr.engine.trainer import TrainCallbacks

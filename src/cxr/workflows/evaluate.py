@@ -14,11 +14,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cxr.data.datasets import DatasetSpec, label_matrix, read_dataset, resolve_paths
+from cxr.data.datasets import DatasetSpec, LabeledData, find_images, label_matrix, read_dataset
 from cxr.data.loaders import split_loader
-from cxr.data.nih import IMAGE_COLUMN, PATH_COLUMN, PATIENT_COLUMN, attach_image_paths
+from cxr.data.schema import IMAGE_COLUMN, PATH_COLUMN, PATIENT_COLUMN
 from cxr.data.split import read_split_table
-from cxr.data.table import LabeledData
 from cxr.data.transforms import Preprocess
 from cxr.engine.inference import bundle_ood, predict_outputs
 from cxr.errors import DataError, LeakageError
@@ -68,19 +67,17 @@ def other_split_name(path: Path) -> str:
 
 
 def _with_image_paths(run: RunFolder, frame: pd.DataFrame, path: Path) -> pd.DataFrame:
-    """The images of a table without paths, found where the run's data is: NIH's by name
-    below its folder, the other layouts' below the dataset's image root."""
+    """The images of a table without paths, found where the run's data has them (below the
+    dataset's image root), as its layout finds them (NIH's by name)."""
     info = run.load_info()
     data = Path(info["data"]) if info.get("data") else path.parent
     layout = run.dataset_info()
-    if layout["layout"] == "nih":
-        return attach_image_paths(frame, data if data.is_dir() else data.parent).table
     spec = DatasetSpec(**(info.get("dataset") or {}).get("spec", {}))
     source = read_dataset(data, spec, require_images=False)
     found = LabeledData(
         frame, tuple(layout["labels"]), layout["layout"], path, image_root=source.image_root
     )
-    return resolve_paths(found).table
+    return find_images(found).table
 
 
 def check_no_training_patients(run: RunFolder, frame: pd.DataFrame, path: Path) -> None:

@@ -21,18 +21,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from cxr.data.datasets import (
-    DatasetSpec,
-    LabeledData,
-    label_matrix,
-    read_dataset,
-    resolve_paths,
-)
-from cxr.data.nih import IMAGE_COLUMN, PATIENT_COLUMN, attach_image_paths
+from cxr.data.datasets import DatasetSpec, LabeledData, label_matrix, read_dataset
+from cxr.data.layouts import get_layout, is_layout
+from cxr.data.schema import GOOGLE2019_LABELS, IMAGE_COLUMN, PATIENT_COLUMN, SOURCE_SPLIT_COLUMN
 from cxr.data.split import find_official_lists, read_name_list
-from cxr.data.table import SOURCE_SPLIT_COLUMN, line_namer, read_text_table
+from cxr.data.table import line_namer, read_text_table
 from cxr.errors import DataError
-from cxr.labels import GOOGLE2019_LABELS, default_label_map
+from cxr.labels import default_label_map
 from cxr.metrics import (
     apply_thresholds,
     auroc,
@@ -220,14 +215,13 @@ def _external_data(
     NIH's test_list) or all of them; never patients the run trained on, if the ids are of
     the same dataset. Only the chosen images need be on disk."""
     found = read_dataset(data, spec, require_images=False)
+    layout = get_layout(found.layout)
     if split == "test":
         found.table = _own_test_rows(found, data)
-    if found.layout == "nih":
-        # NIH's images are found by name wherever its archives unpacked them (one walk).
-        root = found.image_root or found.source.parent
-        found.table = attach_image_paths(found.table, root, drop_missing=True).table
-    else:
-        found = resolve_paths(found, drop_missing=drop_missing)
+    # A download that comes in parts (NIH's 12 archives) lacks the images of the parts not
+    # fetched: those are left out (and said), not refused.
+    drop = drop_missing or layout.partial_download
+    found = layout.find_images([found], drop_missing=drop)[0]
     if found.layout == run.dataset_info()["layout"]:
         check_no_training_patients(run, found.table, found.source)
     if found.table.empty:
@@ -242,7 +236,7 @@ def _own_test_rows(found: LabeledData, data: Path) -> pd.DataFrame:
         test = named == "test" if (named == "test").any() else named == "valid"
         if test.any():
             return table[test.to_numpy()].reset_index(drop=True)
-    if found.layout == "nih":
+    if get_layout(found.layout).official_lists:
         _, test_list = find_official_lists([found.source.parent, data])
         names = set(read_name_list(test_list))
         return table[table[IMAGE_COLUMN].isin(names)].reset_index(drop=True)
@@ -262,7 +256,8 @@ def _google2019_data(
     """The NIH images with Majkowska et al.'s labels that the run never trained on: those
     of its test split (``test``), or every one whose patient is in neither its train nor its
     val split (``all``)."""
-    if run.dataset_info()["layout"] != "nih":
+    trained_on = run.dataset_info()["layout"]
+    if not (is_layout(trained_on) and get_layout(trained_on).google2019_labels):
         raise DataError("--labels google2019 scores NIH models; this run was not trained on NIH")
     root = Path(data) if data else Path(run.load_info().get("data") or ".")
     path = Path(labels_file) if labels_file else _find_google2019(root)
@@ -286,7 +281,7 @@ def _google2019_data(
     if table.empty:
         raise DataError(f"{path}: no expertly labelled image of {root} is {which}")
     return LabeledData(
-        table=table, labels=GOOGLE2019_LABELS, layout="nih", source=path,
+        table=table, labels=GOOGLE2019_LABELS, layout=nih.layout, source=path,
         image_root=nih.image_root or nih.source.parent, notes=notes,
     )  # fmt: skip
 

@@ -16,10 +16,11 @@ import torch
 from cxr import __version__
 from cxr.config import TrainConfig
 from cxr.data.cache import open_cache
-from cxr.data.datasets import DatasetSpec, label_matrix, read_dataset, resolve_paths
+from cxr.data.datasets import DatasetSpec, LabeledData, label_matrix, read_dataset
 from cxr.data.images import find_unreadable
+from cxr.data.layouts import get_layout
 from cxr.data.loaders import default_train_workers, split_loader
-from cxr.data.nih import PATH_COLUMN, PATIENT_COLUMN, attach_image_paths, index_images
+from cxr.data.schema import PATH_COLUMN, PATIENT_COLUMN
 from cxr.data.split import (
     DEFAULT_TEST_FRACTION,
     DEFAULT_VAL_FRACTION,
@@ -30,7 +31,6 @@ from cxr.data.split import (
     read_split_info,
     split_by_patients,
 )
-from cxr.data.table import LabeledData
 from cxr.data.transforms import Augment, Preprocess
 from cxr.engine.trainer import (
     TrainCallbacks,
@@ -435,38 +435,27 @@ def _default_split(
 def _given_split(
     data: Path, split_dir: Path, drop_missing: bool, notes: list[str], dataset: DatasetSpec
 ) -> tuple[dict[str, pd.DataFrame], dict[str, Any]]:
-    """The split tables in ``split_dir`` with their images found below ``data``. NIH's by
-    name, with one walk of the image tree for all of them (NIH's is 112,120 files in 12
-    folders); the other layouts by their relative paths below the dataset's image root."""
+    """The split tables in ``split_dir`` with their images found below the image root of
+    ``data``, all three at once as its layout finds them (NIH's by name, with one walk of the
+    image tree: NIH's is 112,120 files in 12 folders)."""
     info = read_split_info(split_dir)
     split = read_split(split_dir)
-    if info["layout"] != "nih":
-        source = read_dataset(data, dataset, require_images=False)
-        frames = {}
-        for name, frame in split.items():
-            found = LabeledData(
-                frame.drop(columns=[PATH_COLUMN], errors="ignore"),
-                tuple(info["labels"]), info["layout"], split_dir / f"{name}.csv",
-                image_root=source.image_root,
-            )  # fmt: skip
-            found = resolve_paths(found, drop_missing=drop_missing)
-            notes.extend(f"{name}: {note}" for note in found.notes)
-            frames[name] = found.table
-        return frames, info
-    root = data if data.is_dir() else data.parent
-    found = index_images(root)
-    frames = {}
-    for name, frame in split.items():
-        nih = attach_image_paths(
+    layout = get_layout(info["layout"])
+    source = read_dataset(data, dataset, require_images=False)
+    tables = [
+        LabeledData(
             frame.drop(columns=[PATH_COLUMN], errors="ignore"),
-            root,
-            drop_missing=drop_missing,
-            table_path=split_dir / f"{name}.csv",
-            found=found,
+            tuple(info["labels"]),
+            layout.name,
+            split_dir / f"{name}.csv",
+            image_root=source.image_root,
         )
-        if nih.dropped_missing:
-            notes.append(f"{name}: dropped {len(nih.dropped_missing):,} image(s) not on disk")
-        frames[name] = nih.table
+        for name, frame in split.items()
+    ]
+    frames = {}
+    for name, found in zip(split, layout.find_images(tables, drop_missing=drop_missing)):
+        notes.extend(f"{name}: {note}" for note in found.notes)
+        frames[name] = found.table
     return frames, info
 
 

@@ -16,9 +16,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cxr.data.nih import IMAGE_COLUMN, PATIENT_COLUMN, SEX_COLUMN, VIEW_COLUMN
-from cxr.data.table import (
+from cxr.data.layouts.registry import Layout, register
+from cxr.data.schema import (
+    AGE_YEARS_COLUMN,
+    FRONTAL_LATERAL_COLUMN,
+    IMAGE_COLUMN,
+    PATIENT_COLUMN,
+    SEX_COLUMN,
     SOURCE_SPLIT_COLUMN,
+    VIEW_COLUMN,
+)
+from cxr.data.spec import DatasetSpec
+from cxr.data.table import (
     LabeledData,
     check_unique_images,
     line_namer,
@@ -84,7 +93,7 @@ def read_chexpert(path: str | os.PathLike) -> pd.DataFrame:
             f"{where(row)}no patient in the path {table['Path'].iloc[row]!r} "
             "(expected .../patientNNNNN/...)"
         )
-    return table.assign(**{"Patient ID": patients})
+    return table.assign(**{PATIENT_COLUMN: patients})
 
 
 def read_layout(source: Path, image_root: str | None = None) -> LabeledData:
@@ -100,7 +109,7 @@ def read_layout(source: Path, image_root: str | None = None) -> LabeledData:
     check_unique_images(table, line_namer(paths[0]))
     root = Path(image_root) if image_root else _image_root(paths[0])
     return LabeledData(
-        table=table, labels=CHEXPERT_LABELS, layout="chexpert", source=paths[0], image_root=root
+        table=table, labels=CHEXPERT_LABELS, layout=LAYOUT.name, source=paths[0], image_root=root
     )
 
 
@@ -112,9 +121,9 @@ def to_canonical(raw: pd.DataFrame, path: Path) -> pd.DataFrame:
             IMAGE_COLUMN: raw["Path"].str.strip(),
             PATIENT_COLUMN: raw[PATIENT_COLUMN],
             SEX_COLUMN: raw["Sex"].map(normalise_sex),
-            "age_years": parse_ages(raw["Age"], line_namer(path), "Age"),
+            AGE_YEARS_COLUMN: parse_ages(raw["Age"], line_namer(path), "Age"),
             VIEW_COLUMN: view,
-            "Frontal/Lateral": raw["Frontal/Lateral"].str.strip(),
+            FRONTAL_LATERAL_COLUMN: raw["Frontal/Lateral"].str.strip(),
         }
     )
     for label in CHEXPERT_LABELS:
@@ -138,10 +147,37 @@ def chexpert_stats(table: pd.DataFrame) -> dict:
         counts = {name: int((column == value).sum()) for value, name in LABEL_VALUES.items()}
         labels[label] = {**counts, "blank": int(column.isna().sum())}
     return {
-        "layout": "chexpert",
+        "layout": LAYOUT.name,
         "images": len(table),
-        "patients": int(table["Patient ID"].nunique()),
+        "patients": int(table[PATIENT_COLUMN].nunique()),
         "frontal": int(views.get("Frontal", 0)),
         "lateral": int(views.get("Lateral", 0)),
         "labels": labels,
     }
+
+
+def _detect(source: Path, spec: DatasetSpec) -> bool:
+    del spec
+    if source.is_file():
+        return is_chexpert_table(source)
+    return bool(find_tables(source, required=False))
+
+
+LAYOUT = register(
+    Layout(
+        name="chexpert",
+        title="CheXpert",
+        files="CheXpert's train/valid CSV",
+        read=lambda source, spec: read_layout(source, spec.image_root),
+        detect=_detect,
+        priority=20,
+        labels=CHEXPERT_LABELS,
+        description="CheXpert (Stanford Hospital chest radiographs)",
+        label_source="CheXpert labeller on the reports: positive, negative, uncertain, blank",
+        limitation=(
+            "CheXpert's labels come from a rule-based report labeller with uncertain (-1) and "
+            "blank (not mentioned) labels; the uncertainty policy used in training is stated "
+            "above."
+        ),
+    )
+)

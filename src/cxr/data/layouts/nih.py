@@ -1,25 +1,42 @@
-"""Read NIH ChestX-ray14 metadata (v2017 and v2020 Data_Entry tables) and find the images."""
+"""NIH ChestX-ray14's layout: the Data_Entry_2017 table (v2017 and v2020) and the images
+wherever NIH's archives unpack them, found by name.
+
+The table has one row per image: ``Image Index`` (``NNNNNNNN_NNN.png``), ``Finding Labels``
+(``A|B|C`` or ``No Finding``), ``Patient ID``, ``Patient Age`` (``058Y`` in v2017, years in
+v2020), ``Patient Gender``, ``View Position`` and the original size and spacing. Its 14 labels
+are only ever 0 or 1. The download also holds NIH's official ``train_val_list.txt`` /
+``test_list.txt`` and the bounding boxes of ``BBox_List_2017.csv``.
+"""
 
 from __future__ import annotations
 
 import os
 import re
+from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from cxr.data.layouts.registry import Layout, register
+from cxr.data.schema import (
+    AGE_COLUMN,
+    AGE_YEARS_COLUMN,
+    IMAGE_COLUMN,
+    PATH_COLUMN,
+    PATIENT_COLUMN,
+    SEX_COLUMN,
+    VIEW_COLUMN,
+)
+from cxr.data.spec import DatasetSpec
+from cxr.data.table import LabeledData, parse_age_years
 from cxr.errors import DataError
-from cxr.labels import NO_FINDING, PATHOLOGIES, parse_finding_labels
+from cxr.labels import NO_FINDING, PATHOLOGIES, format_finding_labels, parse_finding_labels
 
-IMAGE_COLUMN = "Image Index"
+# NIH's label text: ``A|B|C`` or ``No Finding``; the 14 label columns are derived from it.
 LABELS_COLUMN = "Finding Labels"
-PATIENT_COLUMN = "Patient ID"
-AGE_COLUMN = "Patient Age"
-SEX_COLUMN = "Patient Gender"
-VIEW_COLUMN = "View Position"
-PATH_COLUMN = "path"
 # NIH's own header, bracketed column names included (split on commas they give 11 fields).
 NIH_COLUMNS = (
     "Image Index",
@@ -37,8 +54,6 @@ NIH_COLUMNS = (
 REQUIRED_COLUMNS = (IMAGE_COLUMN, LABELS_COLUMN)
 TABLE_PATTERN = re.compile(r"^Data_Entry_2017.*\.csv(\.gz)?$", re.IGNORECASE)
 _NIH_NAME = re.compile(r"^(\d{8})_\d{3}\.png$")
-_AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([YMDW]?)\s*$", re.IGNORECASE)
-_AGE_UNIT_YEARS = {"": 1.0, "Y": 1.0, "M": 1 / 12, "W": 7 / 365.25, "D": 1 / 365.25}
 
 
 @dataclass
@@ -86,16 +101,6 @@ def _walk_files(root: Path):
     for folder, _dirs, files in _walk(root):
         for name in sorted(files):
             yield Path(folder) / name
-
-
-def parse_age_years(value) -> float:
-    """v2020 ages are integers; v2017 ages look like ``058Y``, ``011M`` or ``005D``."""
-    if value is None or (isinstance(value, float) and np.isnan(value)):
-        return float("nan")
-    match = _AGE.match(str(value))
-    if not match:
-        raise ValueError(f"unreadable age {value!r}")
-    return float(match.group(1)) * _AGE_UNIT_YEARS[match.group(2).upper()]
 
 
 def read_table(path: str | os.PathLike) -> pd.DataFrame:
@@ -157,7 +162,7 @@ def prepare_table(table: pd.DataFrame, *, source: str) -> pd.DataFrame:
                 ages.append(parse_age_years(value) if value != "" else float("nan"))
             except ValueError as exc:
                 raise DataError(f"{where(row)}{exc} in {AGE_COLUMN!r}") from None
-        table["age_years"] = ages
+        table[AGE_YEARS_COLUMN] = ages
 
     _check_duplicates(table, where)
     return table.reset_index(drop=True)
@@ -286,11 +291,12 @@ def dataset_stats(table: pd.DataFrame) -> dict:
         stats["views"] = {str(k): int(v) for k, v in table[VIEW_COLUMN].value_counts().items()}
     if SEX_COLUMN in table.columns:
         stats["sex"] = {str(k): int(v) for k, v in table[SEX_COLUMN].value_counts().items()}
-    if "age_years" in table.columns and table["age_years"].notna().any():
+    if AGE_YEARS_COLUMN in table.columns and table[AGE_YEARS_COLUMN].notna().any():
+        ages = table[AGE_YEARS_COLUMN]
         stats["age_years"] = {
-            "min": float(table["age_years"].min()),
-            "max": float(table["age_years"].max()),
-            "median": float(table["age_years"].median()),
+            "min": float(ages.min()),
+            "max": float(ages.max()),
+            "median": float(ages.median()),
         }
     labels = {}
     for name in PATHOLOGIES:
@@ -302,9 +308,114 @@ def dataset_stats(table: pd.DataFrame) -> dict:
     return stats
 
 
-def label_matrix(table: pd.DataFrame) -> np.ndarray:
-    return table[list(PATHOLOGIES)].to_numpy(dtype=np.float32)
-
-
 def is_nih_name(name: str) -> bool:
     return bool(_NIH_NAME.match(name))
+
+
+# ---------------------------------------------------------------------------------------------
+# The layout
+
+
+def _detect(source: Path, spec: DatasetSpec) -> bool:
+    """A Data_Entry table, a table with NIH's columns, or any folder: NIH's is the layout a
+    folder is taken to be when no other claims it (:func:`find_table` then says when it
+    holds no Data_Entry table)."""
+    del spec
+    return source.is_dir() or bool(TABLE_PATTERN.match(source.name)) or _has_nih_columns(source)
+
+
+def _has_nih_columns(path: Path) -> bool:
+    try:
+        header = pd.read_csv(path, nrows=0, index_col=False).columns
+    except (OSError, ValueError, UnicodeDecodeError, pd.errors.ParserError, EOFError):
+        return False
+    return bool({IMAGE_COLUMN, LABELS_COLUMN} & {str(c).strip() for c in header})
+
+
+def _read(source: Path, spec: DatasetSpec) -> LabeledData:
+    nih = load_nih(source, require_images=False, image_root=spec.image_root)
+    return LabeledData(
+        table=nih.table,
+        labels=PATHOLOGIES,
+        layout=LAYOUT.name,
+        source=nih.table_path,
+        image_root=nih.image_root or nih.table_path.parent,
+    )
+
+
+def _find_images(tables: Sequence[LabeledData], *, drop_missing: bool = False) -> list[LabeledData]:
+    """Each table's images by name below its image root, one walk per root for all of them
+    (NIH's tree is 112,120 files in 12 folders)."""
+    walked: dict[Path, dict[str, Path]] = defaultdict(dict)
+    found = []
+    for data in tables:
+        root = Path(data.image_root or data.source.parent)
+        if root not in walked:
+            walked[root] = index_images(root)
+        nih = attach_image_paths(
+            data.table.drop(columns=[PATH_COLUMN], errors="ignore"),
+            root,
+            drop_missing=drop_missing,
+            table_path=data.source,
+            found=walked[root],
+        )
+        data.table, data.image_root, data.dropped_missing = nih.table, root, nih.dropped_missing
+        if nih.dropped_missing:
+            data.notes.append(f"dropped {len(nih.dropped_missing):,} image(s) not found on disk")
+        found.append(data)
+    return found
+
+
+def _read_split_file(table: pd.DataFrame, path: Path) -> pd.DataFrame:
+    """A split table through NIH's own reader (labels from ``Finding Labels``)."""
+    return _empty_set(table, path) if table.empty else prepare_table(table, source=str(path))
+
+
+def _write_split_file(frame: pd.DataFrame) -> pd.DataFrame:
+    """The split table with ``Finding Labels`` in step with its label columns, which reading
+    it back derives from that text."""
+    if LABELS_COLUMN in frame.columns:
+        return frame
+    labels = [format_finding_labels(row) for row in frame[list(PATHOLOGIES)].to_numpy()]
+    return frame.assign(**{LABELS_COLUMN: labels})
+
+
+def _empty_set(table: pd.DataFrame, path: Path) -> pd.DataFrame:
+    """A set may legitimately be empty (e.g. val_fraction=0); prepare_table rejects that."""
+    missing = [c for c in REQUIRED_COLUMNS if c not in table.columns]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {', '.join(repr(c) for c in missing)}")
+    table = table.copy()
+    for label in PATHOLOGIES:
+        table[label] = pd.Series(dtype=np.int8)
+    table[PATIENT_COLUMN] = pd.Series(dtype=np.int64)
+    return table
+
+
+LAYOUT = register(
+    Layout(
+        name="nih",
+        title="NIH ChestX-ray14",
+        short_name="NIH",
+        files="NIH's Data_Entry_2017",
+        read=_read,
+        detect=_detect,
+        priority=100,
+        labels=PATHOLOGIES,
+        find_images=_find_images,
+        read_split_file=_read_split_file,
+        write_split_file=_write_split_file,
+        stats=dataset_stats,
+        official_lists=True,
+        bounding_boxes=True,
+        google2019_labels=True,
+        folder_has_images=True,
+        partial_download=True,
+        description="NIH ChestX-ray14 (frontal chest radiographs, NIH Clinical Center)",
+        label_source="text-mined from radiology reports (NLP); about 90 % accurate per NIH",
+        limitation=(
+            "NIH's labels were text-mined from radiology reports; the dataset's authors "
+            "estimate them at about 90 % accurate, so both training and test labels are noisy."
+        ),
+    )
+)

@@ -18,9 +18,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from cxr.data.nih import IMAGE_COLUMN, PATIENT_COLUMN, VIEW_COLUMN
+from cxr.data.layouts.registry import Layout, register
+from cxr.data.schema import IMAGE_COLUMN, PATIENT_COLUMN, SOURCE_SPLIT_COLUMN, VIEW_COLUMN
+from cxr.data.spec import DatasetSpec
 from cxr.data.table import (
-    SOURCE_SPLIT_COLUMN,
     LabeledData,
     line_namer,
     parse_label_cells,
@@ -114,7 +115,7 @@ def read_layout(source: Path, image_root: str | None = None) -> LabeledData:
     data = LabeledData(
         table=canonical,
         labels=MIMIC_LABELS,
-        layout="mimic",
+        layout=LAYOUT.name,
         source=paths["labels"],
         image_root=Path(image_root) if image_root else paths["labels"].parent,
     )
@@ -159,3 +160,30 @@ def _official_split(path: Path, table: pd.DataFrame) -> pd.Series:
             f"(first: {first})"
         )
     return named.to_numpy()
+
+
+def _detect(source: Path, spec: DatasetSpec) -> bool:
+    del spec
+    if source.is_file():
+        return is_mimic_table(source)
+    return bool(find_tables(source, required=False))
+
+
+LAYOUT = register(
+    Layout(
+        name="mimic",
+        title="MIMIC-CXR-JPG",
+        files="MIMIC-CXR-JPG's tables",
+        read=lambda source, spec: read_layout(source, spec.image_root),
+        detect=_detect,
+        priority=10,
+        labels=MIMIC_LABELS,
+        description="MIMIC-CXR-JPG (Beth Israel Deaconess Medical Center chest radiographs)",
+        label_source="CheXpert labeller on the reports: positive, negative, uncertain, blank",
+        limitation=(
+            "MIMIC-CXR's labels come from the CheXpert labeller run on the reports, with "
+            "uncertain (-1) and blank labels; the uncertainty policy used in training is "
+            "stated above."
+        ),
+    )
+)
