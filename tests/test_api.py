@@ -113,6 +113,17 @@ def test_dataset_split_and_subset_keep_patients_apart(synth_data):
         ds.subset(ds.table["Patient ID"] == "nobody")
 
 
+def test_official_split_is_the_dataset_lists(synth_data):
+    ds = cxr.open_dataset(synth_data)
+    split = ds.split(official=True, val_patients=2)
+    listed = set((synth_data / "test_list.txt").read_text().split())
+    assert set(split.test["Image Index"]) == listed
+    assert split.method == "official" and split.val["Patient ID"].nunique() == 2
+    assert not set(split.val["Patient ID"]) & set(split.train["Patient ID"])
+    with pytest.raises(cxr.errors.DataError, match="own test set"):
+        ds.split(official=True, test_patients=3)
+
+
 def test_open_dataset_errors_are_typed(tmp_path):
     with pytest.raises(cxr.errors.DataError, match="no such file"):
         cxr.open_dataset(tmp_path / "missing")

@@ -12,7 +12,7 @@ import pandas as pd
 
 from cxr.data.datasets import DatasetSpec, dataset_summary, label_counts, read_dataset
 from cxr.data.schema import PATH_COLUMN, PATIENT_COLUMN
-from cxr.data.split import Split, split_by_patients
+from cxr.data.split import Split, dataset_split, split_by_patients
 from cxr.data.table import LabeledData
 from cxr.errors import DataError
 
@@ -83,11 +83,25 @@ class Dataset:
         val_fraction: float | None = None,
         test_fraction: float | None = None,
         seed: int = 0,
+        official: bool = False,
+        lists: str | os.PathLike | None = None,
     ) -> Split:
         """A patient-level split stratified on the labels (``cxr data split``): no patient is
         in two sets. Each set is sized by a patient count or a fraction (default val 0.1,
         test 0.2). ``cxr.train(ds, split=...)`` takes it, and
-        :func:`cxr.data.split.write_split` writes it as a split folder."""
+        :func:`cxr.data.split.write_split` writes it as a split folder.
+
+        ``official=True`` is ``cxr data split --official``: the dataset's own test set (NIH's
+        test_list.txt, found beside the table or in ``lists``; CheXpert's valid.csv; MIMIC's
+        split table), validation carved out of the rest by patient."""
+        if official:
+            if test_patients is not None or test_fraction is not None:
+                raise DataError("an official split has its own test set: no test size applies")
+            return dataset_split(
+                self.table, labels=self.labels, layout=self.layout,
+                search=[lists] if lists else [self.source.parent, self.source],
+                val_patients=val_patients, val_fraction=val_fraction, seed=seed,
+            )  # fmt: skip
         return split_by_patients(
             self.table, val_patients=val_patients, test_patients=test_patients,
             val_fraction=val_fraction, test_fraction=test_fraction, seed=seed,

@@ -17,11 +17,8 @@ from cxr.data.cache import build_cache
 from cxr.data.layouts import get_layout
 from cxr.data.split import (
     check_split,
-    find_official_lists,
     read_split,
     split_by_patients,
-    split_by_source,
-    split_official,
     write_split,
 )
 from cxr.data.synthetic import (
@@ -180,19 +177,13 @@ def data_split(
 
 
 def _official_split(found, data: Path, lists, val_patients, val_fraction, seed):
-    if not get_layout(found.layout).official_lists:
-        return split_by_source(
-            found.table, labels=found.labels, layout=found.layout, val_patients=val_patients,
-            val_fraction=val_fraction, seed=seed,
-        )  # fmt: skip
-    search = [lists] if lists else [found.source.parent, Path(data)]
-    return split_official(
-        found.table,
-        find_official_lists(search),
-        val_patients=val_patients,
-        val_fraction=val_fraction,
-        seed=seed,
-    )
+    from cxr.data.split import dataset_split
+
+    return dataset_split(
+        found.table, labels=found.labels, layout=found.layout,
+        search=[lists] if lists else [found.source.parent, Path(data)],
+        val_patients=val_patients, val_fraction=val_fraction, seed=seed,
+    )  # fmt: skip
 
 
 def _load_for_split(data: Path, drop_missing: bool, dataset):

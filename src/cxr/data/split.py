@@ -471,6 +471,30 @@ def _first(items: Sequence[str]) -> str:
 # Checking, writing and reading
 
 
+def dataset_split(
+    table: pd.DataFrame,
+    *,
+    labels: Sequence[str],
+    layout: str,
+    search: Sequence[str | os.PathLike],
+    val_patients: int | None = None,
+    val_fraction: float | None = None,
+    seed: int = 0,
+) -> Split:
+    """The dataset's own split: NIH's official lists (found in ``search``: the lists, or
+    folders to look in), or the split a layout's table carries (CheXpert's valid.csv,
+    MIMIC's split table); validation carved out of the training patients."""
+    if not get_layout(layout).official_lists:
+        return split_by_source(
+            table, labels=labels, layout=layout, val_patients=val_patients,
+            val_fraction=val_fraction, seed=seed,
+        )  # fmt: skip
+    return split_official(
+        table, find_official_lists(search), val_patients=val_patients,
+        val_fraction=val_fraction, seed=seed,
+    )  # fmt: skip
+
+
 def check_split(frames: Mapping[str, pd.DataFrame]) -> None:
     """Raise :class:`LeakageError` if any patient has images in more than one set.
 
