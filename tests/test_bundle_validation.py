@@ -99,7 +99,7 @@ EDITS = [
     (
         "normalization-unknown",
         _set(normalization="zscore"),
-        'normalization: expected one of imagenet, sample, got "zscore"',
+        'normalization: expected one of imagenet, sample, xrv, got "zscore"',
     ),
     ("format-unknown", _set(format="cxr-bundle/9"), "format: expected one of cxr-bundle/1"),
     ("architecture-unknown", _set(architecture="resnet50"), "architecture: expected one of"),

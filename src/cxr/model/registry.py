@@ -151,7 +151,8 @@ def _timm_cnn(name: str, **args: Any) -> Architecture:
 
 
 def _timm_vit(name: str, patch: int, **args: Any) -> Architecture:
-    args = {"global_pool": "avg", **args}
+    # dynamic_img_size: the position embedding is interpolated to the bundle's image_size.
+    args = {"global_pool": "avg", "dynamic_img_size": True, **args}
     return Architecture(
         name, "timm-vit", patch, timm_name=name, timm_args=args, onnx_note=_VIT_NOTE
     )

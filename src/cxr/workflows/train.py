@@ -45,8 +45,9 @@ from cxr.errors import ConfigError, DataError
 from cxr.metrics import choose_thresholds
 from cxr.model.bundle import BundleMeta, save_bundle, update_bundle_meta
 from cxr.model.factory import SCRATCH, create_model
+from cxr.model.network import build_model
 from cxr.model.ood import MIN_REFERENCE_IMAGES, fit_ood_summary, save_ood
-from cxr.model.registry import build, freeze_backbone
+from cxr.model.registry import DEFAULT_ARCHITECTURE, build, freeze_backbone
 from cxr.run import SPLIT_NAMES, RunFolder, require_paths
 from cxr.runtime import Distributed, resolve_device, setup_distributed
 from cxr.utils import atomic_write_bytes, atomic_write_csv
@@ -178,8 +179,13 @@ def _starting_model(
 ) -> tuple[Any, dict]:
     """The model to train and where its weights came from (the checkpoint on a resume)."""
     if checkpoint is None:
+        if config.arch == DEFAULT_ARCHITECTURE:
+            return create_model(config.weights, labels)
         return create_model(config.weights, labels, arch=config.arch)
-    model = build(config.arch, len(labels))
+    if config.arch == DEFAULT_ARCHITECTURE:
+        model = build_model(len(labels))
+    else:
+        model = build(config.arch, len(labels))
     if config.freeze_backbone:
         freeze_backbone(model)
     model.load_state_dict(checkpoint["model"])
