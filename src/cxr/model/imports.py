@@ -36,6 +36,9 @@ from cxr.model.registry import ARCHITECTURES, build, get_architecture
 
 XRV_EXTRA = 'pip install "cxr[xrv]"'
 XRV_PREFIX = "xrv:"
+IMPORTED_LAYOUT = (
+    "imported"  # split/dataset.json's layout: trained elsewhere, on data cxr never saw
+)
 # CheXNet's 14 findings in the order of its output layer (arnoweng/CheXNet's CLASS_NAMES and
 # jrzech/reproduce-chexnet's PRED_LABEL are the same list).
 CHEXNET_LABELS = (
@@ -164,7 +167,7 @@ def import_xrv(
         source=note,
         card=_card(f"torchxrayvision {name}: {entry.get('description', '')}".strip()),
     )
-    return Imported(save_bundle(out, net, meta).parent, meta, note)
+    return _write(out, net, meta, note)
 
 
 # ------------------------------------------------------------------------------- files
@@ -226,7 +229,7 @@ def import_checkpoint(
         source=note,
         card=_card(f"a {kind} checkpoint imported from {path.name} (trained outside cxr)"),
     )
-    return Imported(save_bundle(out, net, meta).parent, meta, note)
+    return _write(out, net, meta, note)
 
 
 def read_checkpoint(path: Path, *, trust_pickle: bool = False) -> Any:
@@ -334,6 +337,27 @@ def _card(description: str) -> ModelCard:
         ],
         cxr_version=__version__,
     )
+
+
+def _write(out: str | os.PathLike, net: nn.Module, meta: BundleMeta, note: dict) -> Imported:
+    """The bundle, laid out as a run folder without splits (config.json, split/dataset.json
+    with layout ``imported``, run.json): the commands that take a run (evaluate --data,
+    calibrate, thresholds, report, card) then take an imported model as they are."""
+    from cxr.config import TrainConfig
+    from cxr.data.split import write_split_info
+    from cxr.run import RunFolder
+
+    folder = save_bundle(out, net, meta).parent
+    run = RunFolder(folder)
+    config = TrainConfig(
+        image_size=meta.image_size, normalization=meta.normalization, arch=meta.architecture,
+        weights="none",
+    )  # fmt: skip
+    run.write_json(run.config, config.to_dict())
+    run.split_dir.mkdir(exist_ok=True)
+    write_split_info(run.split_dir, {"layout": IMPORTED_LAYOUT, "labels": list(meta.labels)})
+    run.write_json(run.info, {"init": {"init": "imported", **note}})
+    return Imported(folder, meta, note)
 
 
 def describe(imported: Imported) -> str:
