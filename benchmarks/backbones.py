@@ -5,8 +5,9 @@ Each architecture is trained from random weights (no ImageNet weights can be dow
 this machine; ``--weights imagenet`` uses them where timm's cache has them) with the same
 data, split, seed and options; training images/s is the training split's images times the
 epochs over the wall time of ``cxr.train`` (so it includes each epoch's validation and the
-run's bookkeeping, the same for every architecture), inference images/s is ``Predictor.probabilities`` (PyTorch, eager, float32) on a
-batch of the test split already preprocessed, best of three. The demo data is SYNTHETIC:
+run's bookkeeping, the same for every architecture), inference images/s is
+``Predictor.probabilities`` (PyTorch, eager, float32) on a batch of the test split already
+preprocessed, best of three. The demo data is SYNTHETIC:
 the AUROCs say that each backbone learns through cxr's pipeline, not how well it reads
 radiographs.
 

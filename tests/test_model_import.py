@@ -302,3 +302,24 @@ def test_wrong_label_count_is_refused(tmp_path):
     args = ["model", "import", str(weights), "--labels", str(labels), "--out", str(tmp_path / "b")]
     result = CliRunner().invoke(app, args)
     assert result.exit_code != 0 and "3 outputs but 2 labels" in " ".join(result.output.split())
+
+
+@pytest.mark.slow
+def test_the_service_answers_torchxrayvisions_outputs(imported_xrv, at_home, nih_images):
+    from fastapi.testclient import TestClient
+
+    from cxr.serve.app import create_app
+
+    client = TestClient(create_app(imported_xrv, backend="torch", device="cpu"))
+    path = nih_images[0]
+    files = {"file": (path.name, path.read_bytes(), "application/octet-stream")}
+    response = client.post("/v1/predict", files=files)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    labels = xrv.models.model_urls[NAME]["labels"]
+    model = xrv.models.get_model(NAME)
+    model.op_threshs = None
+    with torch.no_grad():
+        expected = torch.sigmoid(model(_xrv_input(path, 224)[None]))[0].numpy()
+    got = np.array([body["probabilities"][label] for label in labels])
+    assert np.max(np.abs(got - expected)) <= 1e-4
