@@ -26,9 +26,10 @@ FAST = ["resnet18", "efficientnet_b0", "vit_tiny_patch16_224"]
 )
 def test_registry_reads_each_model_as_timm_runs_it(name):
     torch.manual_seed(0)
-    model = build(name, 5).eval()
+    model = build(name, 5, image_size=64).eval()
+    size = {"img_size": 64} if ARCHITECTURES[name].family == "timm-vit" else {}
     reference = timm.create_model(
-        ARCHITECTURES[name].timm_name, num_classes=5, **ARCHITECTURES[name].timm_args
+        ARCHITECTURES[name].timm_name, num_classes=5, **ARCHITECTURES[name].timm_args, **size
     )
     reference.load_state_dict(model.state_dict())
     images = torch.randn(2, 3, 64, 64)
@@ -62,7 +63,7 @@ def test_gradcam_on_a_vit_reads_the_patch_grid():
     from cxr.explain.gradcam import gradcam_with_logits
 
     torch.manual_seed(2)
-    model = build("vit_tiny_patch16_224", 2).eval()
+    model = build("vit_tiny_patch16_224", 2, image_size=64).eval()
     images = torch.randn(1, 3, 64, 64)
     maps, logits = gradcam_with_logits(model, images, [0, 1])
     assert maps.shape == (1, 2, 64, 64) and np.isfinite(maps).all()

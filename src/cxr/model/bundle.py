@@ -435,7 +435,7 @@ def load_bundle(path: str | Path, *, device: str | torch.device = "cpu") -> Bund
     weights, meta_path = resolve_bundle(path)
     meta = read_bundle_meta(path)  # checked first: nothing is built for a bad description
     state = _read_weights(weights)
-    model = build(meta.architecture, len(meta.labels), meta.channels)
+    model = build(meta.architecture, len(meta.labels), meta.channels, image_size=meta.image_size)
     key = classifier_key(model) + ".weight"
     if key in state and state[key].ndim >= 1:
         check_outputs(meta, int(state[key].shape[0]), meta_path, f"{weights.name}'s {key}")

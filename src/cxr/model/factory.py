@@ -24,6 +24,7 @@ def create_model(
     labels: Sequence[str] = PATHOLOGIES,
     *,
     arch: str = DEFAULT_ARCHITECTURE,
+    image_size: int | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     """The model to train for ``labels``, and a note of where its starting weights came from.
 
@@ -31,7 +32,7 @@ def create_model(
     architecture's ImageNet weights come from timm's local cache only (never downloaded here).
     """
     if arch != DEFAULT_ARCHITECTURE:
-        return _create_timm(weights, labels, arch)
+        return _create_timm(weights, labels, arch, image_size)
     model = build(arch, len(labels))
     if weights in SCRATCH:
         return model, {"init": "random"}
@@ -50,19 +51,20 @@ def create_model(
 
 
 def _create_timm(
-    weights: str, labels: Sequence[str], arch: str
+    weights: str, labels: Sequence[str], arch: str, image_size: int | None
 ) -> tuple[nn.Module, dict[str, Any]]:
     if weights in SCRATCH:
-        return build(arch, len(labels)), {"init": "random", "architecture": arch}
+        model = build(arch, len(labels), image_size=image_size)
+        return model, {"init": "random", "architecture": arch}
     if weights == "imagenet":
-        model = build(arch, len(labels), pretrained=True)
+        model = build(arch, len(labels), pretrained=True, image_size=image_size)
         return model, {"init": "imagenet", "source": "timm", "architecture": arch}
     path = Path(weights)
     if not path.exists():
         raise ModelError(
             f"{path}: weights not found (use imagenet, none, a weights file, a bundle or a run)"
         )
-    model = build(arch, len(labels))
+    model = build(arch, len(labels), image_size=image_size)
     if path.is_dir() or path.suffix == ".safetensors" or path.name == BUNDLE_META:
         return _from_bundle(model, path, labels)
     state = load_weights_file(path)

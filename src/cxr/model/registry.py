@@ -58,13 +58,24 @@ class Architecture:
 
     # -- building -------------------------------------------------------------------------
 
-    def build(self, num_classes: int, channels: int = 3, *, pretrained: bool = False) -> nn.Module:
+    def build(
+        self,
+        num_classes: int,
+        channels: int = 3,
+        *,
+        pretrained: bool = False,
+        image_size: int | None = None,
+    ) -> nn.Module:
         """A fresh model with ``num_classes`` outputs reading ``channels``-channel images;
-        ``pretrained``: timm's ImageNet weights from its local cache (never downloaded)."""
+        ``pretrained``: timm's ImageNet weights from its local cache (never downloaded);
+        ``image_size``: the input size a ViT's position embedding is made for."""
         if self.family == "densenet":
             from cxr.model.network import build_model
 
             return build_model(num_classes, channels=channels)
+        extra = dict(self.timm_args)
+        if self.family == "timm-vit" and image_size is not None:
+            extra["img_size"] = image_size
         try:
             with _offline():
                 return import_timm().create_model(
@@ -72,7 +83,7 @@ class Architecture:
                     pretrained=pretrained,
                     num_classes=num_classes,
                     in_chans=channels,
-                    **self.timm_args,
+                    **extra,
                 )
         except ModelError:
             raise
@@ -97,10 +108,10 @@ class Architecture:
         if self.family == "timm-vit":
             prefix = int(getattr(model, "num_prefix_tokens", 0))
             tokens = maps[:, prefix:]
-            side = int(round(tokens.shape[1] ** 0.5))
-            if side * side != tokens.shape[1]:
-                raise ModelError(f"{self.name}: {tokens.shape[1]} patch tokens are not a square")
-            return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], side, side)
+            # The grid from the input's size (static: ONNX tracing keeps it a number).
+            patch = self.stride
+            rows, cols = images.shape[-2] // patch, images.shape[-1] // patch
+            return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], rows, cols)
         return maps
 
     def pool(self, model: nn.Module, maps: torch.Tensor) -> torch.Tensor:
@@ -151,8 +162,7 @@ def _timm_cnn(name: str, **args: Any) -> Architecture:
 
 
 def _timm_vit(name: str, patch: int, **args: Any) -> Architecture:
-    # dynamic_img_size: the position embedding is interpolated to the bundle's image_size.
-    args = {"global_pool": "avg", "dynamic_img_size": True, **args}
+    args = {"global_pool": "avg", **args}
     return Architecture(
         name, "timm-vit", patch, timm_name=name, timm_args=args, onnx_note=_VIT_NOTE
     )
@@ -190,9 +200,17 @@ def architecture_of(model: nn.Module) -> Architecture:
     return get_architecture(name)
 
 
-def build(name: str, num_classes: int, channels: int = 3, *, pretrained: bool = False) -> nn.Module:
+def build(
+    name: str,
+    num_classes: int,
+    channels: int = 3,
+    *,
+    pretrained: bool = False,
+    image_size: int | None = None,
+) -> nn.Module:
     """A fresh model of architecture ``name``, tagged with its name for :func:`architecture_of`."""
-    model = get_architecture(name).build(num_classes, channels, pretrained=pretrained)
+    arch = get_architecture(name)
+    model = arch.build(num_classes, channels, pretrained=pretrained, image_size=image_size)
     model.cxr_architecture = name
     return model
 

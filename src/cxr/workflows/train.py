@@ -181,11 +181,11 @@ def _starting_model(
     if checkpoint is None:
         if config.arch == DEFAULT_ARCHITECTURE:
             return create_model(config.weights, labels)
-        return create_model(config.weights, labels, arch=config.arch)
+        return create_model(config.weights, labels, arch=config.arch, image_size=config.image_size)
     if config.arch == DEFAULT_ARCHITECTURE:
         model = build_model(len(labels))
     else:
-        model = build(config.arch, len(labels))
+        model = build(config.arch, len(labels), image_size=config.image_size)
     if config.freeze_backbone:
         freeze_backbone(model)
     model.load_state_dict(checkpoint["model"])
