@@ -99,10 +99,10 @@ EDITS = [
     (
         "normalization-unknown",
         _set(normalization="zscore"),
-        'normalization: expected one of imagenet, sample, got "zscore"',
+        'normalization: expected one of imagenet, sample, xrv, got "zscore"',
     ),
     ("format-unknown", _set(format="cxr-bundle/9"), "format: expected one of cxr-bundle/1"),
-    ("architecture-unknown", _set(architecture="resnet50"), "architecture: expected one of"),
+    ("architecture-unknown", _set(architecture="alexnet"), "architecture: expected one of"),
     ("output-unknown", _set(output="softmax"), "output: expected one of sigmoid"),
     ("epoch-negative", _set(epoch=-1), "epoch: expected at least 0, got -1"),
 ]

@@ -16,7 +16,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10 has no tomllib; the tomli backport is a dependency there
     import tomli as tomllib
 
-NORMALIZATIONS = ("imagenet", "sample")
+NORMALIZATIONS = ("imagenet", "sample", "xrv")
 CHECK_MODES = ("header", "full", "none")
 UNCERTAIN_POLICIES = ("ignore", "zeros", "ones")
 # The input sizes a model may be trained and run at: below 32 px DenseNet121's feature map
@@ -35,6 +35,7 @@ class TrainConfig:
     hflip: bool = True
     # Model
     weights: str = "imagenet"  # "imagenet", "none", a local weights file, or a bundle / run
+    arch: str = "densenet121"  # a name of cxr.model.registry.ARCHITECTURES (timm for the others)
     freeze_backbone: bool = False  # train only the classifier (linear probing)
     # Uncertain (-1) labels in training (Irvin et al. 2019): "ignore" leaves them out of the
     # loss (U-Ignore), "zeros" / "ones" count them negative / positive (U-Zeros / U-Ones).
@@ -99,6 +100,10 @@ class TrainConfig:
             )
         if self.cache == "":
             self.cache = None
+        # The architecture's name is checked against the model registry where a run starts
+        # (cxr.workflows.train.create_run): the configuration sits below the model layer.
+        if not self.arch or not isinstance(self.arch, str):
+            raise ConfigError("arch must name an architecture (e.g. densenet121)")
         return self
 
     def to_dict(self) -> dict[str, Any]:

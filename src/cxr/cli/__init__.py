@@ -3,7 +3,7 @@
 Each area's commands live in their own module and register on the shared typer app.
 """
 
-from cxr.cli import data, dicom, explain, report, serve, train  # noqa: F401  (registers the commands)
+from cxr.cli import data, dicom, explain, model, report, serve, train  # noqa: F401  (registers)
 from cxr.cli.common import app
 
 __all__ = ["app"]

@@ -103,6 +103,15 @@ WeightsOption = Annotated[
         "fine-tune (outputs of the same findings keep their weights; new labels start fresh)."
     ),
 ]
+ArchOption = Annotated[
+    str | None,
+    typer.Option(
+        "--arch",
+        help="densenet121 (default, torchvision), or a timm architecture: resnet18, resnet50, "
+        "efficientnet_b0, convnext_tiny, vit_tiny_patch16_224, vit_small_patch16_224 "
+        '(pip install "cxr[timm]").',
+    ),
+]
 UncertainOption = Annotated[
     str | None,
     typer.Option(
@@ -173,8 +182,9 @@ def train(
     ] = None,
     config: Annotated[Path | None, typer.Option("--config", help="JSON or TOML file.")] = None,
     image_size: Annotated[int | None, typer.Option(help="224 (default) or e.g. 320.")] = None,
-    normalization: Annotated[str | None, typer.Option(help="imagenet or sample.")] = None,
+    normalization: Annotated[str | None, typer.Option(help="imagenet, sample or xrv.")] = None,
     weights: WeightsOption = None,
+    arch: ArchOption = None,
     batch_size: Annotated[int | None, typer.Option(help="Images per step (16).")] = None,
     lr: Annotated[float | None, typer.Option(help="Initial learning rate (0.01).")] = None,
     max_epochs: Annotated[int | None, typer.Option(help="Upper bound on epochs.")] = None,
@@ -212,7 +222,7 @@ def train(
             amp=amp, compile=compile, cache=cache,
         )  # fmt: skip
         method = dict(
-            image_size=image_size, lr=lr, weights=weights, data=data, split=split,
+            image_size=image_size, lr=lr, weights=weights, arch=arch, data=data, split=split,
             uncertain=uncertain, freeze_backbone=freeze_backbone,
             dataset=dataset.describes_table or dataset.layout != "auto" or dataset.views,
         )  # fmt: skip
@@ -221,7 +231,7 @@ def train(
     if data is None or out is None:
         raise CxrError("give DATA and --out RUN to start a run, or --resume RUN to continue one")
     overrides = dict(
-        image_size=image_size, normalization=normalization, weights=weights,
+        image_size=image_size, normalization=normalization, weights=weights, arch=arch,
         batch_size=batch_size, lr=lr, max_epochs=max_epochs, max_plateaus=max_plateaus,
         plateau_patience=plateau_patience, workers=workers, device=device, seed=seed, amp=amp,
         compile=compile, drop_missing=drop_missing or None, check_images=check_images,

@@ -1,5 +1,11 @@
 """What the model sees of an image: resize the shorter side, centre-crop a square,
-normalise, 1 -> 3 channels; the training augmentation; and the same geometry for boxes."""
+normalise, 1 -> 3 channels; the training augmentation; and the same geometry for boxes.
+
+One :class:`Preprocess` serves every model a bundle can hold. cxr's own rule (``shorter-side``)
+resizes with PIL's antialiased bilinear filter and crops; ``xrv`` is torchxrayvision's
+documented pipeline (``XRayCenterCrop`` then ``XRayResizer``: the centred square, resized by
+``skimage.transform.resize``), computed with scikit-image as torchxrayvision does, so an
+imported torchxrayvision model sees the pixels it was trained on."""
 
 from __future__ import annotations
 
@@ -12,9 +18,12 @@ import torch
 from PIL import Image
 
 from cxr.data.images import decode_gray
+from cxr.errors import ModelError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+XRV_RANGE = 1024.0  # torchxrayvision's pixel scale: [0, 255] -> [-1024, 1024]
+RESIZE_RULES = ("shorter-side", "xrv")
 
 
 @dataclass(frozen=True)
@@ -23,14 +32,34 @@ class Preprocess:
 
     Training adds a random scale (the resize target grows before the same centre crop) and a
     random horizontal flip; evaluation uses scale 1 and no flip, so nothing is random.
+
+    ``normalization``: ``imagenet`` (mean/std per channel), ``sample`` (each image to mean 0,
+    std 1) or ``xrv`` (torchxrayvision's ``(2 x / 255 - 1) * 1024``). ``channels``: 3 (the
+    grey image repeated) or 1. ``resize_to``: the shorter side before the centre crop (CheXNet
+    resized to 256 and cropped 224); ``None`` is ``image_size``. ``resize_rule``: see the module.
     """
 
     image_size: int
     normalization: str = "imagenet"
+    channels: int = 3
+    resize_to: int | None = None
+    resize_rule: str = "shorter-side"
 
     def geometry(self, height: int, width: int, scale: float = 1.0) -> tuple[int, int, int, int]:
         """(resized height, resized width, crop top, crop left) for an image of this size."""
-        short = max(int(round(self.image_size * scale)), self.image_size)
+        if self.resize_rule == "xrv":
+            # The centred square (torchxrayvision's offsets), then that square -> image_size.
+            side = min(height, width)
+            factor = self.image_size / side
+            top, left = height // 2 - side // 2, width // 2 - side // 2
+            return (
+                int(round(height * factor)),
+                int(round(width * factor)),
+                int(round(top * factor)),
+                int(round(left * factor)),
+            )
+        target = self.resize_to or self.image_size
+        short = max(int(round(target * scale)), self.image_size)
         if height <= width:
             new_h, new_w = short, max(int(round(width * short / height)), short)
         else:
@@ -40,7 +69,10 @@ class Preprocess:
         return new_h, new_w, top, left
 
     def crop_resized(self, gray: np.ndarray, scale: float = 1.0, flip: bool = False) -> np.ndarray:
-        """The uint8 (S, S) crop the model sees, before normalisation."""
+        """The (S, S) crop the model sees, before normalisation: uint8, or for the ``xrv``
+        rule float32 on the same 0..255 scale (scikit-image's resize does not round)."""
+        if self.resize_rule == "xrv":
+            return self._xrv_crop(gray, flip)
         height, width = gray.shape
         new_h, new_w, top, left = self.geometry(height, width, scale)
         image = Image.fromarray(gray)
@@ -52,12 +84,39 @@ class Preprocess:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return np.array(image)  # writable, so torch.from_numpy can share it
 
+    def _xrv_crop(self, gray: np.ndarray, flip: bool) -> np.ndarray:
+        try:
+            from skimage.transform import resize
+        except ImportError:
+            raise ModelError(
+                "this bundle uses torchxrayvision's preprocessing, which needs scikit-image: "
+                'pip install "cxr[xrv]"'
+            ) from None
+        height, width = gray.shape
+        side = min(height, width)
+        top, left = height // 2 - side // 2, width // 2 - side // 2
+        square = gray[top : top + side, left : left + side]
+        # Resized on xrv's [-1024, 1024] scale, as torchxrayvision does: the antialiasing
+        # filter pads with zeros ("constant"), and zero is mid-grey on that scale only.
+        scaled = (2 * (square.astype(np.float32) / 255.0) - 1.0) * XRV_RANGE
+        size = (self.image_size, self.image_size)
+        resized = resize(scaled, size, mode="constant", preserve_range=True).astype(np.float32)
+        crop = ((resized.astype(np.float64) / XRV_RANGE + 1.0) * 127.5).astype(np.float32)
+        return np.ascontiguousarray(crop[:, ::-1]) if flip else crop
+
     def to_tensor(self, crop: np.ndarray) -> torch.Tensor:
+        """``[channels, S, S]`` float32 from a crop of :meth:`crop_resized`."""
         pixels = torch.from_numpy(np.ascontiguousarray(crop)).to(torch.float32).div_(255.0)
+        if self.normalization == "xrv":
+            pixels = (2.0 * pixels - 1.0) * XRV_RANGE
+            return pixels.unsqueeze(0).repeat(self.channels, 1, 1)
         if self.normalization == "sample":
             std = pixels.std()
             pixels = (pixels - pixels.mean()) / torch.clamp(std, min=1e-6)
-            return pixels.unsqueeze(0).repeat(3, 1, 1)
+            return pixels.unsqueeze(0).repeat(self.channels, 1, 1)
+        if self.channels == 1:  # one channel: the grey image against ImageNet's grey statistics
+            mean, std = sum(IMAGENET_MEAN) / 3, sum(IMAGENET_STD) / 3
+            return ((pixels - mean) / std).unsqueeze(0)
         mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
         std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
         return (pixels.unsqueeze(0).expand(3, -1, -1) - mean) / std
@@ -102,7 +161,7 @@ def map_box(
 class PreparedImage:
     path: str
     gray_crop: np.ndarray  # [S, S] uint8, what the model sees before normalisation
-    tensor: torch.Tensor  # [3, S, S]
+    tensor: torch.Tensor  # [channels, S, S]
     original_size: tuple[int, int]  # (height, width)
     geometry: tuple[int, int, int, int]  # (resized height, resized width, crop top, left)
 
@@ -113,8 +172,15 @@ def prepare_image(path: str | os.PathLike, preprocess: Preprocess) -> PreparedIm
     height, width = gray.shape
     return PreparedImage(
         path=str(path),
-        gray_crop=crop,
+        gray_crop=as_uint8(crop),
         tensor=preprocess.to_tensor(crop),
         original_size=(height, width),
         geometry=preprocess.geometry(height, width),
     )
+
+
+def as_uint8(crop: np.ndarray) -> np.ndarray:
+    """A crop for display (overlays): uint8 as it is, a float crop rounded into 0..255."""
+    if crop.dtype == np.uint8:
+        return crop
+    return np.clip(np.rint(crop), 0, 255).astype(np.uint8)

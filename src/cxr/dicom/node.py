@@ -37,6 +37,7 @@ from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.sop_class import Verification
 
 from cxr.data.images import MAX_PIXELS, decode_gray
+from cxr.data.transforms import as_uint8
 from cxr.dicom.checks import Refused, check_instance, valid_uid
 from cxr.dicom.forward import Destination, Forwarder, ForwardError
 from cxr.dicom.receive import DatasetReceiver, ReceivedDataset
@@ -511,7 +512,7 @@ class DicomNode:
                 f"p={probabilities[c]:.2f} (threshold {self.model.thresholds[c]:.2f})",
                 NOT_FOR_DIAGNOSIS,
             ]
-            rgb = overlay_pixels(crop, heatmap, lines)
+            rgb = overlay_pixels(as_uint8(crop), heatmap, lines)
             captures.append(overlay_capture(source, self.model, label, rgb))
         return captures
 

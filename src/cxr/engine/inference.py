@@ -31,7 +31,7 @@ from cxr.extras import installed
 from cxr.metrics import apply_thresholds, probabilities
 from cxr.model.bundle import BundleMeta, load_bundle, resolve_bundle, weights_digest
 from cxr.model.card import INTENDED_USE
-from cxr.model.network import WithFeatures, unwrap
+from cxr.model.network import unwrap
 from cxr.model.onnx import (
     ONNX_FEATURES,
     ONNX_INPUT,
@@ -42,6 +42,7 @@ from cxr.model.onnx import (
     read_onnx_meta,
 )
 from cxr.model.ood import OodSummary, load_ood
+from cxr.model.registry import WithFeatures, architecture_of
 from cxr.runtime import resolve_device
 from cxr.utils import atomic_write_csv, atomic_write_text, path_text
 
@@ -85,8 +86,9 @@ def predict_outputs(
             on_batch(len(batch_indices))
     if not outputs:
         plain = unwrap(model)
-        empty = np.zeros((0, plain.classifier.in_features), dtype=np.float32)
-        classes = plain.classifier.out_features
+        classifier = architecture_of(plain).classifier(plain)
+        empty = np.zeros((0, classifier.in_features), dtype=np.float32)
+        classes = classifier.out_features
         return np.zeros(0, dtype=np.int64), np.zeros((0, classes), dtype=np.float32), empty
     return np.concatenate(indices), np.concatenate(outputs), np.concatenate(pooled)
 
@@ -128,7 +130,7 @@ class Predictor:
 
     @property
     def preprocess(self) -> Preprocess:
-        return Preprocess(self.image_size, self.normalization)
+        return self.meta.preprocess
 
     def outputs(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray | None]:
         """(logits, pooled features) from one forward pass; features ``None`` from an ONNX

@@ -24,6 +24,7 @@ from cxr.errors import ModelError
 from cxr.metrics import auroc_per_class, mean_defined, probabilities
 from cxr.model.loss import WeightedBCELoss
 from cxr.model.network import unwrap
+from cxr.model.registry import freeze_backbone
 from cxr.runtime import Distributed, mixed_precision, precision_name, rng_state, set_rng_state
 
 CheckpointDict = dict[str, Any]
@@ -100,7 +101,7 @@ class Trainer:
         loss_fn = WeightedBCELoss.from_labels(train_labels).to(device)
         loss_fn.masked = loss_fn.masked or masked
         if config.freeze_backbone:
-            model.features.requires_grad_(False)
+            freeze_backbone(model)
         optimizer = torch.optim.SGD(
             [p for p in model.parameters() if p.requires_grad],
             lr=config.lr,

@@ -22,6 +22,10 @@ that tensor. Choices that guard against the known pitfalls:
   evidence; a flat map (no spatial evidence) becomes all zeros, never NaN. Overlays use
   matplotlib's colormaps in RGB order (OpenCV's ``applyColorMap`` returns BGR, which shows
   hot regions as blue when mixed up; see :mod:`cxr.explain.render`).
+- **Other architectures.** The map and the head come from the model's entry in
+  :mod:`cxr.model.registry`: a timm CNN's last-stage output and timm's own head, a ViT's final
+  patch tokens reshaped to their grid (stride 16) with the mean-pool head; the DenseNet path
+  above is that registry's ``densenet`` family, unchanged.
 """
 
 from __future__ import annotations
@@ -34,35 +38,48 @@ import torch.nn.functional as F
 from torch import nn
 
 from cxr.errors import ModelError
-from cxr.model.network import FEATURE_STRIDE, unwrap
+from cxr.model.network import unwrap
+from cxr.model.registry import (
+    DEFAULT_ARCHITECTURE,
+    Architecture,
+    architecture_of,
+    get_architecture,
+)
 
 SHIFT_CHOICES = (1, 2, 4, 8)  # shift-and-stitch densities that keep the geometry whole pixels
 _FLAT = 1e-12  # a map whose range is below this (relative to its peak) has no spatial evidence
 
 
 class _Head(nn.Module):
-    """DenseNet's head on the post-ReLU feature map: identity (hooked) -> GAP -> classifier."""
+    """The model's head on its feature map: identity (hooked) -> the architecture's pool and
+    classifier (DenseNet: GAP -> ``classifier``)."""
 
-    def __init__(self, classifier: nn.Module):
+    def __init__(self, net: nn.Module, arch: Architecture | None = None):
         super().__init__()
         self.feature_map = nn.Identity()
-        self.classifier = classifier
+        if arch is None:  # a DenseNet head given by its classifier alone
+            arch, classifier = get_architecture(DEFAULT_ARCHITECTURE), net
+            net = nn.Module()
+            net.classifier = classifier
+        self.net = net
+        self.arch = arch
 
     def forward(self, feature_map: torch.Tensor) -> torch.Tensor:
-        feature_map = self.feature_map(feature_map)
-        return self.classifier(torch.flatten(F.adaptive_avg_pool2d(feature_map, 1), 1))
+        return self.arch.head(self.net, self.feature_map(feature_map))
 
 
-def _plain(model: nn.Module) -> nn.Module:
+def _plain(model: nn.Module) -> tuple[nn.Module, Architecture]:
     net = unwrap(model)
-    if not isinstance(getattr(net, "features", None), nn.Module) or not isinstance(
-        getattr(net, "classifier", None), nn.Module
+    arch = architecture_of(net)
+    if arch.family == "densenet" and not (
+        isinstance(getattr(net, "features", None), nn.Module)
+        and isinstance(getattr(net, "classifier", None), nn.Module)
     ):
         raise ModelError(
             f"Grad-CAM needs a DenseNet-style model with .features and .classifier; "
             f"got {type(net).__name__}"
         )
-    return net
+    return net, arch
 
 
 def gradcam_with_logits(
@@ -76,11 +93,15 @@ def gradcam_with_logits(
     ``shifts`` times more densely per axis by shift-and-stitch (see :func:`_stitched_cams`).
     """
     if images.ndim != 4:
-        raise ValueError(f"images must be [B, 3, S, S], got shape {tuple(images.shape)}")
+        raise ValueError(f"images must be [B, C, S, S], got shape {tuple(images.shape)}")
     if shifts not in SHIFT_CHOICES:
         raise ValueError(f"shifts must be one of {SHIFT_CHOICES}, not {shifts!r}")
     classes = [int(c) for c in class_indices]
-    net = _plain(model)
+    net, arch = _plain(model)
+    if shifts > 1 and arch.family == "timm-vit":
+        raise ValueError(
+            "shift-and-stitch needs a convolutional network; a ViT's patch grid is fixed"
+        )
     batch, height, width = images.shape[0], images.shape[-2], images.shape[-1]
     was_training = net.training
     net.eval()
@@ -89,9 +110,9 @@ def gradcam_with_logits(
         with torch.inference_mode(False):
             device = next(net.parameters()).device
             pixels = images.detach().to(device).clone()
-            head = _Head(net.classifier)
+            head = _Head(net, arch)
             with torch.no_grad():
-                feature_map = F.relu(net.features(pixels))
+                feature_map = arch.feature_map(net, pixels)
                 logits = head(feature_map).float()
             if not classes or batch == 0:
                 empty = np.zeros((batch, len(classes), height, width), dtype=np.float32)
@@ -146,7 +167,8 @@ def _stitched_cams(
     the caller already ran.
     """
     batch, _, height, width = pixels.shape
-    step = FEATURE_STRIDE // shifts
+    stride = head.arch.stride
+    step = stride // shifts
     fine = None
     for row_shift in range(shifts):
         for col_shift in range(shifts):
@@ -155,7 +177,7 @@ def _stitched_cams(
                 feature_map = unshifted
             else:
                 with torch.no_grad():
-                    feature_map = F.relu(net.features(pixels[..., top:, left:]))
+                    feature_map = head.arch.feature_map(net, pixels[..., top:, left:])
             cam = _raw_cams(head, feature_map, classes)
             cam = cam * (cam.shape[-2] * cam.shape[-1])
             if fine is None:  # the unshifted pass has the most cells: it sets the grid
@@ -167,15 +189,15 @@ def _stitched_cams(
             rows = fine[..., row_shift::shifts, :].shape[-2]
             cols = fine[..., col_shift::shifts].shape[-1]
             fine[..., row_shift::shifts, col_shift::shifts] = cam[..., :rows, :cols]
-    vertical = _linear_weights(height, fine.shape[-2], step).to(fine)
-    horizontal = _linear_weights(width, fine.shape[-1], step).to(fine)
+    vertical = _linear_weights(height, fine.shape[-2], step, stride).to(fine)
+    horizontal = _linear_weights(width, fine.shape[-1], step, stride).to(fine)
     return torch.einsum("yi,bkij,xj->bkyx", vertical, fine, horizontal)
 
 
-def _linear_weights(pixels: int, samples: int, step: int) -> torch.Tensor:
+def _linear_weights(pixels: int, samples: int, step: int, stride: int = 32) -> torch.Tensor:
     """``[pixels, samples]``: linear interpolation from samples at ``16 + i * step`` to pixel
     centres, held constant beyond the outermost samples (as bilinear upsampling does)."""
-    position = (torch.arange(pixels, dtype=torch.float64) + 0.5 - FEATURE_STRIDE / 2) / step
+    position = (torch.arange(pixels, dtype=torch.float64) + 0.5 - stride / 2) / step
     position = position.clamp(0, samples - 1)
     lower = position.floor().long().clamp(max=samples - 1)
     upper = (lower + 1).clamp(max=samples - 1)

@@ -20,13 +20,13 @@ import pandas as pd
 import torch
 
 from cxr.data.layouts.nih import index_images
-from cxr.data.transforms import Preprocess, map_box, prepare_image
+from cxr.data.transforms import map_box, prepare_image
 from cxr.errors import DataError
 from cxr.explain.gradcam import gradcam_with_logits
 from cxr.labels import PATHOLOGIES, canonical_pathology
 from cxr.metrics import probabilities
 from cxr.model.bundle import Bundle
-from cxr.model.network import FEATURE_STRIDE
+from cxr.model.registry import get_architecture
 
 DEFAULT_THRESHOLDS = (0.25, 0.5, 0.75)
 # Half a cell of DenseNet121's final feature map (stride 32): the finest place plain Grad-CAM
@@ -217,9 +217,9 @@ def localize(
     return {
         "boxes_file": source,
         "image_size": bundle.image_size,
-        "feature_map": bundle.image_size // FEATURE_STRIDE,
+        "feature_map": bundle.image_size // get_architecture(bundle.meta.architecture).stride,
         "shifts": shifts,
-        "sample_spacing_px": FEATURE_STRIDE / shifts,
+        "sample_spacing_px": get_architecture(bundle.meta.architecture).stride / shifts,
         "thresholds": [float(t) for t in thresholds],
         "tolerance_px": float(tolerance),
         "images_with_boxes": len(names),
@@ -261,7 +261,7 @@ def _score_batch(
     """The findings of a few images (name, path, their boxes), and how many findings' boxes
     fell wholly outside the model's crop."""
     labels = bundle.labels
-    preprocess = Preprocess(bundle.image_size, bundle.normalization)
+    preprocess = bundle.preprocess
     prepared = [prepare_image(path, preprocess) for _, path, _ in batch]
     needed = sorted({labels.index(p) for *_, rows in batch for p in rows["pathology"].unique()})
     device = next(bundle.model.parameters()).device

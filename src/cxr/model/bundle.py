@@ -31,10 +31,12 @@ from safetensors.torch import load_file, save
 from torch import nn
 
 from cxr.config import MAX_IMAGE_SIZE, MIN_IMAGE_SIZE, NORMALIZATIONS
+from cxr.data.transforms import RESIZE_RULES, Preprocess
 from cxr.errors import ModelError
 from cxr.labels import PATHOLOGIES, label_name_problem
 from cxr.model.card import ModelCard
-from cxr.model.network import ARCHITECTURE, build_model, unwrap
+from cxr.model.network import unwrap
+from cxr.model.registry import ARCHITECTURES, DEFAULT_ARCHITECTURE, architecture_of, build
 from cxr.utils import atomic_write_bytes, atomic_write_text
 
 BUNDLE_WEIGHTS = "model.safetensors"
@@ -52,10 +54,14 @@ _OPTIONAL = (
     "threshold_fit",
     "card",
     "ood",
+    "source",
 )
+# Preprocessing beyond image_size and normalization, written only when not the default, so a
+# bundle made before they existed has the same description (and meta_digest) as before.
+_PREPROCESSING_DEFAULTS = {"channels": 3, "resize_to": None, "resize_rule": "shorter-side"}
 # What describes the model without changing what it computes: left out of meta_digest, so
 # that refreshing the card neither re-exports ONNX nor makes predictions stale.
-_DESCRIPTIVE = ("card", "ood")
+_DESCRIPTIVE = ("card", "ood", "source")
 # A model.json must say these itself: a default would guess which output is which pathology
 # and what input the weights were trained on.
 _REQUIRED_IN_FILE = ("labels", "image_size")
@@ -101,7 +107,10 @@ class BundleMeta(BaseModel):
     threshold_rule: str | None = None
     temperature: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 1.0
     format: str = BUNDLE_FORMAT
-    architecture: str = ARCHITECTURE
+    architecture: str = DEFAULT_ARCHITECTURE  # a name of cxr.model.registry.ARCHITECTURES
+    channels: Literal[1, 3] = 3  # what the first layer reads: the grey image once or thrice
+    resize_to: Annotated[int, Field(ge=MIN_IMAGE_SIZE, le=4 * MAX_IMAGE_SIZE)] | None = None
+    resize_rule: str = "shorter-side"  # cxr.data.transforms.RESIZE_RULES
     output: str = "sigmoid"
     epoch: Annotated[int, Field(ge=0)] | None = None
     val_loss: float | None = None
@@ -111,6 +120,7 @@ class BundleMeta(BaseModel):
     threshold_fit: dict[str, Any] | None = None
     card: ModelCard | None = None  # what the model is for and was trained on (cxr.model.card)
     ood: OodEntry | None = None
+    source: dict[str, Any] | None = None  # where an imported model came from (cxr model import)
     extra: dict[str, Any] = Field(default_factory=dict)  # keys of newer versions, kept
 
     def __init__(self, image_size: Any = PydanticUndefined, /, **values: Any):
@@ -122,14 +132,15 @@ class BundleMeta(BaseModel):
         except ValidationError as exc:
             raise _InvalidMeta(_problems(exc)) from None
 
-    @field_validator("normalization", "format", "architecture", "output")
+    @field_validator("normalization", "format", "architecture", "output", "resize_rule")
     @classmethod
     def _known_name(cls, value: str, info: ValidationInfo) -> str:
         known = {
             "normalization": NORMALIZATIONS,
             "format": (BUNDLE_FORMAT,),
-            "architecture": (ARCHITECTURE,),
+            "architecture": tuple(ARCHITECTURES),
             "output": OUTPUTS,
+            "resize_rule": RESIZE_RULES,
         }
         return _one_of(value, known[info.field_name])
 
@@ -172,6 +183,18 @@ class BundleMeta(BaseModel):
     def effective_temperature(self) -> float:
         return float(self.temperature)
 
+    @property
+    def preprocess(self) -> Preprocess:
+        """What every consumer (predict, evaluate, explain, serve, the DICOM node) does to an
+        image before this model sees it."""
+        return Preprocess(
+            self.image_size,
+            self.normalization,
+            channels=self.channels,
+            resize_to=self.resize_to,
+            resize_rule=self.resize_rule,
+        )
+
     def to_dict(self) -> dict[str, Any]:
         values = {
             "format": self.format,
@@ -184,6 +207,13 @@ class BundleMeta(BaseModel):
             "threshold_rule": self.threshold_rule,
             "temperature": self.temperature,
         }
+        values.update(
+            {
+                k: getattr(self, k)
+                for k, default in _PREPROCESSING_DEFAULTS.items()
+                if getattr(self, k) != default
+            }
+        )
         values.update(
             {
                 k: v.model_dump() if isinstance(v, BaseModel) else v
@@ -336,6 +366,10 @@ class Bundle:
     def temperature(self) -> float:
         return self.meta.effective_temperature
 
+    @property
+    def preprocess(self) -> Preprocess:
+        return self.meta.preprocess
+
 
 def resolve_bundle(path: str | Path) -> tuple[Path, Path]:
     """Accept a run folder, a bundle folder, ``model.json`` or ``model.safetensors``."""
@@ -401,10 +435,10 @@ def load_bundle(path: str | Path, *, device: str | torch.device = "cpu") -> Bund
     weights, meta_path = resolve_bundle(path)
     meta = read_bundle_meta(path)  # checked first: nothing is built for a bad description
     state = _read_weights(weights)
-    for key in ("classifier.weight", "classifier.bias"):
-        if key in state and state[key].ndim >= 1:
-            check_outputs(meta, int(state[key].shape[0]), meta_path, f"{weights.name}'s {key}")
-    model = build_model(num_classes=len(meta.labels))
+    model = build(meta.architecture, len(meta.labels), meta.channels, image_size=meta.image_size)
+    key = classifier_key(model) + ".weight"
+    if key in state and state[key].ndim >= 1:
+        check_outputs(meta, int(state[key].shape[0]), meta_path, f"{weights.name}'s {key}")
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
@@ -425,12 +459,25 @@ def check_outputs(meta: BundleMeta, outputs: int | None, source: str | Path, mod
 def shift_classifier_bias(directory: str | Path, shift: np.ndarray) -> None:
     """Add ``shift`` to the classifier's bias in ``model.safetensors`` (atomically)."""
     path = resolve_bundle(directory)[0]
+    meta = read_bundle_meta(directory)
+    key = classifier_key(build(meta.architecture, len(meta.labels), meta.channels)) + ".bias"
     state = _read_weights(path)
-    bias = state.get("classifier.bias")
+    bias = state.get(key)
     if bias is None or bias.shape != (len(shift),):
         raise ModelError(f"{path}: no classifier bias of {len(shift)} outputs to calibrate")
-    state["classifier.bias"] = (bias.double() + torch.from_numpy(shift)).to(bias.dtype)
+    state[key] = (bias.double() + torch.from_numpy(shift)).to(bias.dtype)
     atomic_write_bytes(path, save(state, metadata={"format": "cxr"}))
+
+
+def classifier_key(model: nn.Module) -> str:
+    """The state-dict prefix of the model's final linear layer (``classifier``, ``fc``,
+    ``head``, ``head.fc``, ...: each family names it its own way)."""
+    model = unwrap(model)
+    target = architecture_of(model).classifier(model)
+    for name, module in model.named_modules():
+        if module is target:
+            return name
+    raise ModelError(f"{type(model).__name__}: its classifier is not one of its modules")
 
 
 def weights_digest(weights: str | Path) -> str:

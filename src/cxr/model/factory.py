@@ -12,17 +12,28 @@ from torch import nn
 
 from cxr.errors import ModelError
 from cxr.labels import PATHOLOGIES, default_label_map
-from cxr.model.bundle import BUNDLE_META, load_bundle
-from cxr.model.network import build_model, imagenet_weights_path, load_imagenet_backbone
+from cxr.model.bundle import BUNDLE_META, classifier_key, load_bundle
+from cxr.model.network import imagenet_weights_path, load_imagenet_backbone, load_weights_file
+from cxr.model.registry import DEFAULT_ARCHITECTURE, architecture_of, build
 
 SCRATCH = ("none", "scratch", "")
 
 
 def create_model(
-    weights: str = "imagenet", labels: Sequence[str] = PATHOLOGIES
+    weights: str = "imagenet",
+    labels: Sequence[str] = PATHOLOGIES,
+    *,
+    arch: str = DEFAULT_ARCHITECTURE,
+    image_size: int | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """The model to train for ``labels``, and a note of where its starting weights came from."""
-    model = build_model(len(labels))
+    """The model to train for ``labels``, and a note of where its starting weights came from.
+
+    DenseNet121 (the default) keeps its own path: torchvision's ImageNet file. A timm
+    architecture's ImageNet weights come from timm's local cache only (never downloaded here).
+    """
+    if arch != DEFAULT_ARCHITECTURE:
+        return _create_timm(weights, labels, arch, image_size)
+    model = build(arch, len(labels))
     if weights in SCRATCH:
         return model, {"init": "random"}
     if weights == "imagenet":
@@ -39,6 +50,35 @@ def create_model(
     return model, {"init": "file", "file": str(path)}
 
 
+def _create_timm(
+    weights: str, labels: Sequence[str], arch: str, image_size: int | None
+) -> tuple[nn.Module, dict[str, Any]]:
+    if weights in SCRATCH:
+        model = build(arch, len(labels), image_size=image_size)
+        return model, {"init": "random", "architecture": arch}
+    if weights == "imagenet":
+        model = build(arch, len(labels), pretrained=True, image_size=image_size)
+        return model, {"init": "imagenet", "source": "timm", "architecture": arch}
+    path = Path(weights)
+    if not path.exists():
+        raise ModelError(
+            f"{path}: weights not found (use imagenet, none, a weights file, a bundle or a run)"
+        )
+    model = build(arch, len(labels), image_size=image_size)
+    if path.is_dir() or path.suffix == ".safetensors" or path.name == BUNDLE_META:
+        return _from_bundle(model, path, labels)
+    state = load_weights_file(path)
+    head = classifier_key(model) + "."
+    backbone = {k: v for k, v in state.items() if not k.startswith(head)}
+    missing, unexpected = model.load_state_dict(backbone, strict=False)
+    if unexpected or [k for k in missing if not k.startswith(head)]:
+        raise ModelError(
+            f"{path}: weights do not fit {arch} "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+    return model, {"init": "file", "file": str(path), "architecture": arch}
+
+
 def _from_bundle(
     model: nn.Module, path: Path, labels: Sequence[str]
 ) -> tuple[nn.Module, dict[str, Any]]:
@@ -47,7 +87,20 @@ def _from_bundle(
     fresh row otherwise."""
     bundle = load_bundle(path)
     source = bundle.model
-    model.features.load_state_dict(source.features.state_dict())
+    arch = architecture_of(model)
+    if bundle.meta.architecture != arch.name or bundle.meta.channels != 3:
+        raise ModelError(
+            f"{path}: a {bundle.meta.architecture} bundle reading {bundle.meta.channels} "
+            f"channel(s) cannot start a {arch.name} run on 3-channel images (pass --arch "
+            f"{bundle.meta.architecture}, or start from imagenet)"
+        )
+    if arch.family == "densenet":
+        model.features.load_state_dict(source.features.state_dict())
+    else:
+        head = classifier_key(model) + "."
+        state = {k: v for k, v in source.state_dict().items() if not k.startswith(head)}
+        model.load_state_dict(state, strict=False)
+    new_head, old_head = arch.classifier(model), arch.classifier(source)
     mapping = default_label_map(bundle.labels, labels)
     kept: dict[str, str] = {}
     with torch.no_grad():
@@ -56,8 +109,8 @@ def _from_bundle(
             if len(sources) != 1:
                 continue
             old = bundle.labels.index(sources[0])
-            model.classifier.weight[row] = source.classifier.weight[old]
-            model.classifier.bias[row] = source.classifier.bias[old]
+            new_head.weight[row] = old_head.weight[old]
+            new_head.bias[row] = old_head.bias[old]
             kept[label] = sources[0]
     note = {
         "init": "bundle",

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 from torchvision.models import DenseNet121_Weights, densenet121
 
 from cxr.errors import ModelError
@@ -30,35 +29,22 @@ def imagenet_weights_path() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(IMAGENET_WEIGHTS.url)
 
 
-def build_model(num_classes: int = len(PATHOLOGIES)) -> nn.Module:
+def build_model(num_classes: int = len(PATHOLOGIES), *, channels: int = 3) -> nn.Module:
     """DenseNet121 whose classifier is one Linear layer on the globally pooled features.
 
     torchvision's DenseNet already ends in ReLU -> adaptive average pool -> flatten ->
     ``classifier``; the model returns logits and a sigmoid gives the 14 probabilities.
+    ``channels`` 1 replaces the first convolution by a one-channel one, as torchxrayvision's
+    DenseNet has it (same key names, so its weights load as they are).
     """
     model = densenet121(weights=None)
     model.classifier = nn.Linear(model.classifier.in_features, num_classes)
+    if channels != 3:
+        first = model.features.conv0
+        model.features.conv0 = nn.Conv2d(
+            channels, first.out_channels, first.kernel_size, first.stride, first.padding, bias=False
+        )
     return model
-
-
-def pooled_features(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """The globally average-pooled features ``[N, 1024]`` that the classifier reads."""
-    model = unwrap(model)
-    maps = F.relu(model.features(images))
-    return torch.flatten(F.adaptive_avg_pool2d(maps, 1), 1)
-
-
-class WithFeatures(nn.Module):
-    """The model answering (logits, pooled features) from one forward pass: what the ONNX
-    export and the out-of-distribution score need."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = unwrap(model)
-
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        features = pooled_features(self.model, images)
-        return self.model.classifier(features), features
 
 
 def load_imagenet_backbone(model: nn.Module, path: str | Path | None = None) -> None:

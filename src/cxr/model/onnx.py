@@ -32,7 +32,7 @@ from cxr.model.bundle import (
     resolve_bundle,
     weights_digest,
 )
-from cxr.model.network import WithFeatures
+from cxr.model.registry import WithFeatures
 from cxr.utils import atomic_write_bytes
 
 if TYPE_CHECKING:
@@ -69,7 +69,9 @@ def export_onnx(model_path: str | Path, out: str | Path, *, check: bool = True) 
     data = onnx_bytes(bundle.model, bundle.image_size, bundle.meta, weights_sha256=digest)
     result = {"path": str(out), "bytes": len(data), "opset": OPSET}
     if check:
-        result["max_prob_diff"] = check_onnx(data, bundle.model, bundle.image_size)
+        result["max_prob_diff"] = check_onnx(
+            data, bundle.model, bundle.image_size, channels=bundle.meta.channels
+        )
     atomic_write_bytes(out, data)
     return result
 
@@ -81,7 +83,7 @@ def onnx_bytes(
     its metadata."""
     onnx = import_extra("onnx", "onnx", "ONNX export")
     model = WithFeatures(model.to("cpu").eval()).eval()
-    example = torch.zeros(1, 3, image_size, image_size)
+    example = torch.zeros(1, meta.channels, image_size, image_size)
     buffer = io.BytesIO()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter announces its deprecation
@@ -172,11 +174,13 @@ def onnx_session(source: str | Path | bytes, threads: int | None = None):
         raise ModelError(f"{label}: not a loadable ONNX model ({exc})") from None
 
 
-def check_onnx(data: bytes, model: torch.nn.Module, image_size: int, batch: int = 3) -> float:
+def check_onnx(
+    data: bytes, model: torch.nn.Module, image_size: int, batch: int = 3, *, channels: int = 3
+) -> float:
     """Max |p_onnx - p_torch| on a random batch; raises :class:`ModelError` above the bar
     (for the probabilities, and for the pooled features relative to their largest value)."""
     generator = torch.Generator().manual_seed(0)
-    images = torch.randn(batch, 3, image_size, image_size, generator=generator)
+    images = torch.randn(batch, channels, image_size, image_size, generator=generator)
     with torch.no_grad():
         logits_torch, features_torch = WithFeatures(model.eval())(images)
     expected = probabilities(logits_torch.numpy())
@@ -222,7 +226,7 @@ def bundle_session(bundle: Bundle, weights: Path, cache_dir=None) -> ort.Inferen
         if session is not None:
             return session
     data = onnx_bytes(bundle.model, bundle.image_size, bundle.meta, weights_sha256=digest)
-    check_onnx(data, bundle.model, bundle.image_size)
+    check_onnx(data, bundle.model, bundle.image_size, channels=bundle.meta.channels)
     with contextlib.suppress(OSError):  # a read-only home: run from memory this time
         atomic_write_bytes(cached, data)
     return onnx_session(data)

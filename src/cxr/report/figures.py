@@ -19,7 +19,7 @@ from sklearn.metrics import precision_recall_curve, roc_curve
 
 from cxr.data.images import decode_gray
 from cxr.data.schema import IMAGE_COLUMN, PATH_COLUMN
-from cxr.data.transforms import Preprocess
+from cxr.data.transforms import as_uint8
 from cxr.explain.gradcam import gradcam
 from cxr.explain.render import overlay_png
 from cxr.metrics import known_only
@@ -215,7 +215,7 @@ def gallery_images(
     """
     device_obj = resolve_device(device)
     bundle = load_bundle(run_dir, device=device_obj)
-    preprocess = Preprocess(bundle.image_size, bundle.normalization)
+    preprocess = bundle.meta.preprocess
     paths = dict(zip(split_frame[IMAGE_COLUMN].astype(str), split_frame[PATH_COLUMN]))
     shown = [
         (c, kind, i, case)
@@ -241,6 +241,8 @@ def gallery_images(
         label = "TP" if kind == "true_positives" else "FP"
         title = f"{pathology} {label}: p = {case['prob']:.3f}\n{case['image']}"
         figure_name = f"gallery-{safe_name(pathology)}-{label.lower()}{i + 1}.png"
-        pngs[figure_name] = overlay_png(crops[case["image"]], maps[case["image"], c], title)
+        pngs[figure_name] = overlay_png(
+            as_uint8(crops[case["image"]]), maps[case["image"], c], title
+        )
         case["figure"] = figure_name
     return pngs

@@ -41,6 +41,7 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
+from cxr.data.transforms import as_uint8
 from cxr.engine.inference import Predictor, image_record, load_predictor
 from cxr.errors import CxrError, DeadlineExceeded, ServiceBusy, WorkerClosed
 from cxr.explain.render import overlay_png, overlay_title
@@ -507,7 +508,7 @@ class _Service:
             raise HTTPException(500, f"{name}: Grad-CAM failed ({type(exc).__name__})") from None
         title = overlay_title(name, labels[index], probability, predictor.thresholds[index])
         return Response(
-            overlay_png(crop, heatmap, title),
+            overlay_png(as_uint8(crop), heatmap, title),
             media_type="image/png",
             headers={
                 # Header values are Latin-1: a label in another script is sent escaped.

@@ -106,14 +106,20 @@ def build_card(run: RunFolder, meta: BundleMeta, metrics: dict[str, Any]) -> Mod
     origin = _origin(run)
     layout = _card_layout(origin)
     test = metrics.get("test") or {}
+    imported = meta.source is not None and meta.card is not None
     return ModelCard(
-        training_data=_training_data(run, origin, meta, layout),
-        method=_method(run, meta),
+        # An imported model was trained elsewhere: what its import said of it stays.
+        training_data=meta.card.training_data
+        if imported
+        else _training_data(run, origin, meta, layout),
+        method=dict(meta.card.method) if imported else _method(run, meta),
         test_metrics=_test_metrics(test) if test.get("per_class") else None,
         subgroups=subgroup_summary(test.get("subgroups")),
         calibration=_calibration(meta),
         ood=_ood_note(meta),
-        limitations=limitations_for(origin, layout and layout.limitation),
+        limitations=list(meta.card.limitations)
+        if imported
+        else limitations_for(origin, layout and layout.limitation),
         cxr_version=__version__,
         weights_sha256=weights_digest(resolve_bundle(run.root)[0]),
         updated=time.strftime("%Y-%m-%d %H:%M:%S %z"),

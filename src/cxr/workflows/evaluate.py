@@ -18,7 +18,6 @@ from cxr.data.datasets import DatasetSpec, LabeledData, find_images, label_matri
 from cxr.data.loaders import split_loader
 from cxr.data.schema import IMAGE_COLUMN, PATH_COLUMN, PATIENT_COLUMN
 from cxr.data.split import read_split_table
-from cxr.data.transforms import Preprocess
 from cxr.engine.inference import bundle_ood, predict_outputs
 from cxr.errors import DataError, LeakageError
 from cxr.metrics import apply_thresholds, classification_metrics, mean_defined, probabilities
@@ -132,7 +131,7 @@ def bundle_outputs(
     """:func:`bundle_logits` and the pooled features of the same forward pass."""
     device_obj = resolve_device(device)
     bundle = load_bundle(run.root, device=device_obj)
-    preprocess = Preprocess(bundle.image_size, bundle.normalization)
+    preprocess = bundle.preprocess
     loader, _ = split_loader(frame, preprocess, batch_size=batch_size, workers=workers)
     indices, logits, features = predict_outputs(bundle.model, loader, device_obj, on_batch=on_batch)
     order = np.argsort(indices, kind="stable")

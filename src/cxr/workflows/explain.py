@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from cxr.data.transforms import PreparedImage, Preprocess, prepare_image
+from cxr.data.transforms import PreparedImage, prepare_image
 from cxr.explain.gradcam import gradcam_with_logits
 from cxr.explain.render import (
     DEFAULT_TOP_K,
@@ -21,7 +21,7 @@ from cxr.explain.render import (
 from cxr.labels import canonical_pathology
 from cxr.metrics import probabilities
 from cxr.model.bundle import Bundle
-from cxr.model.network import FEATURE_STRIDE
+from cxr.model.registry import get_architecture
 from cxr.utils import atomic_write_text, path_text
 
 EXPLANATIONS_NAME = "explanations.json"
@@ -51,7 +51,7 @@ def explain_images(
         [canonical_pathology(name) for name in pathologies]  # fail before any work
     if mode not in EXPLAIN_MODES:
         raise ValueError(f"unknown mode {mode!r}; choose from {', '.join(EXPLAIN_MODES)}")
-    preprocess = Preprocess(bundle.image_size, bundle.normalization)
+    preprocess = bundle.preprocess
     writer = ExplanationWriter(out_dir, paths)
     device = next(bundle.model.parameters()).device
     every = list(range(len(bundle.labels)))
@@ -84,7 +84,7 @@ def explain_images(
     summary = {
         "model_image_size": bundle.image_size,
         "shifts": shifts,
-        "sample_spacing_px": FEATURE_STRIDE / shifts,
+        "sample_spacing_px": get_architecture(bundle.meta.architecture).stride / shifts,
         "images": results,
     }
     atomic_write_text(writer.out / EXPLANATIONS_NAME, json.dumps(summary, indent=2) + "\n")

@@ -46,6 +46,7 @@ from cxr.model.bundle import BundleMeta, save_bundle
 from cxr.model.factory import SCRATCH, create_model
 from cxr.model.network import build_model
 from cxr.model.ood import MIN_REFERENCE_IMAGES, fit_ood_summary, save_ood
+from cxr.model.registry import DEFAULT_ARCHITECTURE, build, freeze_backbone, get_architecture
 from cxr.run import SPLIT_NAMES, RunFolder, require_paths
 from cxr.runtime import Distributed, resolve_device, setup_distributed
 from cxr.utils import atomic_write_bytes, atomic_write_csv
@@ -182,10 +183,15 @@ def _starting_model(
 ) -> tuple[Any, dict]:
     """The model to train and where its weights came from (the checkpoint on a resume)."""
     if checkpoint is None:
-        return create_model(config.weights, labels)
-    model = build_model(len(labels))
+        if config.arch == DEFAULT_ARCHITECTURE:
+            return create_model(config.weights, labels)
+        return create_model(config.weights, labels, arch=config.arch, image_size=config.image_size)
+    if config.arch == DEFAULT_ARCHITECTURE:
+        model = build_model(len(labels))
+    else:
+        model = build(config.arch, len(labels), image_size=config.image_size)
     if config.freeze_backbone:
-        model.features.requires_grad_(False)
+        freeze_backbone(model)
     model.load_state_dict(checkpoint["model"])
     return model, run.load_info().get("init", {})
 
@@ -268,6 +274,7 @@ def _best_bundle_meta(
         labels=list(labels),
         image_size=config.image_size,
         normalization=config.normalization,
+        architecture=config.arch,
         thresholds=thresholds,
         threshold_rule=f"{THRESHOLD_RULE} (Youden's J on the validation split)",
         epoch=record["epoch"],
@@ -361,6 +368,7 @@ def create_run(
     ``found`` is ``data`` already read (the Python API's :class:`cxr.Dataset`, perhaps a
     subset), used instead of reading it again; ``split`` a split of it already made."""
     out, data = Path(out), Path(data)
+    get_architecture(config.arch)  # an unknown name fails before any work
     if RunFolder(out).config.exists():
         raise DataError(
             f"{out}: already holds a run; use `cxr train --resume {out}` to continue it, "
