@@ -441,3 +441,10 @@ def find_unreadable(
             if progress is not None and (done % 64 == 0 or done == len(paths)):
                 progress(done, len(paths))
     return failures
+
+
+def as_uint8(crop: np.ndarray) -> np.ndarray:
+    """A crop for display (overlays): uint8 as it is, a float crop rounded into 0..255."""
+    if crop.dtype == np.uint8:
+        return crop
+    return np.clip(np.rint(crop), 0, 255).astype(np.uint8)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cxr.data.images import decode_gray
+from cxr.data.images import as_uint8, decode_gray
 from cxr.errors import ModelError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -177,10 +177,3 @@ def prepare_image(path: str | os.PathLike, preprocess: Preprocess) -> PreparedIm
         original_size=(height, width),
         geometry=preprocess.geometry(height, width),
     )
-
-
-def as_uint8(crop: np.ndarray) -> np.ndarray:
-    """A crop for display (overlays): uint8 as it is, a float crop rounded into 0..255."""
-    if crop.dtype == np.uint8:
-        return crop
-    return np.clip(np.rint(crop), 0, 255).astype(np.uint8)

@@ -36,8 +36,7 @@ from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.sop_class import Verification
 
-from cxr.data.images import MAX_PIXELS, decode_gray
-from cxr.data.transforms import as_uint8
+from cxr.data.images import MAX_PIXELS, as_uint8, decode_gray
 from cxr.dicom.checks import Refused, check_instance, valid_uid
 from cxr.dicom.forward import Destination, Forwarder, ForwardError
 from cxr.dicom.receive import DatasetReceiver, ReceivedDataset

@@ -17,9 +17,8 @@ import torch
 from PIL import Image
 from sklearn.metrics import precision_recall_curve, roc_curve
 
-from cxr.data.images import decode_gray
+from cxr.data.images import as_uint8, decode_gray
 from cxr.data.schema import IMAGE_COLUMN, PATH_COLUMN
-from cxr.data.transforms import as_uint8
 from cxr.explain.gradcam import gradcam
 from cxr.explain.render import overlay_png
 from cxr.metrics import known_only

@@ -41,7 +41,7 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
-from cxr.data.transforms import as_uint8
+from cxr.data.images import as_uint8
 from cxr.engine.inference import Predictor, image_record, load_predictor
 from cxr.errors import CxrError, DeadlineExceeded, ServiceBusy, WorkerClosed
 from cxr.explain.render import overlay_png, overlay_title
