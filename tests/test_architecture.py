@@ -274,6 +274,7 @@ def _loaded_after(modules: tuple[str, ...]) -> list[str]:
     return json.loads(done.stdout.splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_importing_the_library_loads_no_heavy_optional_library():
     loaded = _loaded_after(LIBRARY_ENTRY)
     assert "torch" in loaded  # the check itself sees what an import loads
@@ -289,6 +290,7 @@ def test_importing_the_library_loads_no_heavy_optional_library():
         ("cxr.model.onnx", "torch"),
     ],
 )
+@pytest.mark.slow
 def test_the_heavy_check_sees_a_heavy_import(module, heavy):
     assert heavy in _loaded_after((module,))
 

@@ -75,6 +75,7 @@ def test_gradcam_on_a_vit_reads_the_patch_grid():
 @pytest.mark.parametrize(
     "name", ["resnet18", pytest.param("vit_tiny_patch16_224", marks=pytest.mark.slow)]
 )
+@pytest.mark.slow
 def test_train_with_arch_records_it_and_exports(name, synth_data, tmp_path):
     run = tmp_path / "run"
     args = ["train", str(synth_data), "--out", str(run), "--arch", name, "--weights", "none",

@@ -287,6 +287,7 @@ def input_size(predictor) -> list:
     return predictor.session.get_inputs()[0].shape[2:]
 
 
+@pytest.mark.slow
 def test_the_onnx_cache_follows_model_json(bundle, image, tmp_path):
     """Editing image_size once reused the ONNX model exported for the old size: the service
     started healthy and answered every request 500."""
@@ -311,6 +312,7 @@ def test_the_onnx_cache_follows_model_json(bundle, image, tmp_path):
     assert onnx_files(cache) == old | new and input_size(third) == [32, 32]
 
 
+@pytest.mark.slow
 def test_model_onnx_beside_the_weights_is_reused_only_for_the_same_model_json(bundle, tmp_path):
     export_onnx(bundle, bundle / "model.onnx")
     cache = tmp_path / "cache"
@@ -332,6 +334,7 @@ def test_model_onnx_beside_the_weights_is_reused_only_for_the_same_model_json(bu
     ],
     ids=["labels", "image_size"],
 )
+@pytest.mark.slow
 def test_an_onnx_file_whose_description_does_not_fit_it_is_refused(
     bundle, image, tmp_path, meta, message
 ):

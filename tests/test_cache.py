@@ -280,6 +280,7 @@ def test_training_from_the_cache_equals_training_from_the_pngs(tmp_path, synth_d
     assert info["cache"] == {"path": str(cache), "image_size": 64, "index_sha256": index_sha}
 
 
+@pytest.mark.slow
 def test_a_resume_cannot_switch_what_the_run_reads(tmp_path, synth_data, make_run):
     import shutil
 

@@ -134,6 +134,7 @@ def test_threshold_rule_descriptions_round_trip():
 # ---------------------------------------------------------------------------- on a run
 
 
+@pytest.mark.slow
 def test_calibrate_run_keeps_auroc_and_calls_and_lowers_test_ece(trained_run, tmp_path):
     run = copy_run(trained_run, tmp_path / "run")
     before = evaluate_run(run, "test", device="cpu")

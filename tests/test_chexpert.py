@@ -38,6 +38,7 @@ def test_the_real_training_table_gives_the_published_figures(real_table):
         assert sum(counts.values()) == 223_414
 
 
+@pytest.mark.slow
 def test_cxr_data_stats_reads_a_chexpert_table_without_its_images(real_table):
     result = CliRunner().invoke(app, ["data", "stats", str(real_table), "--json"])
     assert result.exit_code == 0, result.output

@@ -154,6 +154,7 @@ def test_a_generic_split_round_trips_with_its_labels(generic, tmp_path):
 # ---------------------------------------------------------------------------- CheXpert
 
 
+@pytest.mark.slow
 def test_real_chexpert_table_gives_the_published_figures():
     path = CHEXPERT_TABLE / "train.csv.gz"
     data = read_dataset(path, DatasetSpec(views=("all",)), require_images=False)
@@ -171,6 +172,7 @@ def test_real_chexpert_table_gives_the_published_figures():
         assert {k: stats["labels"][label][k] for k in expected} == expected, label
 
 
+@pytest.mark.slow
 def test_real_chexpert_table_splits_by_patient_without_leakage(tmp_path):
     data = read_dataset(CHEXPERT_TABLE / "train.csv.gz", require_images=False)
     assert len(data.table) == 191_027  # the frontal views by default

@@ -60,6 +60,7 @@ def test_rows_and_columns_over_the_budget_are_refused_from_the_header():
         decode_gray(dicom_bytes(pixels), name="x.dcm", max_pixels=10)
 
 
+@pytest.mark.slow
 def test_a_deflate_bomb_is_inflated_once_up_to_a_cap(monkeypatch):
     bomb = deflated_dicom_bomb(512 * 2**20)  # 512 MiB of zeros in a private element
     assert len(bomb) < 2_000_000
@@ -177,6 +178,7 @@ def test_cxr_predict_names_each_bad_dicom_and_predicts_the_rest(
         assert any(str(folder / name) in line and reason in line for line in lines), (name, lines)
 
 
+@pytest.mark.slow
 def test_the_service_answers_each_bad_dicom_with_its_status(untrained_bundle, real_jpeg_dicom):
     from fastapi.testclient import TestClient
 

@@ -70,6 +70,7 @@ def uid_of(path: Path) -> str:
     return str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID)
 
 
+@pytest.mark.slow
 def test_a_wrong_called_ae_title_is_rejected(sink, make_node, tmp_path):
     node = make_node(sink.port).start()
     image = image_file(tmp_path / "in")
@@ -86,6 +87,7 @@ def test_a_wrong_called_ae_title_is_rejected(sink, make_node, tmp_path):
     ]
 
 
+@pytest.mark.slow
 def test_any_called_ae_title_when_asked(sink, make_node, tmp_path):
     node = make_node(sink.port, accept_any_called_ae=True).start()
     image = image_file(tmp_path / "in")
@@ -202,6 +204,7 @@ def scrape(port: int) -> dict[tuple[str, tuple], float]:
     }
 
 
+@pytest.mark.slow
 def test_idle_connections_do_not_lock_senders_out(sink, make_node, tmp_path):
     limit = 2
     node = make_node(sink.port, max_associations=limit, first_pdu_timeout_s=5.0).start()
@@ -319,6 +322,7 @@ def test_the_listener_answers_while_its_model_loads(bundle, sink, tmp_path):
     assert [r["status"] for r in store_rows(tmp_path)] == ["sent"]
 
 
+@pytest.mark.slow
 def test_a_silent_association_is_aborted_and_the_next_sender_gets_its_slot(
     sink, make_node, tmp_path
 ):
@@ -354,6 +358,7 @@ def test_a_model_that_cannot_load_stops_the_listener_with_an_error(bundle, tmp_p
     assert "the model cannot be loaded" in ended.stderr and "model.json" in ended.stderr
 
 
+@pytest.mark.slow
 def test_a_query_is_not_served_and_the_node_goes_on(sink, make_node, tmp_path):
     """The node is a Storage SCP only: dcmtk's findscu finds no presentation context."""
     node = make_node(sink.port).start()
@@ -377,6 +382,7 @@ def test_a_query_is_not_served_and_the_node_goes_on(sink, make_node, tmp_path):
     assert store_rows(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_the_listener_opens_its_port_without_importing_pytorch():
     """PyTorch's import takes seconds: the listener's modules leave it to the model loader,
     which runs once the port is open (a fresh interpreter, so no other test's import counts)."""

@@ -86,6 +86,7 @@ def sources() -> dict[str, pydicom.Dataset]:
     return {name: pydicom.dcmread(io.BytesIO(data)) for name, data in good_inputs().items()}
 
 
+@pytest.mark.slow
 def test_the_sr_adds_no_error_and_declares_its_private_codes(model, sources, tmp_path):
     maker = ReportMaker(model)
     probabilities = np.linspace(0.0, 1.0, len(model.labels))

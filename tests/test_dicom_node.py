@@ -190,6 +190,7 @@ def test_a_calling_ae_title_not_allowed_is_rejected(sink, make_node, tmp_path):
     assert [r["status"] for r in store_rows(tmp_path)] == ["sent"]  # no row for the rejection
 
 
+@pytest.mark.slow
 def test_an_image_sent_twice_gets_one_report_and_one_row(sink, make_node, tmp_path):
     node = make_node(sink.port).start()
     image = pydicom.dcmread(io.BytesIO(radiograph_dicom(nih_gray(0))))
@@ -201,6 +202,7 @@ def test_an_image_sent_twice_gets_one_report_and_one_row(sink, make_node, tmp_pa
     assert len(store_rows(tmp_path)) == 1
 
 
+@pytest.mark.slow
 def test_a_restart_finishes_what_the_spool_and_the_store_hold(bundle, sink, make_node, tmp_path):
     """What a killed listener leaves: an image received but not predicted, a report made but
     not sent, and an image spooled but never recorded (so never acknowledged)."""
@@ -307,6 +309,7 @@ def test_check_instance_refuses_a_uid_that_is_not_one():
         assert check_instance(good).sop_instance_uid
 
 
+@pytest.mark.slow
 def test_the_fast_report_is_the_one_highdicom_builds(bundle):
     """ReportMaker fills a template; highdicom building each report itself is the reference.
     Element by element they agree, but for the creation and content times."""

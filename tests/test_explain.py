@@ -555,6 +555,7 @@ def test_cli_localize_real_boxes_on_the_ten_real_sample_images(
     assert report["tolerance_px"] == 16.0
 
 
+@pytest.mark.slow
 def test_localize_run_on_synthetic_boxes(tmp_path: Path, make_run, synth_data: Path, bundle_dir):
     run = make_run(tmp_path / "run")
     bundle = load_bundle(bundle_dir)
@@ -588,6 +589,7 @@ def test_localize_run_on_synthetic_boxes(tmp_path: Path, make_run, synth_data: P
         localize_run(run, split="holdout")
 
 
+@pytest.mark.slow
 def test_cli_localize_and_explain_with_shift_and_stitch(
     tmp_path: Path, bundle_dir: Path, real_boxes: Path, sample_images: Path
 ):

@@ -69,6 +69,7 @@ def test_dicom_results_without_sqlalchemy(tmp_path):
     assert_one_line(done, "cxr results", "dicom", "sqlalchemy")
 
 
+@pytest.mark.slow
 def test_a_postgres_url_without_the_postgres_extra():
     done = cxr_without("psycopg", "results", "postgresql://cxr@127.0.0.1:1/results")
     assert_one_line(done, "a PostgreSQL results store", "postgres", "psycopg")
@@ -102,6 +103,7 @@ def bundle_and_image(tmp_path_factory) -> tuple[Path, Path]:
     return folder / "bundle", image
 
 
+@pytest.mark.slow
 def test_predict_on_the_onnx_backend_without_the_onnx_extra(bundle_and_image):
     bundle, image = bundle_and_image
     done = cxr_without(
@@ -110,6 +112,7 @@ def test_predict_on_the_onnx_backend_without_the_onnx_extra(bundle_and_image):
     assert_one_line(done, "the onnx backend", "onnx", "onnxruntime")
 
 
+@pytest.mark.slow
 def test_predict_on_auto_without_the_onnx_extra_runs_on_torch(bundle_and_image, tmp_path):
     bundle, image = bundle_and_image
     out = tmp_path / "predictions.csv"

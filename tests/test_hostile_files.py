@@ -285,6 +285,7 @@ def test_text_helpers_escape_exactly_the_unwritable_and_the_controls():
     assert printable("\u00a0plain \u65e5\u672c") == "\u00a0plain \u65e5\u672c"
 
 
+@pytest.mark.slow
 def test_a_name_that_is_not_utf8_is_written_the_same_in_csv_and_json(
     tmp_path, untrained_bundle, runner
 ):

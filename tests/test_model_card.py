@@ -94,6 +94,7 @@ def test_training_writes_a_card_that_says_synthetic_with_the_split_counts(traine
     assert card.ood is not None and card.ood.reference_images == data.images["val"]
 
 
+@pytest.mark.slow
 def test_evaluate_and_report_fill_the_test_metrics_and_keep_predictions_fresh(
     trained_run, tmp_path
 ):
@@ -142,6 +143,7 @@ def nih_described_bundle(folder: Path) -> Path:
     return untrained_bundle(folder, 64, card=card)
 
 
+@pytest.mark.slow
 def test_page_and_api_say_what_the_model_was_trained_on(trained_run, tmp_path, sample_images):
     image = png_bytes(sample_images / "00001369_000.png")
     cases = [
@@ -262,6 +264,7 @@ def test_a_changed_or_oversized_ood_file_is_refused(trained_run, tmp_path):
         load_ood(bundle, entry)
 
 
+@pytest.mark.slow
 def test_cxr_ood_gives_an_old_bundle_its_summary_and_card(trained_run, tmp_path):
     run = copy_run(trained_run, tmp_path / "run")
     (run / "ood.safetensors").unlink()

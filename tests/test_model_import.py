@@ -115,6 +115,7 @@ def test_xrv_bundle_keeps_labels_preprocessing_and_op_threshs(imported_xrv):
     assert meta["source"]["kind"] == "torchxrayvision"
 
 
+@pytest.mark.slow
 def test_cxr_predict_gives_torchxrayvisions_outputs(imported_xrv, at_home, nih_images, tmp_path):
     model = xrv.models.get_model(NAME)  # from the cache, as a user's own code would
     batch = torch.stack([_xrv_input(p, 224) for p in nih_images])
@@ -133,6 +134,7 @@ def test_cxr_predict_gives_torchxrayvisions_outputs(imported_xrv, at_home, nih_i
     assert np.array_equal((got >= thresholds)[away], (calibrated >= 0.5)[away])
 
 
+@pytest.mark.slow
 def test_xrv_bundle_onnx_backend_matches(imported_xrv, at_home, nih_images, tmp_path, monkeypatch):
     monkeypatch.setenv("CXR_CACHE_DIR", str(tmp_path / "cache"))
     torch_frame = _predicted(imported_xrv, nih_images[:3], tmp_path, "torch")
@@ -219,6 +221,7 @@ def _torchvision_input(path: Path, resize: int) -> torch.Tensor:
     return transform(Image.open(path).convert("L").convert("RGB"))
 
 
+@pytest.mark.slow
 def test_arnoweng_checkpoint_imports_and_predicts_like_chexnet(tmp_path, nih_images):
     net = _chexnet_model()
     state = {f"module.densenet121.{_old_key(k)}": v for k, v in net.state_dict().items()}
@@ -256,6 +259,7 @@ def test_a_pickled_checkpoint_is_refused_and_nothing_in_it_runs(tmp_path):
     assert not marker.exists() and not out.exists()
 
 
+@pytest.mark.slow
 def test_jrzech_checkpoint_imports_with_trust_pickle(tmp_path, nih_images):
     net = _chexnet_model()
     checkpoint = tmp_path / "checkpoint"

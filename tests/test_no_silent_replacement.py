@@ -88,6 +88,7 @@ def untrained_bundle_for(folder: Path, labels=None) -> Path:
     return untrained_bundle(folder / "bundle", 32, **extra)
 
 
+@pytest.mark.slow
 def test_explain_names_labels_as_the_bundle_writes_them(tmp_path):
     labels = ["Pleural Effusion", "Pleural_Thickening", "Épanchement", "No Finding"]
     predictor = load_predictor(untrained_bundle_for(tmp_path, labels), backend="torch")

@@ -158,6 +158,7 @@ def test_the_rendered_card_runs_no_script_in_chromium(tmp_path):
             browser.close()
 
 
+@pytest.mark.slow
 def test_a_20000_character_subgroup_value_keeps_the_figure_its_size():
     from cxr.report.subgroups import subgroup_figure
 

@@ -127,6 +127,7 @@ def test_a_decode_over_the_memory_budget_is_413_and_its_worker_replaced(predicto
         pool.close()
 
 
+@pytest.mark.slow
 def test_a_decode_past_the_time_limit_is_ended_and_the_next_request_succeeds(hooked):
     pool, quick, patient = hooked
     assert post(patient, small_png(), "warm.png").status_code == 200  # the worker is idle
@@ -156,6 +157,7 @@ def test_a_worker_that_dies_is_422_and_replaced(hooked):
     assert post(patient, small_png(), "fine.png").status_code == 200
 
 
+@pytest.mark.slow
 def test_a_worker_ended_by_a_signal_without_a_name_is_replaced_too(hooked):
     """A real-time signal once raised ValueError while the worker was being named: a 500,
     and the slot was lost, so every later request waited for a worker and got 503."""
@@ -464,6 +466,7 @@ def test_a_body_that_trickles_gets_408_at_its_total_limit():
     assert parts and all(part["more_body"] for part in parts)
 
 
+@pytest.mark.slow
 def test_the_server_closes_connections_whose_headers_or_body_stall(server):
     assert exchange(server, b"") == b""  # connected, never sent a byte
     assert exchange(server, b"POST /v1/predict HTTP/1.1\r\nHost: x\r\n") == b""

@@ -308,6 +308,7 @@ def test_official_lists_must_cover_the_table_and_be_disjoint_by_patient(tmp_path
     assert caught.value.shared == {1: {"train_val": 1, "test": 1}}
 
 
+@pytest.mark.slow
 def test_nih_boxes_fall_in_the_test_set_only_with_the_official_split(shared_data):
     """What `cxr localize` warns about, on the real NIH table and box file."""
     from cxr.data.layouts.nih import load_nih

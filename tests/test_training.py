@@ -809,6 +809,7 @@ def test_train_without_a_split_says_which_split_it_made(tmp_path, synth_data):
     ), notes
 
 
+@pytest.mark.slow
 def test_training_workers_default_to_the_cores_available(monkeypatch, tmp_path, make_run):
     import os
 
