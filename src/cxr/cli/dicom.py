@@ -128,15 +128,9 @@ def listen(
         max_dataset_mb=max_dataset_mb,
     )
     node = build_node(
-        model,
-        Destination.parse(forward),
-        options,
-        spool=spool,
-        db=db,
-        backend=backend,
-        device=device,
-        load_in_background=True,
-    )
+        model, Destination.parse(forward), options, spool=spool, db=db, backend=backend,
+        device=device, load_in_background=True,
+    )  # fmt: skip
     _log_to_stderr()
 
     def announce(address):

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from cxr.errors import ModelError
+from cxr.labels import PATHOLOGIES
 from cxr.model.bundle import DEFAULT_THRESHOLD, BundleMeta, save_bundle, weights_digest
 from cxr.model.card import COMMON_LIMITATIONS, ModelCard, TrainingData
 from cxr.model.registry import ARCHITECTURES, build, get_architecture
@@ -41,22 +42,7 @@ IMPORTED_LAYOUT = (
 )
 # CheXNet's 14 findings in the order of its output layer (arnoweng/CheXNet's CLASS_NAMES and
 # jrzech/reproduce-chexnet's PRED_LABEL are the same list).
-CHEXNET_LABELS = (
-    "Atelectasis",
-    "Cardiomegaly",
-    "Effusion",
-    "Infiltration",
-    "Mass",
-    "Nodule",
-    "Pneumonia",
-    "Pneumothorax",
-    "Consolidation",
-    "Edema",
-    "Emphysema",
-    "Fibrosis",
-    "Pleural_Thickening",
-    "Hernia",
-)
+CHEXNET_LABELS = PATHOLOGIES  # NIH's 14, in NIH's order
 # torchvision's old DenseNet key names ('norm.1', 'conv.2'), as CheXNet's checkpoints have them.
 _OLD_DENSENET_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.([12])\.(.+)$")
 PICKLE_RISK = (
