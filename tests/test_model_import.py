@@ -327,3 +327,63 @@ def test_the_service_answers_torchxrayvisions_outputs(imported_xrv, at_home, nih
         expected = torch.sigmoid(model(_xrv_input(path, 224)[None]))[0].numpy()
     got = np.array([body["probabilities"][label] for label in labels])
     assert np.max(np.abs(got - expected)) <= 1e-4
+
+
+@pytest.mark.slow
+def test_the_dicom_node_reports_torchxrayvisions_outputs(imported_xrv, at_home, tmp_path):
+    """`cxr dicom listen`'s node on an imported bundle: dcmtk's storescu sends a radiograph
+    made from a real NIH PNG; the SR report's probabilities are torchxrayvision's own
+    forward on the pixels pydicom decodes."""
+    import subprocess
+
+    import pydicom
+    from conftest import reference_gray
+    from dicom_support import dcmtk, nih_gray, report_findings
+    from support.media import radiograph_dicom
+    from test_dicom_node import Sink
+
+    from cxr.dicom.forward import Destination
+    from cxr.dicom.listen import build_node
+    from cxr.dicom.node import NodeOptions
+
+    image = tmp_path / "image.dcm"
+    image.write_bytes(radiograph_dicom(nih_gray(1)))
+    gray = reference_gray(image).astype(np.float32)
+    pixels = xrv.datasets.normalize(gray, 255)[None]  # what xrv.utils.load_image does
+    transform = __import__("torchvision").transforms.Compose(
+        [xrv.datasets.XRayCenterCrop(), xrv.datasets.XRayResizer(224)]
+    )
+    model = xrv.models.get_model(NAME)
+    model.op_threshs = None
+    with torch.no_grad():
+        expected = torch.sigmoid(model(torch.from_numpy(transform(pixels))[None]))[0].numpy()
+
+    sink = Sink()
+    node = build_node(
+        imported_xrv,
+        Destination("127.0.0.1", sink.port, "SINK"),
+        NodeOptions(port=0, allowed_ae=("PACS",), workers=1),
+        spool=tmp_path / "spool",
+        db=str(tmp_path / "results.sqlite"),
+    ).start()
+    try:
+        command = [dcmtk("storescu"), "-aet", "PACS", "-aec", "CXR", "-ta", "30", "-ts", "30"]
+        sent = subprocess.run(
+            [*command, "127.0.0.1", str(node.address[1]), str(image)],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert sent.returncode == 0, sent.stderr
+        assert node.wait(lambda: node.counts.sent >= 1, 120)  # a hang guard, not a timing
+        (report,) = sink.reports()
+    finally:
+        node.stop()
+        node.store.close()
+        sink.stop()
+    labels = xrv.models.model_urls[NAME]["labels"]
+    findings = report_findings(report)
+    assert list(findings) == labels
+    got = np.array([findings[label]["probability"] for label in labels])
+    assert np.max(np.abs(got - expected)) <= 1e-4
+    thresholds = xrv.models.model_urls[NAME]["op_threshs"]
+    assert [findings[label]["threshold"] for label in labels] == pytest.approx(thresholds)
+    assert report.PatientID == pydicom.dcmread(image).PatientID

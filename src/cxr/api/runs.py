@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -320,14 +320,51 @@ class Run:
         return ExternalEvaluation.from_metrics(self.path, result)
 
     def calibrate(
-        self, *, device: str = "auto", batch_size: int = 32, workers: int = 0
+        self,
+        *,
+        data: str | Path | None = None,
+        label_map: Mapping[str, Sequence[str]] | str | None = None,
+        drop_missing: bool = False,
+        device: str = "auto",
+        batch_size: int = 32,
+        workers: int = 0,
+        **dataset_options: Any,
     ) -> Calibration:
         """Prior correction and temperature scaling fitted on the validation split, and the
-        thresholds refitted (``cxr calibrate``); stored in the run's bundle."""
+        thresholds refitted (``cxr calibrate``); stored in the run's bundle. An imported
+        model is fitted on ``data``, a labelled set (any layout ``open_dataset`` reads; its
+        options as keywords), which becomes its validation split."""
         from cxr.workflows.calibrate import calibrate_run
 
-        result = calibrate_run(self.path, device=device, batch_size=batch_size, workers=workers)
+        result = calibrate_run(
+            self.path, device=device, batch_size=batch_size, workers=workers,
+            labelled=_labelled(data, label_map, drop_missing, dataset_options),
+        )  # fmt: skip
         return Calibration.from_result(result)
+
+    def fit_thresholds(
+        self,
+        rule: str = "youden",
+        target_sensitivity: float = 0.9,
+        *,
+        data: str | Path | None = None,
+        label_map: Mapping[str, Sequence[str]] | str | None = None,
+        drop_missing: bool = False,
+        device: str = "auto",
+        batch_size: int = 32,
+        workers: int = 0,
+        **dataset_options: Any,
+    ) -> dict[str, float]:
+        """Per-class thresholds chosen on the validation split with ``rule`` (``youden``,
+        ``sensitivity`` with ``target_sensitivity``, ``f1``), stored in the bundle, as
+        ``cxr thresholds`` does; ``data`` as for :meth:`calibrate`. Returns them by label."""
+        from cxr.workflows.calibrate import refit_thresholds
+
+        result = refit_thresholds(
+            self.path, rule, target_sensitivity, device=device, batch_size=batch_size,
+            workers=workers, labelled=_labelled(data, label_map, drop_missing, dataset_options),
+        )  # fmt: skip
+        return dict(zip(result["labels"], map(float, result["thresholds"])))
 
     def evaluation(self, split: str = "test") -> Evaluation:
         """The stored results of an earlier evaluation of ``split`` (nothing is recomputed)."""
@@ -341,11 +378,22 @@ class Run:
 
         return load_model(self.path, device=device, backend=backend)
 
-    def report(self, split: str = "test") -> Path:
-        """Write ``report.html`` (and its figures) for an evaluated split; returns its path."""
+    def report(
+        self,
+        split: str = "test",
+        *,
+        data: str | Path | None = None,
+        label_map: Mapping[str, Sequence[str]] | str | None = None,
+        drop_missing: bool = False,
+        **dataset_options: Any,
+    ) -> Path:
+        """Write ``report.html`` (and its figures) for ``split``; returns its path. An
+        imported model is reported on ``data`` (as for :meth:`calibrate`), which becomes
+        that split."""
         from cxr.workflows.report import report_run
 
-        return Path(report_run(self.path, split=split)["html"])
+        labelled = _labelled(data, label_map, drop_missing, dataset_options)
+        return Path(report_run(self.path, split=split, labelled=labelled)["html"])
 
     def resume(self, *, callbacks: TrainCallbacks | None = None, **runtime: Any) -> Run:
         """Continue training from the last checkpoint (``cxr train --resume``); only when and
@@ -428,4 +476,21 @@ def _class_result(name: str, values: dict[str, Any]) -> ClassResult:
         label=name,
         **{k: values[k] for k in keys},
         **{k: values[k] for k in ("tp", "fp", "fn", "tn")},
+    )
+
+
+def _labelled(data, label_map, drop_missing: bool, dataset_options: dict[str, Any]):
+    """A labelled set for an imported bundle's split (:mod:`cxr.workflows.labelled`)."""
+    if data is None:
+        if dataset_options or label_map is not None:
+            raise DataError("dataset options and label_map apply only with data=")
+        return None
+    from cxr.data.datasets import DatasetSpec
+    from cxr.labels import parse_label_map
+    from cxr.workflows.labelled import LabelledSet
+
+    if isinstance(label_map, str):
+        label_map = parse_label_map(label_map)
+    return LabelledSet(
+        data, DatasetSpec(**dataset_options), label_map=label_map, drop_missing=drop_missing
     )

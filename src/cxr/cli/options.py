@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -19,6 +20,39 @@ ShiftsOption = Annotated[
         "(1, 2, 4 or 8; costs N*N backbone passes)."
     ),
 ]
+
+LabelledDataOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--data",
+        help="An imported bundle (cxr model import): the labelled set (any layout) to use as "
+        "its split; it must not share patients with the bundle's other split.",
+    ),
+]
+LabelMapOption = Annotated[
+    str | None,
+    typer.Option(
+        "--label-map",
+        help="With --data: which model output(s) answer each data label, e.g. 'Pleural "
+        "Effusion=Effusion;Lung Lesion=Mass|Nodule' (default: same names, then the "
+        "NIH / CheXpert / MIMIC map).",
+    ),
+]
+DropMissingOption = Annotated[
+    bool, typer.Option("--drop-missing", help="Leave out listed images not on disk.")
+]
+
+
+def labelled_set(data, dataset, label_map: str | None, drop_missing: bool):
+    """``--data`` and its options as a :class:`cxr.workflows.labelled.LabelledSet`, or
+    ``None`` without ``--data``."""
+    if data is None:
+        return None
+    from cxr.labels import parse_label_map
+    from cxr.workflows.labelled import LabelledSet
+
+    mapping = parse_label_map(label_map) if label_map else None
+    return LabelledSet(data, dataset=dataset, label_map=mapping, drop_missing=drop_missing)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,7 +9,16 @@ import typer
 from rich.table import Table
 
 from cxr.cli.common import app, console, friendly_errors, number, progress_task, shown
-from cxr.cli.options import BatchSizeOption, DeviceOption, WorkersOption
+from cxr.cli.options import (
+    BatchSizeOption,
+    DeviceOption,
+    DropMissingOption,
+    LabelledDataOption,
+    LabelMapOption,
+    WorkersOption,
+    dataset_options,
+    labelled_set,
+)
 from cxr.errors import CxrError
 
 # The library modules behind these commands import torch (and captum, onnxruntime, FastAPI,
@@ -55,10 +64,32 @@ def write_report_with_progress(run: Path, **options) -> dict:
         return report_run(run, on_stage=task.describe, on_batch=task.advance, **options)
 
 
+def _print_attached(attached: dict | None, split: str) -> None:
+    """What ``--data`` became: the bundle's split, and which outputs it labels."""
+    if attached is None:
+        return
+    what = "kept" if attached["unchanged"] else "wrote"
+    console.print(
+        f"{what} split/{split}.csv: {attached['images']:,} images of "
+        f"{attached['patients']:,} patients from {shown(attached['data'])} "
+        f"({attached['layout']})"
+        + (f", in place of {shown(attached['replaced'])}" if attached["replaced"] else ""),
+        highlight=False,
+    )
+    if attached["unlabelled_outputs"]:
+        console.print(
+            "no label of the data answers "
+            + ", ".join(shown(n) for n in attached["unlabelled_outputs"])
+            + ": left out (their thresholds are kept)",
+            highlight=False,
+        )
+
+
 @app.command("report")
 @friendly_errors
+@dataset_options
 def report(
-    run: Annotated[Path, typer.Argument(help="Run folder.")],
+    run: Annotated[Path, typer.Argument(help="Run folder or imported bundle.")],
     split: Annotated[str, typer.Option(help="test, val or train.")] = "test",
     resamples: Annotated[
         int, typer.Option(help="Bootstrap resamples (of patients) for the AUROC intervals.")
@@ -67,15 +98,20 @@ def report(
     gallery: Annotated[
         int, typer.Option(help="Grad-CAM cases per class and kind (true/false positives); 0: none.")
     ] = 3,
+    data: LabelledDataOption = None,
+    label_map: LabelMapOption = None,
+    drop_missing: DropMissingOption = False,
     device: DeviceOption = "auto",
     batch_size: BatchSizeOption = 32,
     workers: WorkersOption = 2,
+    dataset=None,
 ):
     """Write report.html (self-contained) and its figures; the numbers go to metrics.json.
 
     Per-class AUROC with a 95% patient-level bootstrap interval, AUPRC, prevalence, the
     metrics at the validation-chosen thresholds, ROC / precision-recall / reliability plots,
     score distributions, a Grad-CAM gallery, training curves, the config and the data.
+    An imported bundle is reported on the labelled set given with --data (its test split).
     """
     if resamples < 1:
         raise CxrError("--resamples must be at least 1")
@@ -90,12 +126,14 @@ def report(
         device=device,
         batch_size=batch_size,
         workers=workers,
+        labelled=labelled_set(data, dataset, label_map, drop_missing),
     )
-    data = result["report"]
-    title = f"{split}: {data['images']:,} images, {data['patients']:,} patients"
-    if data["data"]["synthetic"]:
+    _print_attached(result["attached"], split)
+    numbers = result["report"]
+    title = f"{split}: {numbers['images']:,} images, {numbers['patients']:,} patients"
+    if numbers["data"]["synthetic"]:
         title = "SYNTHETIC " + title
-    console.print(report_table(data, title))
+    console.print(report_table(numbers, title))
     console.print(f"wrote {shown(result['html'])} ({len(result['figures'])} figures beside it)")
 
 
@@ -111,21 +149,27 @@ def _threshold_table(labels, before, after, title: str) -> Table:
 
 @app.command("thresholds")
 @friendly_errors
+@dataset_options
 def thresholds(
-    run: Annotated[Path, typer.Argument(help="Run folder.")],
+    run: Annotated[Path, typer.Argument(help="Run folder or imported bundle.")],
     rule: Annotated[
         str, typer.Option(help="youden (Youden's J), sensitivity (a target) or f1 (maximum F1).")
     ] = "youden",
     target_sensitivity: Annotated[
         float, typer.Option(help="The sensitivity the 'sensitivity' rule must reach.")
     ] = 0.9,
+    data: LabelledDataOption = None,
+    label_map: LabelMapOption = None,
+    drop_missing: DropMissingOption = False,
     device: DeviceOption = "auto",
     batch_size: BatchSizeOption = 32,
     workers: WorkersOption = 2,
+    dataset=None,
 ):
     """Refit the per-class thresholds on the validation split with a rule; store them.
 
     `cxr evaluate`, `cxr predict`, `cxr serve` and `cxr report` use the stored thresholds.
+    An imported bundle is fitted on the labelled set given with --data (its validation split).
     """
     from cxr.calibration import validate_rule
     from cxr.workflows.calibrate import refit_thresholds
@@ -135,7 +179,9 @@ def thresholds(
         result = refit_thresholds(
             run, rule, target_sensitivity, device=device, batch_size=batch_size,
             workers=workers, on_batch=task.advance,
+            labelled=labelled_set(data, dataset, label_map, drop_missing),
         )  # fmt: skip
+    _print_attached(result["attached"], "val")
     console.print(
         _threshold_table(
             result["labels"],
@@ -156,24 +202,32 @@ def thresholds(
 
 @app.command("calibrate")
 @friendly_errors
+@dataset_options
 def calibrate(
-    run: Annotated[Path, typer.Argument(help="Run folder.")],
+    run: Annotated[Path, typer.Argument(help="Run folder or imported bundle.")],
+    data: LabelledDataOption = None,
+    label_map: LabelMapOption = None,
+    drop_missing: DropMissingOption = False,
     device: DeviceOption = "auto",
     batch_size: BatchSizeOption = 32,
     workers: WorkersOption = 2,
+    dataset=None,
 ):
     """Temperature scaling: fit one temperature on the validation split; store it.
 
     Probabilities become sigmoid(logit / T). The ranking, hence every AUROC, is unchanged.
     The thresholds are refitted on the calibrated validation probabilities with the stored
-    rule, so that the positive/negative calls stay consistent.
+    rule, so that the positive/negative calls stay consistent. An imported bundle is fitted
+    on the labelled set given with --data (its validation split).
     """
     from cxr.workflows.calibrate import calibrate_run
 
     with progress_task("validation logits") as task:
         result = calibrate_run(
-            run, device=device, batch_size=batch_size, workers=workers, on_batch=task.advance
-        )
+            run, device=device, batch_size=batch_size, workers=workers, on_batch=task.advance,
+            labelled=labelled_set(data, dataset, label_map, drop_missing),
+        )  # fmt: skip
+    _print_attached(result["attached"], "val")
     console.print(
         f"temperature {result['temperature']:.4f} (was {result['previous_temperature']:.4f}), "
         f"fitted on {result['val_images']:,} validation images: NLL "

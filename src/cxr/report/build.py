@@ -176,6 +176,8 @@ def _report(
     """The report dict around the split's numbers: what was evaluated, data and training."""
     origin = data_origin(run.root)
     info = run.load_info()
+    # An imported bundle's splits are the labelled sets given with --data (workflows.labelled).
+    given = run.dataset_info().get("splits") or {}
     return {
         "split": split,
         "run": str(run.root.resolve()),
@@ -190,8 +192,10 @@ def _report(
         **numbers,
         "data": {
             **origin,
-            "source": info.get("data"),
-            "split_method": info.get("split"),
+            "source": info.get("data")
+            or "; ".join(f"{name}: {entry.get('data')}" for name, entry in given.items()),
+            "split_method": info.get("split")
+            or {"method": "labelled sets given with --data", "sets": given},
             "splits": _split_summary(run),
         },
         "external": external_side_by_side(run.read_metrics().get("external"), numbers),

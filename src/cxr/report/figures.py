@@ -170,7 +170,8 @@ def scores_figure(y_true, y_prob, report: dict) -> bytes:
         ax.set_xlabel("predicted probability", fontsize=7.5)
         ax.set_ylabel("density", fontsize=7.5)
         ax.tick_params(labelsize=7)
-        ax.legend(fontsize=6.5, frameon=False)
+        if (truth == 0).any() or (truth == 1).any():  # a class with no known label has none
+            ax.legend(fontsize=6.5, frameon=False)
     figure.suptitle(
         "Score distributions of positives and negatives (dashed: the threshold)", fontsize=11
     )

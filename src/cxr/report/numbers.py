@@ -157,6 +157,8 @@ def _split_summary(run: RunFolder) -> dict[str, Any]:
 
 
 def _training_summary(run: RunFolder, meta: BundleMeta) -> dict[str, Any]:
+    if meta.source is not None:  # cxr model import: trained elsewhere
+        return {"epochs": 0, "imported": meta.source}
     if not run.log_csv.exists():
         return {"epochs": 0}
     log = pd.read_csv(run.log_csv)

@@ -28,6 +28,7 @@ from cxr.model.bundle import BundleMeta, read_bundle_meta, shift_classifier_bias
 from cxr.run import RunFolder
 from cxr.workflows.card import update_model
 from cxr.workflows.evaluate import bundle_logits, ensure_predictions
+from cxr.workflows.labelled import LabelledSet
 
 OnBatch = Callable[[int], None] | None
 
@@ -41,10 +42,13 @@ def refit_thresholds(
     batch_size: int = 32,
     workers: int = 0,
     on_batch: OnBatch = None,
+    labelled: LabelledSet | None = None,
 ) -> dict[str, Any]:
-    """Choose per-class thresholds on the validation predictions with ``rule``; store them."""
+    """Choose per-class thresholds on the validation predictions with ``rule``; store them.
+    With ``labelled`` (an imported bundle), that set becomes the validation split first."""
     validate_rule(rule, target_sensitivity)
     run_dir = Path(run_dir)
+    attached = labelled.attach(run_dir, FIT_SPLIT) if labelled else None
     predictions = ensure_predictions(
         run_dir, FIT_SPLIT, device=device, batch_size=batch_size, workers=workers, on_batch=on_batch
     )
@@ -56,7 +60,12 @@ def refit_thresholds(
         thresholds, rule, target_sensitivity, len(labels), meta.effective_temperature, kept
     )
     update_model(run_dir, **changes)
-    return {**changes, "previous_thresholds": before, "labels": list(meta.labels)}
+    return {
+        **changes,
+        "previous_thresholds": before,
+        "labels": list(meta.labels),
+        "attached": attached,
+    }
 
 
 def split_logits(
@@ -87,11 +96,14 @@ def calibrate_run(
     batch_size: int = 32,
     workers: int = 0,
     on_batch: OnBatch = None,
+    labelled: LabelledSet | None = None,
 ) -> dict[str, Any]:
     """Prior correction + temperature scaling fitted on the validation split, stored in the
     bundle; then the thresholds refitted on the calibrated validation probabilities with the
-    bundle's stored rule."""
+    bundle's stored rule. With ``labelled`` (an imported bundle), that set becomes the
+    validation split first."""
     run_dir = Path(run_dir)
+    attached = labelled.attach(run_dir, FIT_SPLIT) if labelled else None
     meta = read_bundle_meta(run_dir)
     labels, logits = split_logits(
         run_dir, FIT_SPLIT, device=device, batch_size=batch_size, workers=workers, on_batch=on_batch
@@ -128,6 +140,7 @@ def calibrate_run(
         "thresholds": changes["thresholds"],
         "previous_thresholds": meta.decision_thresholds,
         "labels": list(meta.labels),
+        "attached": attached,
     }
 
 

@@ -23,6 +23,7 @@ from cxr.report.build import check_split
 from cxr.run import RunFolder
 from cxr.workflows.card import write_metrics
 from cxr.workflows.evaluate import ensure_predictions
+from cxr.workflows.labelled import LabelledSet
 
 
 def report_run(
@@ -37,14 +38,17 @@ def report_run(
     workers: int = 0,
     on_stage: Callable[[str], None] = lambda stage: None,
     on_batch: Callable[[int], None] | None = None,
+    labelled: LabelledSet | None = None,
 ) -> dict[str, Any]:
     """Compute the report's numbers into ``metrics.json``, draw the figures, write the page.
 
     Returns ``{"html": path, "figures": [paths], "metrics": metrics.json's path,
-    "report": the dict written to metrics.json}``.
+    "report": the dict written to metrics.json, "attached": what ``labelled`` became}``.
+    With ``labelled`` (an imported bundle), that set becomes the ``split`` first.
     """
     check_split(split)
     run = RunFolder(run_dir).require()
+    attached = labelled.attach(run.root, split) if labelled else None
     on_stage(f"predictions for the {split} split")
     predictions = ensure_predictions(
         run.root, split, device=device, batch_size=batch_size, workers=workers, on_batch=on_batch
@@ -56,4 +60,4 @@ def report_run(
     metrics = run.read_metrics()
     metrics.setdefault(split, {})[REPORT_KEY] = contents.report
     write_metrics(run.root, metrics)  # numbers first: the page shows what metrics.json holds
-    return {**write_report(run.root, contents), "metrics": run.metrics}
+    return {**write_report(run.root, contents), "metrics": run.metrics, "attached": attached}
