@@ -218,3 +218,36 @@ def test_the_labels_become_the_model_outputs(bundle_once, halves):
     frame = frame.set_index("Image Index").loc[names]
     np.testing.assert_array_equal(frame[NIH_LABELLED].to_numpy(), truth)
     assert frame["Fracture"].isna().all()
+
+
+@pytest.mark.slow
+def test_the_python_api_fits_and_reports_on_the_labelled_sets(weights, halves, tmp_path):
+    """``cxr.Run(bundle).fit_thresholds / .calibrate / .report`` with ``data=``: the same
+    references as the CLI's (Youden's J by hand, SciPy's temperature, scikit-learn's AUROC)."""
+    import cxr
+
+    bundle = _import(weights, tmp_path / "bundle")
+    val_names, val_truth = _truth(halves["val"])
+    val_prob = _probabilities(bundle, halves["val"], val_names, tmp_path)
+    run = cxr.Run(bundle)
+
+    fitted = run.fit_thresholds(data=halves["val"], device="cpu")
+    assert list(fitted) == OUTPUTS
+    for c, label in enumerate(NIH_LABELLED):
+        best = max(_youden(val_truth[:, c], val_prob[:, c], t) for t in np.unique(val_prob[:, c]))
+        assert _youden(val_truth[:, c], val_prob[:, c], fitted[label]) == pytest.approx(best)
+    assert fitted["Fracture"] == 0.5
+
+    calibration = run.calibrate(data=halves["val"], device="cpu")
+    logits = np.log(val_prob[:, :3] / (1 - val_prob[:, :3]))
+    expected = _reference_temperature(logits, val_truth)
+    assert calibration.temperature == pytest.approx(expected, rel=1e-3)
+
+    test_names, test_truth = _truth(halves["test"])
+    test_prob = _probabilities(bundle, halves["test"], test_names, tmp_path)
+    html = run.report(data=halves["test"], resamples=50, device="cpu")
+    assert html == bundle / "report.html" and html.stat().st_size > 0
+    evaluation = cxr.Run(bundle).evaluation("test")
+    for c, label in enumerate(NIH_LABELLED):
+        expected = roc_auc_score(test_truth[:, c], test_prob[:, c])
+        assert evaluation.auroc[label] == pytest.approx(expected, abs=1e-9)

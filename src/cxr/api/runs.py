@@ -385,15 +385,26 @@ class Run:
         data: str | Path | None = None,
         label_map: Mapping[str, Sequence[str]] | str | None = None,
         drop_missing: bool = False,
+        resamples: int | None = None,
+        gallery: int | None = None,
+        device: str = "auto",
+        batch_size: int = 32,
+        workers: int = 0,
         **dataset_options: Any,
     ) -> Path:
-        """Write ``report.html`` (and its figures) for ``split``; returns its path. An
-        imported model is reported on ``data`` (as for :meth:`calibrate`), which becomes
-        that split."""
+        """Write ``report.html`` (and its figures) for ``split``; returns its path.
+        ``resamples`` (bootstrap resamples of patients) and ``gallery`` (Grad-CAM cases per
+        class) default to ``cxr report``'s. An imported model is reported on ``data`` (as for
+        :meth:`calibrate`), which becomes that split."""
         from cxr.workflows.report import report_run
 
         labelled = _labelled(data, label_map, drop_missing, dataset_options)
-        return Path(report_run(self.path, split=split, labelled=labelled)["html"])
+        sizes = {"resamples": resamples, "gallery": gallery}
+        result = report_run(
+            self.path, split=split, labelled=labelled, device=device, batch_size=batch_size,
+            workers=workers, **{k: v for k, v in sizes.items() if v is not None},
+        )  # fmt: skip
+        return Path(result["html"])
 
     def resume(self, *, callbacks: TrainCallbacks | None = None, **runtime: Any) -> Run:
         """Continue training from the last checkpoint (``cxr train --resume``); only when and
