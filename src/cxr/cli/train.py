@@ -19,7 +19,13 @@ from cxr.cli.common import (
     shown,
     warn,
 )
-from cxr.cli.options import BatchSizeOption, DeviceOption, WorkersOption, dataset_options
+from cxr.cli.options import (
+    BatchSizeOption,
+    DeviceOption,
+    LabelMapOption,
+    WorkersOption,
+    dataset_options,
+)
 from cxr.config import TrainConfig, load_config
 from cxr.errors import CxrError
 from cxr.labels import PATHOLOGIES
@@ -369,15 +375,7 @@ def evaluate(
             help="External validation: another dataset (any layout) to score the model on.",
         ),
     ] = None,
-    label_map: Annotated[
-        str | None,
-        typer.Option(
-            "--label-map",
-            help="With --data: which model output(s) answer each data label, e.g. 'Pleural "
-            "Effusion=Effusion;Lung Lesion=Mass|Nodule' (default: same names, then the "
-            "NIH / CheXpert / MIMIC map).",
-        ),
-    ] = None,
+    label_map: LabelMapOption = None,
     labels_file: Annotated[
         Path | None,
         typer.Option(
