@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,7 @@ from cxr.errors import ModelError
 from cxr.labels import PATHOLOGIES
 from cxr.model.bundle import DEFAULT_THRESHOLD, BundleMeta, save_bundle, weights_digest
 from cxr.model.card import COMMON_LIMITATIONS, ModelCard, TrainingData
+from cxr.model.network import rename_old_densenet_key
 from cxr.model.registry import ARCHITECTURES, build, get_architecture
 
 XRV_EXTRA = 'pip install "cxr[xrv]"'
@@ -43,8 +43,6 @@ IMPORTED_LAYOUT = (
 # CheXNet's 14 findings in the order of its output layer (arnoweng/CheXNet's CLASS_NAMES and
 # jrzech/reproduce-chexnet's PRED_LABEL are the same list).
 CHEXNET_LABELS = PATHOLOGIES  # NIH's 14, in NIH's order
-# torchvision's old DenseNet key names ('norm.1', 'conv.2'), as CheXNet's checkpoints have them.
-_OLD_DENSENET_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.([12])\.(.+)$")
 PICKLE_RISK = (
     "it needs full unpickling (Python's pickle), and unpickling a file can run any code its "
     "author put in it"
@@ -266,9 +264,7 @@ def _canonical_keys(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Ten
             key = key[len("module.") :]
         if key.startswith("densenet121."):
             key, wrapped = key[len("densenet121.") :], True
-        match = _OLD_DENSENET_KEY.match(key)
-        if match:
-            key = f"{match.group(1)}{match.group(2)}.{match.group(3)}"
+        key = rename_old_densenet_key(key)  # torchvision 0.2's names
         if key.startswith("classifier.0."):
             key = "classifier." + key[len("classifier.0.") :]
         renamed[key] = value

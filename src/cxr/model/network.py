@@ -17,11 +17,10 @@ from cxr.labels import PATHOLOGIES
 ARCHITECTURE = "densenet121"
 FEATURE_STRIDE = 32  # input pixels per cell of DenseNet121's final feature map
 IMAGENET_WEIGHTS = DenseNet121_Weights.IMAGENET1K_V1
-# torchvision's published DenseNet files use the old key names 'norm.1', 'conv.2', ...
-# torchvision renames them in a private helper, so the same rename is done here for local files.
-_OLD_DENSENET_KEY = re.compile(
-    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$"
-)
+# torchvision's published DenseNet files (and CheXNet's checkpoints, saved with torchvision
+# 0.2) use the old key names 'norm.1', 'conv.2', ...; torchvision renames them in a private
+# helper, so the same rename is done here for local and imported files.
+_OLD_DENSENET_KEY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.([12])\.(.+)$")
 
 
 def imagenet_weights_path() -> Path:
@@ -68,7 +67,7 @@ def load_imagenet_backbone(model: nn.Module, path: str | Path | None = None) -> 
                 "train from scratch."
             )
     state = load_weights_file(path)
-    state = {(_rename_old_key(k)): v for k, v in state.items()}
+    state = {rename_old_densenet_key(k): v for k, v in state.items()}
     features = {k[len("features.") :]: v for k, v in state.items() if k.startswith("features.")}
     if not features:
         raise ModelError(f"{path}: not a DenseNet121 state dict (no 'features.*' weights)")
@@ -78,9 +77,10 @@ def load_imagenet_backbone(model: nn.Module, path: str | Path | None = None) -> 
         raise ModelError(f"{path}: weights do not fit DenseNet121 ({exc})") from None
 
 
-def _rename_old_key(key: str) -> str:
+def rename_old_densenet_key(key: str) -> str:
+    """``...denselayer1.norm.1.weight`` -> ``...denselayer1.norm1.weight``; others unchanged."""
     match = _OLD_DENSENET_KEY.match(key)
-    return match.group(1) + match.group(2) if match else key
+    return f"{match.group(1)}{match.group(2)}.{match.group(3)}" if match else key
 
 
 def load_weights_file(path: Path) -> dict[str, torch.Tensor]:
