@@ -344,7 +344,9 @@ def _add_routes(app: FastAPI, service: _Service, keyed: tuple[int, ...]) -> None
     upload = File(
         ...,
         description=f"An X-ray: {MEDIA_TYPES} (judged by its bytes), at most {limit:,} bytes.",
-        json_schema_extra={"maxLength": limit},
+        # format binary beside FastAPI's contentMediaType: what client generators read as a
+        # file (openapi-python-client sent a text field without it).
+        json_schema_extra={"format": "binary", "maxLength": limit},
     )
     upload_encoding = {
         "requestBody": {
