@@ -205,14 +205,12 @@ def openapi_schema(
     ``/openapi.json``, without serving it: for the docs' HTTP reference page and generated
     clients. ``options`` are :func:`create_app`'s (``api_key`` adds the security schemes and
     the 401s). An untrained bundle gives the same schema as a trained one with its labels."""
+    backend, device = options.pop("backend", "torch"), options.pop("device", "cpu")
     if predictor is None:
         if model_path is None:
             raise CxrError("openapi_schema needs a model path or a predictor")
-        options.setdefault("device", "cpu")
-        predictor = load_predictor(model_path, backend=options.pop("backend", "torch"),
-                                   device=options.pop("device"))  # fmt: skip
-    options.pop("backend", None)
-    options.pop("device", None)
+        predictor = load_predictor(model_path, backend=backend, device=device)
+    # No decoding worker or model thread is started: the app is only asked for its schema.
     app = create_app(predictor=predictor, decode_workers=1, **options)
     try:
         return app.openapi()

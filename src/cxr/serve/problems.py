@@ -90,10 +90,13 @@ def bounded(text: str, limit: int = MAX_DETAIL_CHARS) -> str:
 
 
 def field_error(field: str, location: str, problem: str) -> FieldError:
+    """A :class:`FieldError`; a field name that is not a plain identifier (it may come from
+    the client's form) becomes ``request``, and ``problem`` is bounded."""
     field = field if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,59}", field or "") else "request"
     if location not in ("body", "query", "header", "path"):
         location = "request"
-    return FieldError(field=field, location=location, problem=bounded(problem, 200))
+    # 300: room for the list of a bundle's labels (CheXNet's 14 take about 200 characters).
+    return FieldError(field=field, location=location, problem=bounded(problem, 300))
 
 
 def problem(status: int, detail: str, *, errors: list[FieldError] | None = None) -> dict[str, Any]:
