@@ -99,6 +99,25 @@ def test_with_an_api_key_the_page_works_once_the_browser_has_it(
             browser.close()
 
 
+def test_the_page_shows_an_error_s_problem_detail(server_url, tmp_path):
+    """An error is an RFC 9457 problem: the page shows its status and detail."""
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not an X-ray\n")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.set_default_timeout(60_000)
+            page.goto(server_url)
+            page.set_input_files("#file", str(notes))
+            expect(page.locator("#error")).to_have_text(
+                "Error 415: notes.txt: not a PNG, JPEG or DICOM image"
+            )
+            expect(page.locator("#bars .bar-row")).to_have_count(0)
+        finally:
+            browser.close()
+
+
 def use_page(url: str, sample_images: Path, credentials: dict | None = None) -> None:
     """Upload an NIH PNG through the page; check its bars and a Grad-CAM overlay."""
     assert Path(CHROMIUM).is_file() or shutil.which("chromium"), (

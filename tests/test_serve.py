@@ -13,6 +13,7 @@ from conftest import FIXED_CALL_THRESHOLDS
 from fastapi.testclient import TestClient
 from PIL import Image
 from support.media import png_claiming_size
+from support.problems import problem_detail
 
 from cxr.data.images import decode_gray
 from cxr.engine.inference import load_predictor
@@ -114,7 +115,7 @@ def gif_bytes() -> bytes:
 def test_non_images_get_415(client, bundle, data, name, detail):
     response = post(client, data, name=name)
     assert response.status_code == 415
-    assert response.json() == {"detail": detail}
+    assert problem_detail(response) == detail
 
 
 def dicom_without_pixels() -> bytes:
@@ -298,10 +299,10 @@ def test_requests_over_the_time_limit_get_503_and_the_service_recovers(
         release.set()
     assert response.status_code == 503
     assert response.headers["retry-after"] == "5"
-    assert response.json() == {
-        "detail": "slow.png: not answered within the time limit of 0.2 s (the service is busy "
+    assert problem_detail(response) == (
+        "slow.png: not answered within the time limit of 0.2 s (the service is busy "
         "or the image is too slow to process); try again later"
-    }
+    )
     assert_no_server_paths(response.text, bundle)
     monkeypatch.undo()
     assert client.get("/healthz").json()["status"] == "ok"
@@ -325,7 +326,7 @@ def test_unexpected_failures_are_json_500_without_stack_or_paths(
     with caplog.at_level("ERROR", logger="cxr.serve"):
         response = post(client, small_png(), name="x.png")
     assert response.status_code == 500
-    assert response.json() == {"detail": "x.png: internal error while predicting (RuntimeError)"}
+    assert problem_detail(response) == "x.png: internal error while predicting (RuntimeError)"
     assert "boom" not in response.text and "Traceback" not in response.text
     assert_no_server_paths(response.text, bundle)
     assert "boom" in caplog.text  # the details are in the server's log
@@ -334,5 +335,5 @@ def test_unexpected_failures_are_json_500_without_stack_or_paths(
     monkeypatch.setattr(predictor, "describe", lambda: broken(None))
     response = client.get("/healthz")
     assert response.status_code == 500
-    assert response.json() == {"detail": "internal error (RuntimeError); see the server log"}
+    assert problem_detail(response) == "internal error (RuntimeError); see the server log"
     assert_no_server_paths(response.text, bundle)

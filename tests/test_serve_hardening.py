@@ -28,6 +28,7 @@ import uvicorn
 from decode_hooks import misbehave_by_name
 from fastapi.testclient import TestClient
 from support.media import png_bytes
+from support.problems import problem_detail
 from typer.testing import CliRunner
 
 import cxr
@@ -113,9 +114,9 @@ def test_a_decode_over_the_memory_budget_is_413_and_its_worker_replaced(predicto
         big = png_bytes(np.zeros((6000, 6000), dtype=np.uint8))  # 36 Mpx, under the pixel limit
         response = post(client, big, "big.png")
         assert response.status_code == 413
-        assert response.json() == {
-            "detail": "big.png: decoding needs more memory than the per-decode budget of 16 MiB"
-        }
+        assert problem_detail(response) == (
+            "big.png: decoding needs more memory than the per-decode budget of 16 MiB"
+        )
         assert not running(old)
         assert client.get("/healthz").status_code == 200
         response = post(client, small_png(), "fine.png")
@@ -149,9 +150,9 @@ def test_a_worker_that_dies_is_422_and_replaced(hooked):
     [old] = pool.pids()
     response = post(patient, small_png(), "crash.png")
     assert response.status_code == 422
-    assert response.json() == {
-        "detail": "crash.png: the decoder stopped on this image (signal SIGKILL)"
-    }
+    assert problem_detail(response) == (
+        "crash.png: the decoder stopped on this image (signal SIGKILL)"
+    )
     assert not running(old)
     assert patient.get("/healthz").json()["status"] == "ok"
     assert post(patient, small_png(), "fine.png").status_code == 200
@@ -179,11 +180,11 @@ def test_worker_errors_keep_their_kind_and_the_worker(hooked):
     # An ImageError subclass named ImageTooLarge (cxr.data.images' size guard): 413.
     response = post(patient, small_png(), "huge.png")
     assert response.status_code == 413
-    assert response.json() == {"detail": "huge.png: image would need too much memory"}
+    assert problem_detail(response) == "huge.png: image would need too much memory"
     # A bug in the decoder: 500 with the class only, its message stays in the server's log.
     response = post(patient, small_png(), "bug.png")
     assert response.status_code == 500
-    assert response.json() == {"detail": "bug.png: internal error while decoding (KeyError)"}
+    assert problem_detail(response) == "bug.png: internal error while decoding (KeyError)"
     # Ordinary bad images are refused by the worker with the decoder's own message.
     response = post(patient, small_png()[:300], "cut.png")
     assert response.status_code == 422
@@ -291,20 +292,19 @@ def test_a_text_field_named_file_is_422_without_echo(client):
     )
     assert response.status_code == 422
     assert len(response.content) < 500 and "\\u0000" not in response.text
-    assert response.json() == {
-        "detail": "invalid request: file: expected an uploaded file (a multipart part with a "
-        "file name)"
-    }
+    assert problem_detail(response) == (
+        "invalid request: file: expected an uploaded file (a multipart part with a file name)"
+    )
     response = client.post("/v1/explain", data={"pathology": "Mass"})
     assert response.status_code == 422
-    assert response.json() == {"detail": "invalid request: file: missing"}
+    assert problem_detail(response) == "invalid request: file: missing"
 
 
 def test_more_than_one_file_part_is_422(client):
     files = [("file", ("a.png", small_png(), "image/png")), ("file", ("b.png", small_png(), ""))]
     response = client.post("/v1/predict", files=files)
     assert response.status_code == 422
-    assert response.json() == {"detail": "one file per request (the form has 2 'file' parts)"}
+    assert problem_detail(response) == "one file per request (the form has 2 'file' parts)"
 
 
 # ---------------------------------------------------------------------------- options

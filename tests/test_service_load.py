@@ -121,7 +121,8 @@ def send(base: str, mix: list[tuple[str, dict, int]], clients: int) -> list[tupl
                 try:
                     response = http.post("/v1/predict", **kwargs)
                     status = response.status_code
-                    assert response.headers["content-type"] == "application/json"
+                    json = "application/json" if status == 200 else "application/problem+json"
+                    assert response.headers["content-type"] == json
                     text = response.text
                     assert "Traceback" not in text and "/tmp" not in text, text
                 except (httpx.HTTPError, AssertionError):

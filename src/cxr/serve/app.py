@@ -12,11 +12,13 @@ through one batched inference worker (:mod:`cxr.serve.batching`), whose queue is
 it is full, 503 with ``Retry-After``; Grad-CAM runs per image in a bounded thread pool. A
 request not answered within its time limit gets 503 with ``Retry-After``, and its decode, if
 still running, is ended. With an API key (:mod:`cxr.serve.auth`), every endpoint but
-``/healthz`` answers 401 without it. Error bodies are
-``{"detail": message}`` with messages naming the upload by its (sanitised) file name only and
-never echoing what a client sent; an unexpected failure is logged on the server and answered 500
-with the exception's class name, never a stack trace or a server path. ``/docs`` is served
-with its scripts from this service, never from a CDN.
+``/healthz`` answers 401 without it. Every error is an RFC 9457 problem
+(``application/problem+json``, :mod:`cxr.serve.problems`) whose ``detail`` names the upload by
+its (sanitised) file name only and never echoes what a client sent; an unexpected failure is
+logged on the server and answered 500 with the exception's class name, never a stack trace or a
+server path. ``/openapi.json`` declares, per route, each status it can answer with its model
+(:func:`openapi_schema` gives the schema without serving). ``/docs`` is served with its scripts
+from this service, never from a CDN.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cxr.data.images import as_uint8
 from cxr.engine.inference import Predictor, image_record, load_predictor
@@ -79,7 +82,16 @@ from cxr.serve.limits import (
 )
 from cxr.serve.metrics import RequestMetrics, ServiceMetrics
 from cxr.serve.page import render_page
+from cxr.serve.problems import (
+    FieldError,
+    InvalidField,
+    add_problem_schemas,
+    error_responses,
+    field_error,
+    problem_response,
+)
 from cxr.serve.results import add_results_route, open_results
+from cxr.serve.schemas import Health, Prediction
 from cxr.utils import safe_name
 
 MEDIA_TYPES = "PNG, JPEG or DICOM"
@@ -96,6 +108,8 @@ SWAGGER_ASSETS = {
     "swagger-ui.css": "text/css",
     "favicon.png": "image/png",
 }
+# What an upload part may be declared as; the service judges the bytes, not this header.
+UPLOAD_MEDIA_TYPES = "image/png, image/jpeg, application/dicom, application/octet-stream"
 log = logging.getLogger("cxr.serve")
 
 
@@ -176,9 +190,55 @@ def create_app(
     _add_middleware(app, limits, metrics, api_key)
     _add_error_handlers(app)
     _add_docs(app)
-    _add_routes(app, service)
-    add_results_route(app, store)
+    # 401 is a possible answer of every route but /healthz only where there is a key.
+    keyed = (401,) if api_key is not None else ()
+    _add_routes(app, service, keyed)
+    add_results_route(app, store, keyed)
+    _describe_schema(app, keyed=bool(keyed))
     return app
+
+
+def openapi_schema(
+    model_path: str | os.PathLike | None = None, *, predictor: Predictor | None = None, **options
+) -> dict[str, Any]:
+    """The OpenAPI schema the service for ``model_path`` (or ``predictor``) publishes at
+    ``/openapi.json``, without serving it: for the docs' HTTP reference page and generated
+    clients. ``options`` are :func:`create_app`'s (``api_key`` adds the security schemes and
+    the 401s). An untrained bundle gives the same schema as a trained one with its labels."""
+    backend, device = options.pop("backend", "torch"), options.pop("device", "cpu")
+    if predictor is None:
+        if model_path is None:
+            raise CxrError("openapi_schema needs a model path or a predictor")
+        predictor = load_predictor(model_path, backend=backend, device=device)
+    # No decoding worker or model thread is started: the app is only asked for its schema.
+    app = create_app(predictor=predictor, decode_workers=1, **options)
+    try:
+        return app.openapi()
+    finally:
+        app.state.service.close()  # nothing started, but its thread pools are let go
+        if app.state.results is not None:
+            app.state.results.close()
+
+
+def _describe_schema(app: FastAPI, *, keyed: bool) -> None:
+    """``app.openapi`` with the problem models in the components, FastAPI's unused validation
+    models gone, and, with an API key, the ways to send it (every route but /healthz)."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = add_problem_schemas(generate())
+            if keyed:
+                schema["components"]["securitySchemes"] = {
+                    "bearer": {"type": "http", "scheme": "bearer"},
+                    "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
+                }
+                schema["security"] = [{"bearer": []}, {"apiKey": []}]
+                schema["paths"]["/healthz"]["get"]["security"] = []  # open: for probes
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def _metrics(predictor: Predictor) -> ServiceMetrics:
@@ -220,19 +280,33 @@ async def _lifespan(app: FastAPI):
 
 
 def _add_error_handlers(app: FastAPI) -> None:
+    """Every error the app raises answered as a problem (:mod:`cxr.serve.problems`); the
+    middleware (body limit and timeout, API key) answers with the same model itself."""
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # Starlette's own 404 and 405 (no such route, method) come here too.
+        detail = exc.detail if isinstance(exc.detail, str) else "error"
+        errors = [field_error("request", "request", detail)] if exc.status_code == 422 else None
+        return problem_response(exc.status_code, detail, errors=errors, headers=exc.headers)
+
+    @app.exception_handler(InvalidField)
+    async def invalid_field(request: Request, exc: InvalidField) -> JSONResponse:
+        return problem_response(422, exc.detail, errors=exc.errors)
+
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         # FastAPI's own handler echoes each invalid input back (a 1 MiB text field named
         # `file` came back as 6 MiB of JSON): say which field and what is wrong, nothing more.
-        return JSONResponse({"detail": _invalid_request(exc.errors())}, 422)
+        errors = _field_errors(exc.errors())
+        detail = "invalid request: " + "; ".join(f"{e.field}: {e.problem}" for e in errors)
+        return problem_response(422, detail, errors=errors)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         # The details (and the stack) go to the server's log, never to the client.
         log.error("%s %s failed", request.method, request.url.path, exc_info=exc)
-        return JSONResponse(
-            {"detail": f"internal error ({type(exc).__name__}); see the server log"}, 500
-        )
+        return problem_response(500, f"internal error ({type(exc).__name__}); see the server log")
 
 
 def _add_docs(app: FastAPI) -> None:
@@ -261,8 +335,28 @@ def _add_docs(app: FastAPI) -> None:
         )
 
 
-def _add_routes(app: FastAPI, service: _Service) -> None:
+def _add_routes(app: FastAPI, service: _Service, keyed: tuple[int, ...]) -> None:
     predictor = service.predictor
+    labels = list(predictor.labels)
+    limit = service.limits.max_upload_bytes
+    upload = File(
+        ...,
+        description=f"An X-ray: {MEDIA_TYPES} (judged by its bytes), at most {limit:,} bytes.",
+        # format binary beside FastAPI's contentMediaType: what client generators read as a
+        # file (openapi-python-client sent a text field without it).
+        json_schema_extra={"format": "binary", "maxLength": limit},
+    )
+    upload_encoding = {
+        "requestBody": {
+            "content": {
+                "multipart/form-data": {"encoding": {"file": {"contentType": UPLOAD_MEDIA_TYPES}}}
+            }
+        }
+    }
+    # Every POST: the body limits and timeout (400, 408, 413), the upload's checks (415, 422),
+    # the service's time limit and queue (503).
+    upload_errors = (*keyed, 400, 408, 413, 415, 422, 500, 503)
+    explain_errors = (*upload_errors, 501) if predictor.torch_model is None else upload_errors
 
     page_html = render_page(predictor.meta, service.about)
 
@@ -270,7 +364,7 @@ def _add_routes(app: FastAPI, service: _Service) -> None:
     def page() -> HTMLResponse:
         return HTMLResponse(page_html, headers={"Cache-Control": "no-store"})
 
-    @app.get("/healthz")
+    @app.get("/healthz", response_model=Health, responses=error_responses(500))
     def healthz() -> dict[str, Any]:
         """Liveness, the model's description and the decoding workers' state."""
         return {
@@ -289,24 +383,45 @@ def _add_routes(app: FastAPI, service: _Service) -> None:
             headers={"Cache-Control": "no-store"},
         )
 
-    @app.post("/v1/predict")
-    async def predict(
-        request: Request,
-        file: UploadFile = File(..., description=f"An X-ray: {MEDIA_TYPES}."),
-    ) -> dict[str, Any]:
+    @app.post(
+        "/v1/predict",
+        response_model=Prediction,
+        responses=error_responses(*upload_errors),
+        openapi_extra=upload_encoding,
+    )
+    async def predict(request: Request, file: UploadFile = upload) -> dict[str, Any]:
         """The bundle's probabilities, positive/negative calls and thresholds, per label."""
         name, data = await service.read(request, file)
         return await service.predict(name, data)
 
+    explained = {
+        "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
+        "description": "The Grad-CAM overlay (PNG).",
+        "headers": {
+            name: {"description": text, "schema": {"type": "string"}}
+            for name, text in (
+                ("X-Pathology", "The label explained (non-ASCII escaped)."),
+                ("X-Probability", "Its probability, 6 decimals."),
+                ("X-Model-Synthetic", "true, false or unknown."),
+            )
+        },
+    }
+
     @app.post(
         "/v1/explain",
         response_class=Response,
-        responses={200: {"content": {"image/png": {}}, "description": "Grad-CAM overlay PNG"}},
+        responses={200: explained, **error_responses(*explain_errors)},
+        openapi_extra=upload_encoding,
     )
     async def explain(
         request: Request,
-        file: UploadFile = File(..., description=f"An X-ray: {MEDIA_TYPES}."),
-        pathology: str = Form(..., description="A pathology name (e.g. Effusion) or index 0-13."),
+        file: UploadFile = upload,
+        pathology: str = Form(
+            ...,
+            description=f"A label of the model or its index 0-{len(labels) - 1} (the service "
+            "also takes a label in any case, with '_' for a space).",
+            json_schema_extra={"enum": [*labels, *map(str, range(len(labels)))]},
+        ),
     ) -> Response:
         """The Grad-CAM overlay (PNG) for one pathology over the crop the model saw."""
         index = _pathology_index(predictor.labels, pathology)
@@ -357,7 +472,9 @@ class _Service:
         form = await request.form()  # already parsed for the route: cached, not read again
         parts = len(form.getlist("file"))
         if parts > 1:
-            raise HTTPException(422, f"one file per request (the form has {parts} 'file' parts)")
+            raise InvalidField(
+                "file", "body", f"one file per request (the form has {parts} 'file' parts)"
+            )
         name = safe_name(os.path.basename((upload.filename or "").replace("\\", "/"))) or "upload"
         limit = self.limits.max_upload_bytes
         data = await upload.read(limit + 1)
@@ -382,12 +499,14 @@ class _Service:
         except DecodeTimeout:
             raise self._too_slow(name) from None
         except DecodeRefused as exc:
-            raise HTTPException(413 if exc.kind in TOO_LARGE else 422, str(exc)) from None
+            if exc.kind in TOO_LARGE:
+                raise HTTPException(413, str(exc)) from None
+            raise InvalidField("file", "body", str(exc), "cannot be decoded") from None
         except DecodeOutOfMemory as exc:  # a size limit, like the pixel limit: 413
             raise HTTPException(413, str(exc)) from None
         except DecoderCrashed as exc:  # the input made a decoder library die: unreadable
             log.warning("%s", exc)
-            raise HTTPException(422, str(exc)) from None
+            raise InvalidField("file", "body", str(exc), "cannot be decoded") from None
         except DecoderUnavailable as exc:
             log.error("%s: no decoding worker: %s", name, exc)
             raise HTTPException(
@@ -541,30 +660,32 @@ def _pathology_index(labels: list[str], pathology: str) -> int:
     if index is not None:
         return index
     shown = ascii(text[:40]) + ("..." if len(text) > 40 else "")
-    raise HTTPException(
-        422,
-        f"unknown pathology {shown}; choose one of {', '.join(labels)} or 0-{len(labels) - 1}",
+    choices = f"choose one of {', '.join(labels)} or 0-{len(labels) - 1}"
+    raise InvalidField(
+        "pathology", "body", f"unknown pathology {shown}; {choices}", f"unknown; {choices}"
     )
 
 
-def _invalid_request(errors) -> str:
-    """One line for a request FastAPI could not validate: the fields and what is wrong with
-    each, in words of our own (nothing the client sent is repeated)."""
-    problems: list[str] = []
+def _field_errors(errors) -> list[FieldError]:
+    """The fields of a request FastAPI could not validate and what is wrong with each, in
+    words of our own (nothing the client sent is repeated)."""
+    found: list[FieldError] = []
     for error in list(errors)[:5]:
-        location = error.get("loc") or ()
+        location = tuple(error.get("loc") or ())
+        where = str(location[0]) if len(location) > 1 else "request"
         field = str(location[-1]) if location else "request"
         if not re.fullmatch(r"[A-Za-z_]{1,30}", field):
-            field = "a field"
+            field = "request"
         if error.get("type") == "missing":
-            problem = f"{field}: missing"
+            problem = "missing"
         elif field == "file":
-            problem = "file: expected an uploaded file (a multipart part with a file name)"
+            problem = "expected an uploaded file (a multipart part with a file name)"
         else:
-            problem = f"{field}: invalid value"
-        if problem not in problems:
-            problems.append(problem)
-    return "invalid request: " + "; ".join(problems or ["malformed"])
+            problem = "invalid value"
+        entry = field_error(field, where, problem)
+        if entry not in found:
+            found.append(entry)
+    return found or [field_error("request", "request", "malformed")]
 
 
 def _version() -> str:

@@ -19,9 +19,8 @@ import re
 import stat
 from pathlib import Path
 
-from fastapi.responses import JSONResponse
-
 from cxr.errors import ConfigError
+from cxr.serve.problems import problem_response
 
 MAX_KEY_FILE_BYTES = 4096
 MIN_KEY_CHARS = 16
@@ -121,12 +120,9 @@ class ApiKeyAuth:
             return
         if self.on_refusal is not None:
             self.on_refusal()
-        response = JSONResponse(
-            {
-                "detail": "missing or wrong API key: send it as 'Authorization: Bearer KEY' "
-                "or 'X-API-Key: KEY'"
-            },
+        response = problem_response(
             401,
+            "missing or wrong API key: send it as 'Authorization: Bearer KEY' or 'X-API-Key: KEY'",
             # Close: the unread body of a refused upload must not be taken for the next request.
             headers={"WWW-Authenticate": REALM, "Connection": "close"},
         )

@@ -10,11 +10,11 @@ import math
 import warnings
 from dataclasses import dataclass
 
-from fastapi.responses import JSONResponse
 from PIL import Image
 
 from cxr.data.images import is_dicom_bytes
 from cxr.errors import ConfigError
+from cxr.serve.problems import problem_response
 
 DEFAULT_MAX_UPLOAD_BYTES = 32 * 1024 * 1024
 DEFAULT_MAX_PIXELS = 40_000_000
@@ -147,7 +147,7 @@ class BodyLimit:
             try:
                 declared_size = int(declared)
             except ValueError:
-                await JSONResponse({"detail": "invalid Content-Length"}, 400)(scope, receive, send)
+                await problem_response(400, "invalid Content-Length")(scope, receive, send)
                 return
             if declared_size > self.limit:
                 await self._refuse(scope, receive, send, received=0, declared=declared_size)
@@ -189,9 +189,9 @@ class BodyLimit:
                 received += len(message.get("body", b""))
                 if not message.get("more_body", False):
                     break
-        response = JSONResponse(
-            {"detail": f"request body is larger than the limit of {mib(self.limit)}"},
+        response = problem_response(
             413,
+            f"request body is larger than the limit of {mib(self.limit)}",
             headers={"Connection": "close"},
         )
         await response(scope, receive, send)
@@ -245,12 +245,10 @@ class BodyTimeout:
         except _BodyStalled:
             if started:  # nothing sensible to add to a response under way: the server closes
                 raise
-            response = JSONResponse(
-                {
-                    "detail": f"request body stalled: nothing received for {self.timeout_s:g} s, "
-                    f"or not all of it within {self.total_s:g} s"
-                },
+            response = problem_response(
                 408,
+                f"request body stalled: nothing received for {self.timeout_s:g} s, "
+                f"or not all of it within {self.total_s:g} s",
                 headers={"Connection": "close"},
             )
             await response(scope, receive, send)
