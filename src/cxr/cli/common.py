@@ -59,12 +59,14 @@ COMMAND_ORDER = (
 
 
 class _OrderedGroup(TyperGroup):
-    """Lists the commands in :data:`COMMAND_ORDER` (any other after them, as registered)."""
+    """Holds its commands in :data:`COMMAND_ORDER` (any other after them, as registered), so
+    that ``cxr --help`` and the generated CLI reference list them in that order."""
 
-    def list_commands(self, ctx):
-        names = super().list_commands(ctx)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         rank = {name: i for i, name in enumerate(COMMAND_ORDER)}
-        return sorted(names, key=lambda name: rank.get(name, len(rank)))
+        ordered = sorted(self.commands, key=lambda name: rank.get(name, len(rank)))
+        self.commands = {name: self.commands[name] for name in ordered}
 
 
 app = typer.Typer(
