@@ -238,7 +238,8 @@ def test_site_renders_in_chromium(site_url):
             for path, heading in pages.items():
                 page.goto(site_url + path)
                 expect(page.locator("article h1").first).to_have_text(re.compile(heading))
-            expect(page.locator("article h3", has_text="cxr data split").first).to_be_visible()
+            heading = page.get_by_role("heading", name=re.compile(r"^cxr data split"))
+            expect(heading).to_be_visible()
             page.goto(site_url)
             expect(page.locator("article img").first).to_be_visible()
             width = page.locator("article img").first.evaluate("e => e.naturalWidth")

@@ -30,7 +30,14 @@ def cli_reference() -> str:
         f"$ cxr {' '.join(root.collect_usage_pieces(ctx))}",
         "```",
         "",
+        "**Options**:",
+        "",
     ]
+    for param in root.get_params(ctx):
+        record = param.get_help_record(ctx)
+        if record:
+            parts.append(f"* `{record[0]}`: {record[1]}")
+    parts.append("")
     panel = None
     for name in root.list_commands(ctx):
         command = root.get_command(ctx, name)
