@@ -156,6 +156,7 @@ def test_api_reference_has_every_public_name(site):
             f"{value.__module__}.{value.__qualname__}"
         )  # fmt: skip
         assert f'id="{anchor}"' in text, f"cxr.{name} ({anchor}) is not in the API reference"
+    assert not re.search(r":(class|func|meth|attr):<code>", text), "a Sphinx role left as text"
 
 
 @pytest.mark.slow
@@ -246,5 +247,4 @@ def test_site_renders_in_chromium(site_url):
             assert width > 0, "the landing page's picture did not load"
         finally:
             browser.close()
-    assert errors == []
-    assert failed == []
+    assert (errors, failed) == ([], [])
