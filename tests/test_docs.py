@@ -55,6 +55,18 @@ def test_readme_starts_with_the_commands_ci_runs():
     assert apt and all(name in apt[0] for name in packages), (apt, packages)
 
 
+def test_readme_links_resolve():
+    """The README links into the repository (GitHub renders docs/*.md): each file exists."""
+    links = re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", README.read_text())
+    local = [link for link in links if not link.startswith(("http://", "https://"))]
+    assert len(local) > 10
+    missing = [link for link in local if not (ROOT / link).exists()]
+    assert missing == []
+    picture = ROOT / "docs" / "assets" / "report.png"
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert picture.stat().st_size < 300_000
+
+
 def test_license_and_project_urls():
     import tomllib
 
