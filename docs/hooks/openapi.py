@@ -18,8 +18,9 @@ PAGE = "reference/http-api.md"
 SCHEMA = "reference/openapi.json"
 
 
-def openapi_schema() -> dict:
-    """The OpenAPI schema of ``cxr serve``'s app on an untrained bundle."""
+def openapi_schema() -> tuple[dict, list[str]]:
+    """The OpenAPI schema of ``cxr serve``'s app on an untrained bundle, and the routes the
+    schema leaves out (``GET /``, ``/metrics``...) as ``METHOD path``."""
     import torch
 
     from cxr.model.bundle import BundleMeta, save_bundle
@@ -30,7 +31,15 @@ def openapi_schema() -> dict:
         bundle = Path(folder) / "model"
         torch.manual_seed(0)
         save_bundle(bundle, build_model(), BundleMeta(image_size=64, normalization="imagenet"))
-        return create_app(bundle, backend="torch", device="cpu").openapi()
+        service = create_app(bundle, backend="torch", device="cpu")
+        hidden = [
+            f"{method} {route.path}"
+            for route in service.routes
+            if not getattr(route, "include_in_schema", True)
+            for method in sorted(getattr(route, "methods", None) or {"GET"})
+            if method != "HEAD"
+        ]
+        return service.openapi(), hidden
 
 
 def _type(schema: dict, spec: dict) -> str:
@@ -70,8 +79,8 @@ def _limits(schema: dict) -> str:
     return f" ({', '.join(parts)})" if parts else ""
 
 
-def markdown(spec: dict) -> str:
-    """The reference page for ``spec``."""
+def markdown(spec: dict, hidden: list[str]) -> str:
+    """The reference page for ``spec``; ``hidden``: the routes outside the schema."""
     info = spec["info"]
     lines = [
         "# HTTP API",
@@ -80,9 +89,10 @@ def markdown(spec: dict) -> str:
         f"{info['version']}). This page is generated when the site is built, from the schema of "
         "the service itself (`cxr.serve.app.create_app`), so it follows the code; the running "
         "service shows the same at `/docs` and `/openapi.json`, and the schema is "
-        "[openapi.json](openapi.json). Routes left out of the schema: `GET /` (the page), "
-        "`GET /metrics` (Prometheus) and `GET /docs`. How to run and secure the service: "
-        "[Serve over HTTP](../how-to/serve.md).",
+        "[openapi.json](openapi.json). Routes the schema leaves out: "
+        + ", ".join(f"`{route}`" for route in hidden)
+        + ". The limits' status codes (401, 408, 413, 415, 503) and how to run and secure the "
+        "service: [Serve over HTTP](../how-to/serve.md).",
         "",
     ]
     for path, operations in spec["paths"].items():
@@ -143,7 +153,7 @@ def markdown(spec: dict) -> str:
 
 
 def on_files(files, config):
-    spec = openapi_schema()
-    files.append(File.generated(config, PAGE, content=markdown(spec)))
+    spec, hidden = openapi_schema()
+    files.append(File.generated(config, PAGE, content=markdown(spec, hidden)))
     files.append(File.generated(config, SCHEMA, content=json.dumps(spec, indent=2) + "\n"))
     return files
