@@ -7,6 +7,8 @@ runs until it is stopped. Sizes shrink where the tutorial's would take hours: a 
 first on ``PATH`` appends smaller options to some commands (click keeps an option's last
 value), listed in ``SMALLER``, and paths to data a tutorial assumes on disk are replaced by
 a small synthetic stand-in (``PATHS``). The commands are otherwise run exactly as printed.
+``docs/tutorials/python.md``'s example runs in ``tests/test_api.py``
+(``test_the_documented_example_runs``).
 """
 
 from __future__ import annotations
