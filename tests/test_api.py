@@ -306,8 +306,8 @@ def test_train_through_the_api_equals_cxr_train(synth_data, tmp_path):
 
 @pytest.mark.slow
 def test_the_documented_example_runs(tmp_path):
-    """docs/python-api.md's first example, as a user would paste it."""
-    text = (ROOT / "docs" / "python-api.md").read_text()
+    """docs/tutorials/python.md's first example, as a user would paste it."""
+    text = (ROOT / "docs" / "tutorials" / "python.md").read_text()
     example = re.search(r"```python\n(.*?)```", text, re.S).group(1)
     result = subprocess.run(
         [sys.executable, "-c", example], cwd=tmp_path, capture_output=True, text=True,

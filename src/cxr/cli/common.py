@@ -21,18 +21,62 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
+from typer.core import TyperGroup
 
 from cxr.errors import CxrError, LeakageError
 from cxr.safety import masked
 from cxr.utils import printable_text
 
+# `cxr --help` lists the commands in the order a user meets them, each under its panel.
+GET_STARTED = "Get started"
+DATA = "Data"
+TRAIN = "Train"
+EVALUATE = "Evaluate"
+REPORT = "Report"
+EXPLAIN = "Explain"
+PREDICT = "Predict and export"
+SERVE = "Serve"
+RESULTS = "Results"
+COMMAND_ORDER = (
+    "demo",
+    "data",
+    "train",
+    "model",
+    "evaluate",
+    "calibrate",
+    "thresholds",
+    "ood",
+    "report",
+    "card",
+    "explain",
+    "localize",
+    "predict",
+    "export",
+    "serve",
+    "dicom",
+    "results",
+)
+
+
+class _OrderedGroup(TyperGroup):
+    """Holds its commands in :data:`COMMAND_ORDER` (any other after them, as registered), so
+    that ``cxr --help`` and the generated CLI reference list them in that order."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        rank = {name: i for i, name in enumerate(COMMAND_ORDER)}
+        ordered = sorted(self.commands, key=lambda name: rank.get(name, len(rank)))
+        self.commands = {name: self.commands[name] for name in ordered}
+
+
 app = typer.Typer(
+    cls=_OrderedGroup,
     help="Chest X-ray diagnosis on NIH ChestX-ray14: data, training, evaluation, explanation.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
 data_app = typer.Typer(help="NIH tables: statistics, patient-level splits, synthetic data.")
-app.add_typer(data_app, name="data")
+app.add_typer(data_app, name="data", rich_help_panel=DATA)
 
 # soft_wrap: messages hold paths, which must stay whole (copyable) at any terminal width.
 console = Console(soft_wrap=True)

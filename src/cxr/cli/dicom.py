@@ -13,13 +13,13 @@ import typer
 from rich.table import Table
 from typer.core import TyperGroup
 
-from cxr.cli.common import app, console, friendly_errors, shown
+from cxr.cli.common import RESULTS, SERVE, app, console, friendly_errors, shown
 from cxr.cli.options import DeviceOption
 from cxr.errors import CxrError
 from cxr.extras import import_extra, require
 
 dicom_app = typer.Typer(help="The DICOM node: receive radiographs, answer with reports.")
-app.add_typer(dicom_app, name="dicom")
+app.add_typer(dicom_app, name="dicom", rich_help_panel=SERVE)
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 PATIENT_ID_HELP = "How the store keeps Patient ID: hash (salted SHA-256), keep, or drop."
@@ -243,7 +243,7 @@ results_app = typer.Typer(
     cls=_ShowByDefault,
     help="The DICOM listener's results: show them (cxr results SOURCE), or back them up.",
 )
-app.add_typer(results_app, name="results")
+app.add_typer(results_app, name="results", rich_help_panel=RESULTS)
 
 
 @results_app.command("backup")

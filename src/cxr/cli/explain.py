@@ -9,7 +9,7 @@ import typer
 from rich import box
 from rich.table import Table
 
-from cxr.cli.common import app, console, friendly_errors, progress_task, shown, warn
+from cxr.cli.common import EXPLAIN, app, console, friendly_errors, progress_task, shown, warn
 from cxr.cli.options import BatchSizeOption, DeviceOption, ShiftsOption
 from cxr.errors import CxrError
 
@@ -40,7 +40,7 @@ def _check_shifts(shifts: int) -> None:
 # ---------------------------------------------------------------------------- explain
 
 
-@app.command("explain")
+@app.command("explain", rich_help_panel=EXPLAIN)
 @friendly_errors
 def explain(
     run: Annotated[Path, typer.Argument(help="Run folder or model bundle.")],
@@ -123,7 +123,7 @@ def _prediction_table(record: dict, labels: list[str]) -> Table:
 # ---------------------------------------------------------------------------- localize
 
 
-@app.command("localize")
+@app.command("localize", rich_help_panel=EXPLAIN)
 @friendly_errors
 def localize(
     run: Annotated[Path, typer.Argument(help="Run folder or model bundle.")],

@@ -8,11 +8,11 @@ from typing import Annotated
 
 import typer
 
-from cxr.cli.common import app, console, friendly_errors, shown
+from cxr.cli.common import TRAIN, app, console, friendly_errors, shown
 from cxr.errors import CxrError
 
 model_app = typer.Typer(help="Bring your own model: import checkpoints as cxr bundles.")
-app.add_typer(model_app, name="model")
+app.add_typer(model_app, name="model", rich_help_panel=TRAIN)
 
 
 @model_app.command("import")

@@ -8,7 +8,16 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from cxr.cli.common import app, console, friendly_errors, number, progress_task, shown
+from cxr.cli.common import (
+    EVALUATE,
+    REPORT,
+    app,
+    console,
+    friendly_errors,
+    number,
+    progress_task,
+    shown,
+)
 from cxr.cli.options import (
     BatchSizeOption,
     DeviceOption,
@@ -85,7 +94,7 @@ def _print_attached(attached: dict | None, split: str) -> None:
         )
 
 
-@app.command("report")
+@app.command("report", rich_help_panel=REPORT)
 @friendly_errors
 @dataset_options
 def report(
@@ -147,7 +156,7 @@ def _threshold_table(labels, before, after, title: str) -> Table:
     return table
 
 
-@app.command("thresholds")
+@app.command("thresholds", rich_help_panel=EVALUATE)
 @friendly_errors
 @dataset_options
 def thresholds(
@@ -200,7 +209,7 @@ def thresholds(
 # ---------------------------------------------------------------------------- calibrate
 
 
-@app.command("calibrate")
+@app.command("calibrate", rich_help_panel=EVALUATE)
 @friendly_errors
 @dataset_options
 def calibrate(
@@ -253,7 +262,7 @@ def calibrate(
 # ---------------------------------------------------------------------------- model card, OOD
 
 
-@app.command("ood")
+@app.command("ood", rich_help_panel=EVALUATE)
 @friendly_errors
 def ood(
     run: Annotated[Path, typer.Argument(help="Run folder.")],
@@ -287,7 +296,7 @@ def ood(
     )
 
 
-@app.command("card")
+@app.command("card", rich_help_panel=REPORT)
 @friendly_errors
 def card(run: Annotated[Path, typer.Argument(help="Run folder.")]):
     """Write the model card (MODEL_CARD.md and model.json's card) from the run folder.

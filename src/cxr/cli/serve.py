@@ -10,6 +10,8 @@ from rich.markup import escape
 from rich.table import Table
 
 from cxr.cli.common import (
+    PREDICT,
+    SERVE,
     app,
     console,
     err_console,
@@ -33,7 +35,7 @@ EXIT_SOME_FAILED = 1
 SKIPPED_SHOWN = 20
 
 
-@app.command("predict")
+@app.command("predict", rich_help_panel=PREDICT)
 @friendly_errors
 def predict(
     model: Annotated[Path, typer.Argument(help="Run folder, model bundle, or exported .onnx.")],
@@ -161,7 +163,7 @@ def _summary_table(result) -> Table:
     return table
 
 
-@app.command("export")
+@app.command("export", rich_help_panel=PREDICT)
 @friendly_errors
 def export(
     model: Annotated[Path, typer.Argument(help="Run folder or model bundle.")],
@@ -230,7 +232,7 @@ ResultsDbOption = Annotated[
 LOOPBACK_NAMES = ("localhost",)
 
 
-@app.command("serve")
+@app.command("serve", rich_help_panel=SERVE)
 @friendly_errors
 def serve(
     model: Annotated[Path, typer.Argument(help="Run folder or model bundle.")],

@@ -10,6 +10,9 @@ from typing import Annotated
 import typer
 
 from cxr.cli.common import (
+    EVALUATE,
+    GET_STARTED,
+    TRAIN,
     app,
     auroc_table,
     console,
@@ -170,7 +173,7 @@ CacheOption = Annotated[
 ]
 
 
-@app.command("train")
+@app.command("train", rich_help_panel=TRAIN)
 @friendly_errors
 @dataset_options
 def train(
@@ -356,7 +359,7 @@ def _print_train_end(run_dir: Path, state) -> None:
 # ---------------------------------------------------------------------------- evaluate
 
 
-@app.command("evaluate")
+@app.command("evaluate", rich_help_panel=EVALUATE)
 @friendly_errors
 @dataset_options
 def evaluate(
@@ -489,7 +492,7 @@ def external_table(result: dict, title: str):
 # ---------------------------------------------------------------------------- demo
 
 
-@app.command("demo")
+@app.command("demo", rich_help_panel=GET_STARTED)
 @friendly_errors
 def demo(
     out: Annotated[
