@@ -13,7 +13,7 @@ so that a change in the machine's load hits both alike; on a shared machine, run
 ``--layout`` also times the bare step in the other memory layout (channels_last or not).
 
     python benchmarks/train_throughput.py [--image-size 96] [--images 160] [--rounds 3]
-        [--workers 0] [--no-cache] [--layout]
+        [--workers 0] [--no-cache] [--layout] [--threads N]
 """
 
 from __future__ import annotations
@@ -76,7 +76,10 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--no-cache", action="store_true", help="decode the PNGs every epoch")
     parser.add_argument("--layout", action="store_true", help="also the other memory layout")
+    parser.add_argument("--threads", type=int, help="PyTorch threads (default: one per core)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     base = demo_settings(quick=False).train
     config = dataclasses.replace(base, image_size=args.image_size, workers=args.workers)

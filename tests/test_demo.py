@@ -101,9 +101,11 @@ def test_measuring_throughput_leaves_the_random_state_alone():
 
 
 TINY = DemoSettings(
-    patients=24,
+    patients=16,
     synth_image_size=64,
-    train=dataclasses.replace(demo_settings(quick=True).train, image_size=64, max_epochs=1),
+    train=dataclasses.replace(
+        demo_settings(quick=True).train, image_size=32, batch_size=8, max_epochs=1
+    ),
     localize_shifts=1,
 )
 
@@ -121,5 +123,23 @@ def test_a_given_setting_gives_the_same_numbers_every_time(tmp_path):
     # The settings that ran are in run.json (and from there in the report).
     info = json.loads((results[0]["run"] / "run.json").read_text())
     assert info["split"]["demo"]["patients"] == TINY.patients
-    assert info["split"]["demo"]["image_size"] == 64
+    assert info["split"]["demo"]["image_size"] == 32
     assert info["cache"]["image_size"] == TINY.synth_image_size
+
+
+@pytest.mark.slow
+def test_the_ood_summary_of_a_run_resumed_after_a_kill_is_the_same(tmp_path, make_run):
+    """Training fits the best bundle's out-of-distribution summary once, when it ends; a run
+    killed before that gets it on resume, from the saved weights: the same file."""
+    from cxr.model.bundle import read_bundle_meta, update_bundle_meta
+    from cxr.workflows.train import train_run
+
+    run = make_run(tmp_path / "run", max_epochs=1)
+    train_run(run)
+    assert read_bundle_meta(run).ood is not None
+    fitted = (run / "ood.safetensors").read_bytes()
+    update_bundle_meta(run, ood=None)  # as if killed after the bundle, before the summary
+    (run / "ood.safetensors").unlink()
+    train_run(run, resume=True)
+    assert read_bundle_meta(run).ood is not None
+    assert (run / "ood.safetensors").read_bytes() == fitted

@@ -41,19 +41,19 @@ class DemoSettings:
 
 
 def demo_settings(quick: bool, device: str = "cpu") -> DemoSettings:
-    """Sized for a 2-core CPU: the full demo in under 10 minutes, --quick in under 2; on a
-    CUDA ``device`` the full demo uses the method's 224 px, almost four times the data and
-    more epochs (see :func:`_gpu_settings`).
+    """The demo's fixed settings: ``--quick`` (a smoke run of about 30 s), the CUDA demo (see
+    :func:`_gpu_settings`), and the CPU demo's largest settings, the first row of
+    :data:`DEMO_SIZES` (``cxr demo`` on a CPU chooses the row that fits its time budget,
+    :func:`plan_demo`).
 
     The method stays (DenseNet121, weighted BCE, SGD momentum 0.9, LR/10 on plateaus, batch
     16, lowest-val-loss weights); what a CPU cannot afford shrinks: image size, data size,
     epochs, and ImageNet weights (nothing may be downloaded, so training starts from scratch).
-    From scratch, lr 0.01 learns the synthetic findings too slowly for a 10-minute budget
+    From scratch, lr 0.01 learns the synthetic findings too slowly for a few minutes' budget
     (val AUROC 0.73 after 6 epochs at 96 px, against 0.83 with lr 0.05), so the demo starts
-    at 0.05; `cxr train` keeps the method's 0.01. The full demo trains at 128 px (4x4 cells
-    in the final feature map): with bf16 autocast on a CPU that has it, that costs what 96 px
-    did in float32 (about 6 minutes here), and its Grad-CAM maps are finer; the pointing game
-    uses shift-and-stitch with 2 shifts per axis (a map sampled every 16 px).
+    at 0.05; `cxr train` keeps the method's 0.01. The largest CPU settings train at 128 px
+    (4x4 cells in the final feature map) for 14 epochs; the pointing game uses
+    shift-and-stitch with 2 shifts per axis (a map sampled every 16 px).
     """
     if device == "cuda" and not quick:
         return _gpu_settings()
