@@ -88,6 +88,7 @@ def test_the_plan_uses_an_injected_throughput_and_says_what_it_chose(monkeypatch
     assert plan_demo(device="cuda").settings == demo_settings(quick=False, device="cuda")
 
 
+@pytest.mark.slow
 def test_measuring_throughput_leaves_the_random_state_alone():
     import torch
 
