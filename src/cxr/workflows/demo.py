@@ -375,9 +375,13 @@ def run_demo(
     )
     nih = load_nih(data_dir)
     # Training reads the images decoded once (square images at their own size: the cache
-    # holds exactly the decoded pixels), so an epoch decodes no PNG.
+    # holds exactly the decoded pixels), so an epoch decodes no PNG. On a CPU the build runs
+    # in this process (a second of decoding; worker processes would take longer to start).
     cache = build_cache(
-        nih.table, out / "cache", image_size=settings.synth_image_size, workers=0
+        nih.table,
+        out / "cache",
+        image_size=settings.synth_image_size,
+        workers=0 if settings.train.device == "cpu" else None,
     ).path
     split = split_by_patients(
         nih.table, val_fraction=0.15, test_fraction=0.25, seed=settings.train.seed
