@@ -181,7 +181,7 @@ DEMO_SIZES: tuple[DemoSize, ...] = (
     ),
     DemoSize(
         "96px-9ep", 400, 96, 9, 128,
-        measured="test AUROC 0.855, pointing game 0.29 / 0.71, ~270 s (its quiet epochs)",
+        measured="test AUROC 0.855, pointing game 0.29 / 0.71, cxr demo 258 s (estimate 276 s)",
     ),
     DemoSize(
         "96px-8ep", 400, 96, 8, 128,
