@@ -492,16 +492,51 @@ def external_table(result: dict, title: str):
 # ---------------------------------------------------------------------------- demo
 
 
+def _minutes(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
+
+
+def _plan_line(plan) -> str:
+    """What the demo chose, at the start: its settings and, on a CPU, why."""
+    settings, train = plan.settings, plan.settings.train
+    chosen = (
+        f"{settings.patients} patients, {train.image_size} px, {train.max_epochs} epochs, "
+        f"pointing game with {settings.localize_shifts} shift(s) per axis"
+    )
+    if plan.throughput is None:
+        return f"settings ({plan.name}): {chosen}"
+    speed = plan.throughput
+    over = (
+        " - more than the budget: these are the demo's smallest settings"
+        if plan.estimate_s > plan.budget_s
+        else ""
+    )
+    return (
+        f"this CPU trains {speed.train:.1f} images/s at {speed.image_size} px (first steps "
+        f"timed); for a budget of {_minutes(plan.budget_s)}: {chosen} (settings "
+        f"{plan.name}), about {_minutes(plan.estimate_s)} in all{over}"
+    )
+
+
 @app.command("demo", rich_help_panel=GET_STARTED)
 @friendly_errors
 def demo(
     out: Annotated[
         Path | None, typer.Option("--out", help="Folder for the demo (default: a new one).")
     ] = None,
-    quick: Annotated[bool, typer.Option("--quick", help="A smoke run in under 2 minutes.")] = False,
+    quick: Annotated[bool, typer.Option("--quick", help="A smoke run of about 30 s.")] = False,
     device: Annotated[
         str, typer.Option(help="auto (CUDA when present, with larger settings), cpu or cuda.")
     ] = "auto",
+    budget: Annotated[
+        float,
+        typer.Option(
+            "--budget",
+            help="Minutes the CPU demo may take: it times its first training steps and "
+            "chooses the largest of its settings that fits.",
+            min=0.5,
+        ),
+    ] = 5.0,
 ):
     """Synthetic data -> patient split -> train from scratch -> evaluate, all offline."""
     from cxr.outputs import output_folder
@@ -526,7 +561,11 @@ def demo(
             out,
             quick=quick,
             device=device,
+            budget_s=budget * 60,
             callbacks=callbacks,
+            on_plan=lambda plan: callbacks.progress.console.print(
+                f"[bold]>[/] {_plan_line(plan)}", highlight=False
+            ),
             on_stage=lambda text: callbacks.progress.console.print(f"[bold]>[/] {text}"),
             on_synth_progress=lambda done, total: callbacks.progress.update(
                 synth_task, completed=done, total=total
@@ -545,9 +584,13 @@ def demo(
         f"{overall['pointing_hit_rate_tolerant']:.2f} within {localization['tolerance_px']:g} px "
         f"(half a feature-map cell); see {shown(localization['path'])}"
     )
+    estimate = result["plan"].estimate_s
+    estimated = "" if estimate is None else f" (estimated {_minutes(estimate)})"
     console.print(
-        f"mean test AUROC {evaluation['auroc_mean']:.3f} in {time.perf_counter() - started:.0f} s"
-        f"; run folder: {shown(result['run'])}"
+        f"mean test AUROC {evaluation['auroc_mean']:.3f} in "
+        f"{_minutes(time.perf_counter() - started)}{estimated}; run folder: "
+        f"{shown(result['run'])}",
+        highlight=False,
     )
     if "subgroups" in evaluation:
         from cxr.cli.subgroups import flags_line

@@ -7,13 +7,16 @@ learns, not how the model does on real X-rays.
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from cxr.config import TrainConfig
+from cxr.data.cache import build_cache
 from cxr.data.layouts.nih import load_nih
 from cxr.data.split import split_by_patients
 from cxr.data.synthetic import BOX_NAME, write_synthetic_dataset
@@ -38,19 +41,19 @@ class DemoSettings:
 
 
 def demo_settings(quick: bool, device: str = "cpu") -> DemoSettings:
-    """Sized for a 2-core CPU: the full demo in under 10 minutes, --quick in under 2; on a
-    CUDA ``device`` the full demo uses the method's 224 px, almost four times the data and
-    more epochs (see :func:`_gpu_settings`).
+    """The demo's fixed settings: ``--quick`` (a smoke run of about 30 s), the CUDA demo (see
+    :func:`_gpu_settings`), and the CPU demo's largest settings, the first row of
+    :data:`DEMO_SIZES` (``cxr demo`` on a CPU chooses the row that fits its time budget,
+    :func:`plan_demo`).
 
     The method stays (DenseNet121, weighted BCE, SGD momentum 0.9, LR/10 on plateaus, batch
     16, lowest-val-loss weights); what a CPU cannot afford shrinks: image size, data size,
     epochs, and ImageNet weights (nothing may be downloaded, so training starts from scratch).
-    From scratch, lr 0.01 learns the synthetic findings too slowly for a 10-minute budget
+    From scratch, lr 0.01 learns the synthetic findings too slowly for a few minutes' budget
     (val AUROC 0.73 after 6 epochs at 96 px, against 0.83 with lr 0.05), so the demo starts
-    at 0.05; `cxr train` keeps the method's 0.01. The full demo trains at 128 px (4x4 cells
-    in the final feature map): with bf16 autocast on a CPU that has it, that costs what 96 px
-    did in float32 (about 6 minutes here), and its Grad-CAM maps are finer; the pointing game
-    uses shift-and-stitch with 2 shifts per axis (a map sampled every 16 px).
+    at 0.05; `cxr train` keeps the method's 0.01. The largest CPU settings train at 128 px
+    (4x4 cells in the final feature map) for 14 epochs; the pointing game uses
+    shift-and-stitch with 2 shifts per axis (a map sampled every 16 px).
     """
     if device == "cuda" and not quick:
         return _gpu_settings()
@@ -124,20 +127,246 @@ def resolve_demo_device(device: str) -> str:
     return resolve_device(device).type
 
 
+# ---------------------------------------------------------------------------- the budget
+
+DEFAULT_BUDGET_S = 300.0  # `cxr demo` fits 5 minutes unless --budget says otherwise
+CALIBRATION_SIZE = 96  # the image size the first steps are timed at (scaled by pixels)
+# The synthetic population (seed 0) has about 2.8 images per patient (1,126 for 400, 837 for
+# 300); the split keeps about 14 % of the images for validation and 26 % for the test.
+IMAGES_PER_PATIENT = 2.8
+VAL_FRACTION, TEST_FRACTION = 0.14, 0.26
+
+
+@dataclass(frozen=True)
+class DemoSize:
+    """One row of the CPU demo's settings table (``benchmarks/demo_sizes.py`` measures each
+    row: test AUROC, pointing game, seconds). ``measured``: what it gave on the 2-core AVX2
+    CPU the table was measured on."""
+
+    name: str
+    patients: int
+    image_size: int
+    epochs: int
+    synth_image_size: int
+    localize_shifts: int = 2
+    measured: str = ""
+
+    def settings(self) -> DemoSettings:
+        return DemoSettings(
+            patients=self.patients,
+            synth_image_size=self.synth_image_size,
+            train=dataclasses.replace(
+                demo_settings(quick=False).train,
+                image_size=self.image_size,
+                max_epochs=self.epochs,
+            ),
+            localize_shifts=self.localize_shifts,
+        )
+
+
+# Best first: the demo runs the first row whose estimate fits the budget, else the last.
+# ``measured``: benchmarks/demo_sizes.py on the 2-core AVX2 EPYC (benchmarks/README.md).
+DEMO_SIZES: tuple[DemoSize, ...] = (
+    DemoSize(
+        "128px-14ep", 400, 128, 14, 160,
+        measured="test AUROC 0.891, 995 s on the 2-core AVX2 EPYC (issue 26, float32)",
+    ),
+    DemoSize(
+        "96px-14ep", 400, 96, 14, 128,
+        measured="test AUROC 0.893 float32 / 0.887 bf16 (issue 3; not re-measured)",
+    ),
+    DemoSize(
+        "96px-10ep", 400, 96, 10, 128,
+        measured="test AUROC 0.862, pointing game 0.29 / 0.71, 291 s (estimate 287 s)",
+    ),
+    DemoSize(
+        "96px-9ep", 400, 96, 9, 128,
+        measured="test AUROC 0.855, pointing game 0.29 / 0.71, cxr demo 258 s (estimate 276 s)",
+    ),
+    DemoSize(
+        "96px-8ep", 400, 96, 8, 128,
+        measured="test AUROC 0.849, pointing game 0.25 / 0.72, 294 s (estimate 258 s)",
+    ),
+    DemoSize(
+        "80px-6ep", 300, 80, 6, 112,
+        measured="test AUROC 0.755, pointing game 0.13 / 0.63 (1 thread, loaded machine)",
+    ),
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Throughput:
+    """This machine's DenseNet121 speed at ``image_size``: ``train`` images/s of the training
+    step as the demo runs it (batch 16, its precision and memory layout) and ``infer``
+    images/s of a float32 forward pass (validation, evaluation, Grad-CAM)."""
+
+    train: float
+    infer: float
+    image_size: int = CALIBRATION_SIZE
+
+    def at(self, image_size: int) -> tuple[float, float]:
+        """(train, infer) images/s at another size: the cost scales with the pixels."""
+        factor = (self.image_size / image_size) ** 2
+        return self.train * factor, self.infer * factor
+
+
+# The demo's costs besides the training steps, fitted to benchmarks/demo_sizes.py's stage
+# times on the 2-core AVX2 EPYC (benchmarks/README.md, "The demo in a time budget").
+STARTUP_S = 6.0  # imports, timing the first steps, the split, the run folder
+SYNTH_S_PER_MPIXEL = 0.25  # generating and caching the synthetic images (per million pixels)
+EPOCH_S = 1.5  # per epoch besides its passes: the bundle and its card, the checkpoint, the log
+AFTER_S = 20.0  # the OOD summary, calibration, bootstrap intervals, subgroups, the figures
+GRADCAM_PASSES = 1.2  # a Grad-CAM image (forward + backward, batched) in forward passes, per shift
+
+
+def estimate_seconds(size: DemoSize, throughput: Throughput) -> dict[str, float]:
+    """The predicted wall time of a demo at ``size`` on a machine of ``throughput``, by stage."""
+    train_rate, infer_rate = throughput.at(size.image_size)
+    images = size.patients * IMAGES_PER_PATIENT
+    val, test = images * VAL_FRACTION, images * TEST_FRACTION
+    train = images - val - test
+    per_epoch = train / train_rate + val / infer_rate + EPOCH_S
+    stages = {
+        "data": STARTUP_S + SYNTH_S_PER_MPIXEL * images * size.synth_image_size**2 / 1e6,
+        "training": size.epochs * per_epoch,
+        # calibration (val), evaluation and the report (test) each predict once
+        "evaluation": (val + 2 * test) / infer_rate + AFTER_S,
+        "localisation": test * size.localize_shifts**2 * GRADCAM_PASSES / infer_rate,
+    }
+    stages["total"] = sum(stages.values())
+    return stages
+
+
+def choose_demo_size(
+    throughput: Throughput, budget_s: float, sizes: Sequence[DemoSize] = DEMO_SIZES
+) -> tuple[DemoSize, float]:
+    """The first (best) row of ``sizes`` whose estimated time fits ``budget_s``, or the last
+    (smallest) when none does; with its estimate in seconds. A pure function of the measured
+    ``throughput``: what the tests inject."""
+    for size in sizes:
+        estimate = estimate_seconds(size, throughput)["total"]
+        if estimate <= budget_s:
+            return size, estimate
+    return sizes[-1], estimate_seconds(sizes[-1], throughput)["total"]
+
+
+def measure_throughput(
+    config: TrainConfig, device: str, *, image_size: int = CALIBRATION_SIZE, steps: int = 2
+) -> Throughput:
+    """Time DenseNet121's training step (after a warm-up step) and a float32 forward pass on
+    random images at ``image_size`` with ``config``'s batch, precision and memory layout:
+    a few seconds on a 2-core CPU. The global RNG is left as it was."""
+    import numpy as np
+    import torch
+
+    from cxr.engine.trainer import Trainer
+    from cxr.model.network import build_model
+
+    torch_device = torch.device(device)
+
+    def synced() -> float:
+        if torch_device.type == "cuda":
+            torch.cuda.synchronize(torch_device)
+        return time.perf_counter()
+
+    batch = config.batch_size
+    with torch.random.fork_rng(devices=[torch_device] if torch_device.type == "cuda" else []):
+        torch.manual_seed(0)
+        labels = (np.random.default_rng(0).random((4 * batch, 14)) < 0.3).astype(np.float32)
+        trainer = Trainer.create(build_model(), config, labels, torch_device)
+        images = torch.randn(batch, 3, image_size, image_size)
+        targets = torch.from_numpy(labels[:batch])
+        trainer.train_model.train()
+        trainer.step(images, targets)  # warm-up: oneDNN / cuDNN choose their kernels
+        started = synced()
+        for _ in range(steps):
+            trainer.step(images, targets)
+        train = steps * batch / (synced() - started)
+        model = trainer.model.eval()
+        inputs = torch.randn(2 * batch, 3, image_size, image_size, device=torch_device)
+        with torch.inference_mode():
+            model(inputs)
+            started = synced()
+            model(inputs)
+            infer = 2 * batch / (synced() - started)
+    return Throughput(train=train, infer=infer, image_size=image_size)
+
+
+@dataclass(frozen=True)
+class DemoPlan:
+    """What the demo chose and why: the settings, the measured speed and the estimate."""
+
+    settings: DemoSettings
+    name: str
+    budget_s: float | None
+    throughput: Throughput | None
+    estimate_s: float | None
+
+    def describe(self) -> dict[str, Any]:
+        train = self.settings.train
+        return {
+            "size": self.name,
+            "patients": self.settings.patients,
+            "synth_image_size": self.settings.synth_image_size,
+            "image_size": train.image_size,
+            "epochs": train.max_epochs,
+            "localize_shifts": self.settings.localize_shifts,
+            "budget_s": self.budget_s,
+            "train_images_per_s": None if self.throughput is None else self.throughput.train,
+            "infer_images_per_s": None if self.throughput is None else self.throughput.infer,
+            "calibration_image_size": (
+                None if self.throughput is None else self.throughput.image_size
+            ),
+            "estimate_s": self.estimate_s,
+        }
+
+
+def plan_demo(
+    *,
+    quick: bool = False,
+    device: str = "cpu",
+    budget_s: float | None = None,
+    throughput: Throughput | None = None,
+) -> DemoPlan:
+    """The demo's settings: ``--quick`` and the CUDA demo are fixed; on a CPU the first steps
+    are timed (or ``throughput`` is given) and the best row of :data:`DEMO_SIZES` that fits
+    ``budget_s`` (default :data:`DEFAULT_BUDGET_S`) is chosen."""
+    if quick or device == "cuda":
+        name = "quick" if quick else "gpu"
+        return DemoPlan(demo_settings(quick, device), name, None, None, None)
+    budget_s = DEFAULT_BUDGET_S if budget_s is None else budget_s
+    if throughput is None:
+        throughput = measure_throughput(demo_settings(False, device).train, device)
+    size, estimate = choose_demo_size(throughput, budget_s)
+    return DemoPlan(size.settings(), size.name, budget_s, throughput, estimate)
+
+
 def run_demo(
     out: str | Path,
     *,
     quick: bool = False,
     device: str = "cpu",
     settings: DemoSettings | None = None,
+    budget_s: float | None = None,
+    throughput: Throughput | None = None,
     callbacks: TrainCallbacks | None = None,
+    on_plan: Callable[[DemoPlan], None] = lambda plan: None,
     on_stage: Callable[[str], None] = lambda stage: None,
     on_synth_progress: Callable[[int, int], None] | None = None,
     on_eval_batch: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
+    """The demo end to end. Its size: ``settings`` if given (benchmarks/demo_sizes.py), else
+    :func:`plan_demo` (``--quick``, the CUDA demo, or the row of :data:`DEMO_SIZES` that fits
+    ``budget_s`` at the measured, or given, ``throughput``); ``on_plan`` hears the choice
+    before any work. The settings that ran go into ``run.json`` and the report."""
+    started = time.perf_counter()
     device = resolve_demo_device(device)
-    # ``settings`` replaces the built-in sizes (benchmarks/demo_sizes.py); None: the demo's.
-    settings = settings or demo_settings(quick, device)
+    if settings is None:
+        plan = plan_demo(quick=quick, device=device, budget_s=budget_s, throughput=throughput)
+    else:
+        plan = DemoPlan(settings, "given", None, None, None)
+    settings = plan.settings
+    on_plan(plan)
     out = Path(out)
     data_dir, run_dir = out / "data", out / "run"
     on_stage(f"generating SYNTHETIC data ({settings.patients} patients) in {data_dir}")
@@ -149,15 +378,30 @@ def run_demo(
         progress=on_synth_progress,
     )
     nih = load_nih(data_dir)
+    # Training reads the images decoded once (square images at their own size: the cache
+    # holds exactly the decoded pixels), so an epoch decodes no PNG. On a CPU the build runs
+    # in this process (a second of decoding; worker processes would take longer to start).
+    cache = build_cache(
+        nih.table,
+        out / "cache",
+        image_size=settings.synth_image_size,
+        workers=0 if settings.train.device == "cpu" else None,
+    ).path
     split = split_by_patients(
         nih.table, val_fraction=0.15, test_fraction=0.25, seed=settings.train.seed
     )
+    demo_note = plan.describe()
     prepare_run(
         run_dir,
         split.frames(),
-        settings.train,
+        dataclasses.replace(settings.train, cache=str(cache.resolve())),
         data_source=str(data_dir.resolve()),
-        split_note={"method": split.method, "seed": split.seed, "synthetic": True},
+        split_note={
+            "method": split.method,
+            "seed": split.seed,
+            "synthetic": True,
+            "demo": demo_note,
+        },
     )
     on_stage(f"training DenseNet121 from scratch in {run_dir}")
     state = train_run(run_dir, callbacks=callbacks)
@@ -178,6 +422,8 @@ def run_demo(
     return {
         "data": data_dir,
         "run": run_dir,
+        "plan": plan,
+        "seconds": time.perf_counter() - started,
         "synthetic": summary,
         "train_state": state,
         "calibration": calibration,

@@ -32,6 +32,7 @@ from cxr.data.split import (
     split_by_patients,
 )
 from cxr.data.transforms import Augment, Preprocess
+from cxr.engine.inference import predict_outputs
 from cxr.engine.trainer import (
     TrainCallbacks,
     Trainer,
@@ -42,7 +43,7 @@ from cxr.engine.trainer import (
 )
 from cxr.errors import ConfigError, DataError
 from cxr.metrics import choose_thresholds
-from cxr.model.bundle import BundleMeta, save_bundle
+from cxr.model.bundle import BUNDLE_WEIGHTS, BundleMeta, read_bundle_meta, save_bundle
 from cxr.model.factory import SCRATCH, create_model
 from cxr.model.network import build_model
 from cxr.model.ood import MIN_REFERENCE_IMAGES, fit_ood_summary, save_ood
@@ -120,21 +121,35 @@ def train_run(
         }
     )
 
+    # The best epoch's validation features: its out-of-distribution summary (six Ledoit-Wolf
+    # fits of 1024 features, seconds on a small CPU) is fitted once, when this call ends,
+    # not at every improving epoch; the summary is the same.
+    best_features: list[np.ndarray | None] = []
+
     def persist(record: dict[str, Any], validation: Validation) -> None:
         if dist.is_main:
             best = (train_frame, val_frame) if record["best"] else None
             _persist_epoch(
                 run, trainer, config, state, record, validation, writer, best, val_labels
             )
+            if best is not None:
+                best_features[:] = [validation.features]
 
     try:
-        return fit(
+        state = fit(
             trainer, loaders, val_labels, state, config=config, labels=labels,
             callbacks=callbacks, on_epoch_end=persist, stop_after_epochs=stop_after_epochs,
         )  # fmt: skip
     finally:
         if writer is not None:
             writer.close()
+    if dist.is_main:
+        if best_features:
+            _describe_bundle(run, best_features[0])
+        elif state.best_epoch > 0 and read_bundle_meta(run.root).ood is None:
+            # Resumed after a kill that came before the summary: the best bundle's features.
+            _describe_bundle(run, _bundle_features(run, trainer, loaders[2]))
+    return state
 
 
 def check_resume_cache(run_dir: str | Path, cache: str | None) -> None:
@@ -258,7 +273,7 @@ def _persist_epoch(
         thresholds = choose_thresholds(val_labels, validation.probabilities, THRESHOLD_RULE)
         meta = _best_bundle_meta(run, config, thresholds, record, *best)
         save_bundle(run.root, trainer.model, meta)
-        _describe_bundle(run, validation.features)
+        update_model(run.root)  # its card; the OOD summary when training ends (train_run)
     _write_log(run, state.history, writer, record, run.labels)
     buffer = io.BytesIO()
     torch.save(trainer.checkpoint(state, config), buffer)
@@ -300,6 +315,18 @@ def _describe_bundle(run: RunFolder, val_features: np.ndarray | None) -> None:
         update_model(run.root, ood=save_ood(run.root, fit_ood_summary(val_features)))
     else:
         update_model(run.root)
+
+
+def _bundle_features(run: RunFolder, trainer: Trainer, val_loader) -> np.ndarray:
+    """The pooled validation features of the run's saved best weights, computed as the
+    epoch that saved them did (the trained model's layout, the validation loader)."""
+    import copy
+
+    from safetensors.torch import load_file
+
+    model = copy.deepcopy(trainer.model)
+    model.load_state_dict(load_file(str(run.root / BUNDLE_WEIGHTS)))
+    return predict_outputs(model, val_loader, trainer.device)[2]
 
 
 def _write_log(run: RunFolder, history, writer: SummaryWriter | None, record, labels) -> None:
