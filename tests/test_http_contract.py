@@ -22,16 +22,14 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
 import pytest
 from support.media import untrained_bundle
+from support.results import write_three_instances
 from support.services import free_port
-
-from cxr.results import open_store
 
 KEY = "contract-test-key-0123456789abcdef"
 SEED = 27
@@ -44,7 +42,6 @@ CHECKS = (
     "negative_data_rejection",
 )
 NIH_PNG = "00001369_000.png"  # an RGBA NIH image (used by the page test too)
-DAY = datetime(2026, 11, 27, 8, 0, tzinfo=timezone.utc)
 STARTUP_S = 120
 
 
@@ -57,20 +54,7 @@ def service(tmp_path_factory):
     key_file.write_text(KEY + "\n")
     key_file.chmod(0o600)
     store_path = folder / "results.sqlite"
-    store = open_store(str(store_path))
-    try:  # a few rows, so that /v1/results answers with real ones (and their row model)
-        store.admit("1.2.3.1", received_at=DAY, study_instance_uid="1.2.3", calling_ae="PACS")
-        store.predicted(
-            "1.2.3.1",
-            model_digest="ab" * 32,
-            probabilities={"Effusion": 0.75, "Mass": 0.125},
-            calls={"Effusion": True, "Mass": False},
-        )
-        store.sent("1.2.3.1")
-        store.refuse("1.2.3.2", "lateral view (ViewPosition LL)", received_at=DAY)
-        store.admit("1.2.3.3", received_at=DAY + timedelta(hours=30), calling_ae="PACS")
-    finally:
-        store.close()
+    write_three_instances(str(store_path))  # rows of every status for /v1/results
     port = free_port()
     log = folder / "serve.log"
     command = [

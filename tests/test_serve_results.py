@@ -4,18 +4,18 @@ store's API and must come back as written."""
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import datetime
 
 import pytest
 from fastapi.testclient import TestClient
+from support.results import DAY, write_three_instances
 
 from cxr.engine.inference import load_predictor
 from cxr.errors import ConfigError
-from cxr.results import DEFAULT_STORE_NAME, open_store
+from cxr.results import DEFAULT_STORE_NAME
 from cxr.serve.app import create_app
 
 KEY = "results-test-key-0123456789"
-DAY = datetime(2026, 11, 27, 8, 0, tzinfo=timezone.utc)
 
 
 @pytest.fixture(scope="module")
@@ -27,22 +27,7 @@ def predictor(untrained_bundle):
 def run_folder(tmp_path_factory):
     """A run folder whose results.sqlite holds three instances: sent, refused, received."""
     folder = tmp_path_factory.mktemp("run")
-    store = open_store(str(folder / DEFAULT_STORE_NAME))
-    try:
-        store.admit("1.2.3.1", received_at=DAY, study_instance_uid="1.2.3", calling_ae="PACS")
-        store.predicted(
-            "1.2.3.1",
-            model_digest="ab" * 32,
-            probabilities={"Effusion": 0.75, "Mass": 0.125},
-            calls={"Effusion": True, "Mass": False},
-        )
-        store.sent("1.2.3.1")
-        store.refuse(
-            "1.2.3.2", "lateral view (ViewPosition LL)", received_at=DAY, calling_ae="PACS"
-        )
-        store.admit("1.2.3.3", received_at=DAY + timedelta(hours=30), calling_ae="PACS")
-    finally:
-        store.close()
+    write_three_instances(str(folder / DEFAULT_STORE_NAME))
     return folder
 
 
