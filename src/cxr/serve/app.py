@@ -110,6 +110,25 @@ SWAGGER_ASSETS = {
 }
 # What an upload part may be declared as; the service judges the bytes, not this header.
 UPLOAD_MEDIA_TYPES = "image/png, image/jpeg, application/dicom, application/octet-stream"
+UPLOAD_ENCODING = {
+    "requestBody": {
+        "content": {
+            "multipart/form-data": {"encoding": {"file": {"contentType": UPLOAD_MEDIA_TYPES}}}
+        }
+    }
+}
+EXPLAINED_RESPONSE = {
+    "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
+    "description": "The Grad-CAM overlay (PNG).",
+    "headers": {
+        name: {"description": text, "schema": {"type": "string"}}
+        for name, text in (
+            ("X-Pathology", "The label explained (non-ASCII escaped)."),
+            ("X-Probability", "Its probability, 6 decimals."),
+            ("X-Model-Synthetic", "true, false or unknown."),
+        )
+    },
+}
 log = logging.getLogger("cxr.serve")
 
 
@@ -172,18 +191,7 @@ def create_app(
         metrics=metrics,
     )  # fmt: skip
     service = _Service(predictor, limits, decoder, compute_threads, batcher, metrics)
-    app = FastAPI(
-        title="cxr",
-        version=_version(),
-        description=(
-            f"Chest X-ray classification ({len(predictor.labels)} findings) with Grad-CAM, by "
-            f"a model trained on {predictor.about()['trained_on']}. "
-            "Research software: not a medical device."
-        ),
-        docs_url=None,  # served below with local assets instead of a CDN's
-        redoc_url=None,
-        lifespan=_lifespan,
-    )
+    app = _new_app(predictor)
     app.state.service = service
     app.state.results = store
     app.state.limits = limits
@@ -196,6 +204,22 @@ def create_app(
     add_results_route(app, store, keyed)
     _describe_schema(app, keyed=bool(keyed))
     return app
+
+
+def _new_app(predictor: Predictor) -> FastAPI:
+    """The bare FastAPI app, described by its model."""
+    return FastAPI(
+        title="cxr",
+        version=_version(),
+        description=(
+            f"Chest X-ray classification ({len(predictor.labels)} findings) with Grad-CAM, by "
+            f"a model trained on {predictor.about()['trained_on']}. "
+            "Research software: not a medical device."
+        ),
+        docs_url=None,  # served by _add_docs with local assets instead of a CDN's
+        redoc_url=None,
+        lifespan=_lifespan,
+    )
 
 
 def openapi_schema(
@@ -335,24 +359,21 @@ def _add_docs(app: FastAPI) -> None:
         )
 
 
-def _add_routes(app: FastAPI, service: _Service, keyed: tuple[int, ...]) -> None:
-    predictor = service.predictor
-    labels = list(predictor.labels)
-    limit = service.limits.max_upload_bytes
-    upload = File(
+def _upload_field(limit: int):
+    """The ``file`` form field of the POST routes, with its size limit in the schema."""
+    return File(
         ...,
         description=f"An X-ray: {MEDIA_TYPES} (judged by its bytes), at most {limit:,} bytes.",
         # format binary beside FastAPI's contentMediaType: what client generators read as a
         # file (openapi-python-client sent a text field without it).
         json_schema_extra={"format": "binary", "maxLength": limit},
     )
-    upload_encoding = {
-        "requestBody": {
-            "content": {
-                "multipart/form-data": {"encoding": {"file": {"contentType": UPLOAD_MEDIA_TYPES}}}
-            }
-        }
-    }
+
+
+def _add_routes(app: FastAPI, service: _Service, keyed: tuple[int, ...]) -> None:
+    predictor = service.predictor
+    labels = list(predictor.labels)
+    upload = _upload_field(service.limits.max_upload_bytes)
     # Every POST: the body limits and timeout (400, 408, 413), the upload's checks (415, 422),
     # the service's time limit and queue (503).
     upload_errors = (*keyed, 400, 408, 413, 415, 422, 500, 503)
@@ -387,31 +408,18 @@ def _add_routes(app: FastAPI, service: _Service, keyed: tuple[int, ...]) -> None
         "/v1/predict",
         response_model=Prediction,
         responses=error_responses(*upload_errors),
-        openapi_extra=upload_encoding,
+        openapi_extra=UPLOAD_ENCODING,
     )
     async def predict(request: Request, file: UploadFile = upload) -> dict[str, Any]:
         """The bundle's probabilities, positive/negative calls and thresholds, per label."""
         name, data = await service.read(request, file)
         return await service.predict(name, data)
 
-    explained = {
-        "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
-        "description": "The Grad-CAM overlay (PNG).",
-        "headers": {
-            name: {"description": text, "schema": {"type": "string"}}
-            for name, text in (
-                ("X-Pathology", "The label explained (non-ASCII escaped)."),
-                ("X-Probability", "Its probability, 6 decimals."),
-                ("X-Model-Synthetic", "true, false or unknown."),
-            )
-        },
-    }
-
     @app.post(
         "/v1/explain",
         response_class=Response,
-        responses={200: explained, **error_responses(*explain_errors)},
-        openapi_extra=upload_encoding,
+        responses={200: EXPLAINED_RESPONSE, **error_responses(*explain_errors)},
+        openapi_extra=UPLOAD_ENCODING,
     )
     async def explain(
         request: Request,

@@ -369,40 +369,7 @@ def run_demo(
     on_plan(plan)
     out = Path(out)
     data_dir, run_dir = out / "data", out / "run"
-    on_stage(f"generating SYNTHETIC data ({settings.patients} patients) in {data_dir}")
-    summary = write_synthetic_dataset(
-        data_dir,
-        patients=settings.patients,
-        image_size=settings.synth_image_size,
-        seed=settings.train.seed,
-        progress=on_synth_progress,
-    )
-    nih = load_nih(data_dir)
-    # Training reads the images decoded once (square images at their own size: the cache
-    # holds exactly the decoded pixels), so an epoch decodes no PNG. On a CPU the build runs
-    # in this process (a second of decoding; worker processes would take longer to start).
-    cache = build_cache(
-        nih.table,
-        out / "cache",
-        image_size=settings.synth_image_size,
-        workers=0 if settings.train.device == "cpu" else None,
-    ).path
-    split = split_by_patients(
-        nih.table, val_fraction=0.15, test_fraction=0.25, seed=settings.train.seed
-    )
-    demo_note = plan.describe()
-    prepare_run(
-        run_dir,
-        split.frames(),
-        dataclasses.replace(settings.train, cache=str(cache.resolve())),
-        data_source=str(data_dir.resolve()),
-        split_note={
-            "method": split.method,
-            "seed": split.seed,
-            "synthetic": True,
-            "demo": demo_note,
-        },
-    )
+    summary = _prepare_demo_run(out, data_dir, run_dir, plan, on_stage, on_synth_progress)
     on_stage(f"training DenseNet121 from scratch in {run_dir}")
     state = train_run(run_dir, callbacks=callbacks)
     on_stage("calibrating on the validation split (prior correction + temperature)")
@@ -431,3 +398,50 @@ def run_demo(
         "localization": localization,
         "report": report,
     }
+
+
+def _prepare_demo_run(
+    out: Path,
+    data_dir: Path,
+    run_dir: Path,
+    plan: DemoPlan,
+    on_stage: Callable[[str], None],
+    on_synth_progress: Callable[[int, int], None] | None,
+) -> dict[str, Any]:
+    """The synthetic data, its image cache, the patient split and the run folder, with the
+    plan's settings in ``run.json``; returns the data's summary."""
+    settings = plan.settings
+    on_stage(f"generating SYNTHETIC data ({settings.patients} patients) in {data_dir}")
+    summary = write_synthetic_dataset(
+        data_dir,
+        patients=settings.patients,
+        image_size=settings.synth_image_size,
+        seed=settings.train.seed,
+        progress=on_synth_progress,
+    )
+    nih = load_nih(data_dir)
+    # Training reads the images decoded once (square images at their own size: the cache
+    # holds exactly the decoded pixels), so an epoch decodes no PNG. On a CPU the build runs
+    # in this process (a second of decoding; worker processes would take longer to start).
+    cache = build_cache(
+        nih.table,
+        out / "cache",
+        image_size=settings.synth_image_size,
+        workers=0 if settings.train.device == "cpu" else None,
+    ).path
+    split = split_by_patients(
+        nih.table, val_fraction=0.15, test_fraction=0.25, seed=settings.train.seed
+    )
+    prepare_run(
+        run_dir,
+        split.frames(),
+        dataclasses.replace(settings.train, cache=str(cache.resolve())),
+        data_source=str(data_dir.resolve()),
+        split_note={
+            "method": split.method,
+            "seed": split.seed,
+            "synthetic": True,
+            "demo": plan.describe(),
+        },
+    )
+    return summary

@@ -94,21 +94,8 @@ def train_run(
     )
     writer = None
     if dist.is_main:
-        info = {
-            "cxr_version": __version__,
-            "torch_version": torch.__version__,
-            "device": str(device),
-            "world_size": dist.world_size,
-            "distributed": dist.backend,  # the process group's backend under torchrun
-            "init": init_note,
-            "cache": cache_note,
-            "precision": trainer.precision,
-            "workers": loaders[0].num_workers,
-        }
-        run.write_json(run.info, {**run.load_info(), **info})
-        from torch.utils.tensorboard import SummaryWriter  # here: a second to import
-
-        writer = SummaryWriter(log_dir=str(run.tensorboard))
+        notes = {"init": init_note, "cache": cache_note, "workers": loaders[0].num_workers}
+        writer = _record_start(run, trainer, device, dist, notes)
     callbacks.on_start(
         {
             "device": str(device),
@@ -144,12 +131,38 @@ def train_run(
         if writer is not None:
             writer.close()
     if dist.is_main:
-        if best_features:
-            _describe_bundle(run, best_features[0])
-        elif state.best_epoch > 0 and read_bundle_meta(run.root).ood is None:
-            # Resumed after a kill that came before the summary: the best bundle's features.
-            _describe_bundle(run, _bundle_features(run, trainer, loaders[2]))
+        _describe_best_bundle(run, trainer, state, best_features, loaders[2])
     return state
+
+
+def _record_start(run: RunFolder, trainer: Trainer, device, dist, notes: dict[str, Any]):
+    """What this training call runs on, into run.json; the TensorBoard writer it logs to."""
+    info = {
+        "cxr_version": __version__,
+        "torch_version": torch.__version__,
+        "device": str(device),
+        "world_size": dist.world_size,
+        "distributed": dist.backend,  # the process group's backend under torchrun
+        "init": notes["init"],
+        "cache": notes["cache"],
+        "precision": trainer.precision,
+        "workers": notes["workers"],
+    }
+    run.write_json(run.info, {**run.load_info(), **info})
+    from torch.utils.tensorboard import SummaryWriter  # here: a second to import
+
+    return SummaryWriter(log_dir=str(run.tensorboard))
+
+
+def _describe_best_bundle(
+    run: RunFolder, trainer: Trainer, state: TrainState, best_features: list, bundle_loader
+) -> None:
+    """The best bundle's out-of-distribution summary, from the features its epoch kept."""
+    if best_features:
+        _describe_bundle(run, best_features[0])
+    elif state.best_epoch > 0 and read_bundle_meta(run.root).ood is None:
+        # Resumed after a kill that came before the summary: the best bundle's features.
+        _describe_bundle(run, _bundle_features(run, trainer, bundle_loader))
 
 
 def check_resume_cache(run_dir: str | Path, cache: str | None) -> None:
